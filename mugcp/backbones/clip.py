@@ -1,0 +1,204 @@
+"""A prompt-ready view of an open_clip CLIP model.
+
+``ClipBackbone`` runs open_clip's own modules (embeddings, residual blocks, norms, projections) with
+two additions prompt learning needs: prompt tokens can be written into every layer's input, and the
+attention inside each block goes through ``kernels.attention`` so the backend is a config choice.
+With no prompts it computes exactly ``model.encode_text`` / ``model.encode_image``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels.attention import attention, check_attention_backend
+
+# A layer hook gets (layer index, token sequence entering that layer) and returns the sequence to use.
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+DeepPrompts = Optional[Union[Sequence[torch.Tensor], LayerHook]]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipBackbone(nn.Module):
+    """Frozen CLIP encoders that accept per-layer prompt tokens.
+
+    ``deep_prompts`` is ``None``, a list of tensors (entry ``j`` is used at layer ``j``), or a callable
+    ``hook(j, x) -> x`` called with the sequence entering every layer (full control, used by methods
+    whose prompts depend on the running visual tokens).
+
+    Text: prompt tokens ``(N, P, width)`` (or broadcastable) replace positions ``1 .. 1+P``; the token
+    ids already hold P placeholder tokens there, so the EOT position is unchanged.
+    Vision: at layer 0 the prompts ``(B, P, width)`` are appended after the patch tokens; at later
+    layers they replace those last P positions. The CLS token stays at position 0.
+    """
+
+    def __init__(self, model: nn.Module, name: str, pretrained: str | None, tokenizer, attention_backend: str = "sdpa"):
+        super().__init__()
+        for attr in ("transformer", "token_embedding", "ln_final", "visual"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"model '{name}' is not a CLIP with an open_clip text transformer (missing '{attr}'); "
+                    "prompt learning supports open_clip CLIP ViT models such as ViT-B-32, ViT-B-16, ViT-L-14."
+                )
+        if getattr(model, "text_pool_type", "argmax") != "argmax":
+            raise TypeError(f"model '{name}' pools text with '{model.text_pool_type}'; only EOT (argmax) pooling is supported.")
+        if not hasattr(model.visual, "class_embedding") or not hasattr(model.visual, "conv1"):
+            raise TypeError(f"model '{name}' has no ViT image tower; ResNet towers cannot take prompt tokens.")
+        self.model = model
+        self.name = name
+        self.pretrained = pretrained
+        self.tokenizer = tokenizer
+        self.attention_backend = attention_backend
+        self.activation_checkpointing = False
+        model.requires_grad_(False)
+        model.eval()
+        check_attention_backend(attention_backend)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.visual.class_embedding.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        return proj.weight.shape[0] if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.positional_embedding.shape[0]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    def train(self, mode: bool = True):
+        # The CLIP weights are frozen: dropout/patch-dropout must stay off whatever the caller does.
+        super().train(False)
+        return self
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens).to(self.dtype)
+
+    def encode_text(
+        self,
+        tokens: torch.Tensor,
+        deep_prompts: DeepPrompts = None,
+        embeddings: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Text features ``(N, embed_dim)``.
+
+        ``tokens`` ``(T, L)`` give the EOT positions; ``embeddings`` ``(N, L, width)`` (N a multiple of T,
+        sequences ordered ``[n * T + t]``) replace the token embeddings, which is how learned context
+        enters. Sequences are cut after the last EOT of the batch: the causal mask makes later
+        positions invisible to every EOT, so the features are unchanged.
+        """
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        x = self.embed_tokens(tokens[:, :length]) if embeddings is None else embeddings[:, :length]
+        if x.shape[0] != eot.shape[0]:
+            if x.shape[0] % eot.shape[0]:
+                raise ValueError(f"{x.shape[0]} text sequences are not a multiple of the {eot.shape[0]} token rows.")
+            eot = eot.repeat(x.shape[0] // eot.shape[0])
+        x = x + self.model.positional_embedding[:length].to(x.dtype)
+        x = self._run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1)
+        x = self.model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self._project(x, self.model.text_projection)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    # ----------------------------------------------------------------- vision
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + CLS tokens with positions, after ``ln_pre``: the input of vision layer 0."""
+        return self.model.visual._embeds(images.to(self.dtype))
+
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        deep_prompts: DeepPrompts = None,
+        normalize: bool = False,
+        return_tokens: bool = False,
+    ):
+        """Image features ``(B, embed_dim)`` (and, with ``return_tokens``, the final token sequence)."""
+        visual = self.model.visual
+        x = self.embed_image(images)
+        x = self._run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None)
+        pooled, _ = visual._pool(x)
+        pooled = self._project(pooled, visual.proj)
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        return (pooled, x) if return_tokens else pooled
+
+    # ----------------------------------------------------------------- blocks
+    @staticmethod
+    def _project(x: torch.Tensor, proj) -> torch.Tensor:
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, layer: int, replace_at: int | None) -> torch.Tensor:
+        count = prompts.shape[-2]
+        prompts = prompts.to(x.dtype).expand(x.shape[0], count, x.shape[-1])
+        if replace_at is not None:  # text: overwrite the placeholder positions
+            return torch.cat([x[:, :replace_at], prompts, x[:, replace_at + count:]], dim=1)
+        if layer == 0:  # vision: first prompted layer appends
+            return torch.cat([x, prompts], dim=1)
+        return torch.cat([x[:, :-count], prompts], dim=1)
+
+    def _run_blocks(self, blocks, x, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None):
+        for index, block in enumerate(blocks):
+            if callable(deep_prompts):
+                x = deep_prompts(index, x)
+            elif deep_prompts is not None and index < len(deep_prompts) and deep_prompts[index] is not None:
+                x = self._insert_prompts(x, deep_prompts[index], index, replace_at)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._block, block, x, causal, use_reentrant=False)
+            else:
+                x = self._block(block, x, causal)
+        return x
+
+    def _block(self, block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """open_clip's ResidualAttentionBlock, with the attention core swapped for ``kernels.attention``."""
+        mha = block.attn
+        batch, length, width = x.shape
+        heads = mha.num_heads
+        qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, causal=causal, backend=self.attention_backend)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        x = x + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -1,0 +1,184 @@
+"""Run configuration: YAML files merged over built-in defaults, with dotted command-line overrides.
+
+Every component receives only its own section (``cfg["data"]``, ``cfg["optim"]``...), never the
+whole tree. Unknown keys are errors that name the key, the file and close matches, because a
+mistyped hyperparameter that is silently ignored costs a whole training run.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says what and where."""
+
+
+# Method-specific options live under ``method`` and are validated against the method's own
+# defaults (see ``mugcp.methods.registry``), so they are not listed here.
+DEFAULTS: dict[str, Any] = {
+    "model": {
+        "backbone": "ViT-B-32",
+        "pretrained": "auto",
+        "attention": "sdpa",
+        "kernels": "reference",
+    },
+    "method": {"name": "coop"},
+    "data": {
+        "dataset": "fashion_mnist",
+        "root": None,
+        "protocol": "base2new",
+        "shots": 16,
+        "seed": None,
+        "train_classes": "base",
+        "eval_subsets": ["base", "new"],
+        "eval_split": "test",
+        "max_eval_per_class": None,
+        "batch_size": 4,
+        "eval_batch_size": 64,
+        "num_workers": 0,
+        "augment": True,
+        "on_bad_image": "error",
+        "image_size": None,
+    },
+    "semantic": {
+        "source": "auto",
+        "cache": None,
+    },
+    "optim": {
+        "name": "sgd",
+        "lr": 0.002,
+        "momentum": 0.9,
+        "weight_decay": 0.0005,
+        "betas": [0.9, 0.999],
+        "epochs": 5,
+        "max_steps": None,
+        "scheduler": "cosine",
+        "warmup_epochs": 1,
+        "warmup_lr": 1.0e-5,
+        "grad_clip": None,
+    },
+    "train": {
+        "seed": 1,
+        "device": "auto",
+        "precision": "auto",
+        "log_every": 10,
+        "tensorboard": True,
+        "deterministic": True,
+        "progress": True,
+    },
+}
+
+FREE_FORM_SECTIONS = {"method"}
+
+
+def _close(key: str, options: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def merge(base: dict, update: Mapping, source: str, path: str = "", strict: bool = True) -> dict:
+    """Recursively merge ``update`` into a copy of ``base``; unknown keys raise ConfigError."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        dotted = f"{path}{key}"
+        if key not in out:
+            if strict and path.rstrip(".") not in FREE_FORM_SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown config key '{dotted}'.{_close(key, out)} "
+                    f"Valid keys here: {', '.join(sorted(out))}."
+                )
+            out[key] = copy.deepcopy(value)
+        elif isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = merge(out[key], value, source, dotted + ".", strict)
+        elif isinstance(out[key], dict) and not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{dotted}' is a section and needs a mapping, got {value!r}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass an existing YAML file with --config.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A path as given, or a name under the project's ``configs/`` (``methods/coop`` works)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / path.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def load_yaml_with_bases(path: str | os.PathLike) -> dict:
+    """Read a YAML file; a top-level ``_base_`` (path or list, relative to the file) is merged under it."""
+    path = resolve_config_path(path)
+    data = read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        merged = merge(merged, load_yaml_with_bases(base_path), str(base_path), strict=False)
+    return merge(merged, data, str(path), strict=False)
+
+
+def parse_value(text: str) -> Any:
+    """Command-line values are YAML scalars: ``3``, ``1e-3``, ``true``, ``null``, ``[a, b]``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. optim.lr=0.01).")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if keys == ["method"]:
+            keys = ["method", "name"]
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = parse_value(text)
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults ← YAML file (with ``_base_``) ← ``key=value`` overrides, validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        cfg = merge(cfg, load_yaml_with_bases(path), str(path))
+    cfg = merge(cfg, parse_overrides(overrides), "command line")
+    return cfg
+
+
+def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:
+    from mugcp.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
