@@ -1,0 +1,43 @@
+"""CoOp: learnable context vectors in place of a hand-written template (Zhou et al., IJCV 2022)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mugcp.methods.base import PromptLearner
+from mugcp.methods.prompt_text import ClassPrompts, init_context
+from mugcp.methods.registry import register_method
+
+
+@register_method(
+    "coop",
+    defaults={"n_ctx": 16, "ctx_init": "", "class_specific": False, "class_token_position": "end", "init_std": 0.02},
+    paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
+    conditions_on="nothing (one learned context per dataset)",
+    config="configs/methods/coop.yaml",
+)
+class CoOp(PromptLearner):
+    """``ctx_init`` text sets both the initial vectors and ``n_ctx``; ``class_specific`` learns one
+    context per class (then the checkpoint is tied to the number of classes)."""
+
+    def __init__(self, clip, classnames, options, **kwargs):
+        super().__init__(clip, classnames, options, **kwargs)
+        rows = len(classnames) if options["class_specific"] else 1
+        vectors, self.n_ctx = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"], rows)
+        self.ctx = nn.Parameter(vectors if options["class_specific"] else vectors[0])
+        self.set_classnames(classnames)
+
+    def build_class_inputs(self) -> None:
+        if self.options["class_specific"] and self.ctx.shape[0] != len(self.classnames):
+            raise ValueError(
+                f"this CoOp has class-specific context for {self.ctx.shape[0]} classes, got {len(self.classnames)} class names; "
+                "class-specific prompts do not transfer to other classes (train with class_specific=false)."
+            )
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, self.options["class_token_position"])
+        self.prompts.to(self.clip.device)
+
+    def compute_text_features(self) -> torch.Tensor:
+        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.clip.encode_image(images), self.text_features())

@@ -1,0 +1,96 @@
+"""Tokenised class prompts with learnable-context slots, shared by every text-prompting method."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from mugcp.backbones import ClipBackbone
+
+
+def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02, rows: int = 1) -> tuple[torch.Tensor, int]:
+    """Initial context vectors ``(rows, n_ctx, width)`` and the (possibly changed) ``n_ctx``.
+
+    With ``init`` text (``"a photo of a"``) the vectors are that text's token embeddings and ``n_ctx``
+    becomes its token count, as in CoOp; otherwise they are Gaussian with ``std``.
+    """
+    if init:
+        ids = clip.tokenize([init.replace("_", " ")])[0]
+        length = int(ids.argmax()) - 1  # tokens between SOS and EOT
+        with torch.no_grad():
+            vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + length].float()
+        return vectors.unsqueeze(0).repeat(rows, 1, 1).clone(), length
+    return torch.randn(rows, n_ctx, clip.text_width) * std, n_ctx
+
+
+class ClassPrompts(nn.Module):
+    """``[SOS, ctx × n_ctx, class name, '.', EOT]`` for every class, as token ids and frozen embeddings.
+
+    ``position`` puts the class name at the ``end`` (default), ``middle`` or ``front`` of the context.
+    ``assemble(ctx)`` writes context vectors into the slots and returns embeddings ready for
+    ``ClipBackbone.encode_text(self.tokens, embeddings=...)``.
+    """
+
+    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end", placeholder: str = "X"):
+        super().__init__()
+        if position not in ("end", "middle", "front"):
+            raise ValueError(f"class token position must be end, middle or front, got '{position}'")
+        self.n_ctx = n_ctx
+        self.position = position
+        names = [name.replace("_", " ") for name in classnames]
+        prompt_prefix = " ".join([placeholder] * n_ctx)
+        texts = [f"{prompt_prefix} {name}." if n_ctx else f"{name}." for name in names]
+        tokens = clip.tokenize(texts)
+        name_tokens = clip.tokenize(names)
+        self.name_lengths = [int(row.argmax()) - 1 for row in name_tokens]
+        with torch.no_grad():
+            embedding = clip.embed_tokens(tokens)
+        # Buffers, not parameters, and not persistent: a checkpoint must not carry class names.
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedding[:, :1], persistent=False)
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :], persistent=False)
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Embeddings for context ``ctx``.
+
+        ``ctx`` is ``(n_ctx, D)`` (shared), ``(C, n_ctx, D)`` (class-specific) or ``(B, n_ctx, D)`` with
+        ``per_image`` semantics when its first dim differs from C — see ``assemble_per_image``.
+        Returns ``(C, L, D)``.
+        """
+        classes = self.prefix.shape[0]
+        ctx = ctx.to(self.prefix.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(classes, -1, -1)
+        if self.position == "end":
+            return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        rows = []
+        half = self.n_ctx // 2
+        for c, name_len in enumerate(self.name_lengths):
+            name, rest = self.suffix[c : c + 1, :name_len], self.suffix[c : c + 1, name_len:]
+            ctx_c = ctx[c : c + 1]
+            if self.position == "middle":
+                parts = [self.prefix[c : c + 1], ctx_c[:, :half], name, ctx_c[:, half:], rest]
+            else:
+                parts = [self.prefix[c : c + 1], name, ctx_c, rest]
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def assemble_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Per-image context ``(B, n_ctx, D)`` → embeddings ``(B·C, L, D)``, ordered ``[b·C + c]``."""
+        batch, classes = ctx.shape[0], self.prefix.shape[0]
+        length, width = self.tokens.shape[1], self.prefix.shape[-1]
+        out = torch.empty(batch, classes, length, width, dtype=self.prefix.dtype, device=ctx.device)
+        out[:, :, :1] = self.prefix
+        out[:, :, 1 + self.n_ctx :] = self.suffix
+        out[:, :, 1 : 1 + self.n_ctx] = ctx.to(out.dtype).unsqueeze(1)
+        return out.view(batch * classes, length, width)
+
+
+def encode_class_texts(clip: ClipBackbone, texts: Sequence[str], chunk: int = 256) -> torch.Tensor:
+    """Frozen CLIP text features for plain strings, in chunks to bound memory."""
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(texts), chunk):
+            features.append(clip.encode_text(clip.tokenize(texts[start : start + chunk])))
+    return torch.cat(features)

@@ -1,0 +1,114 @@
+"""The method registry: a name → class table, filled by ``@register_method`` in each method module.
+
+Modules under ``mugcp/methods/`` are imported on first use, so adding a file that registers a method
+is all it takes to make ``create_model("name", ...)`` and ``method=name`` work.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from mugcp.config import ConfigError
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    cls: type
+    defaults: dict
+    paper: str = ""
+    conditions_on: str = ""
+    config: str = ""  # file under configs/methods/ with the published defaults
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_DISCOVERED = False
+
+
+def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = ""):
+    def decorate(cls):
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
+        cls.method_name = name
+        cls.default_options = copy.deepcopy(defaults)
+        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config)
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import mugcp.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in ("registry", "base") and not module.name.startswith("_"):
+            importlib.import_module(f"mugcp.methods.{module.name}")
+    _DISCOVERED = True
+
+
+def list_methods() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    _discover()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method '{name}'.{hint} Available: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def resolve_options(name: str, overrides: dict, source: str = "method options") -> dict:
+    """The method's defaults updated by ``overrides``; an unknown option names close matches."""
+    spec = get_method(name)
+    options = copy.deepcopy(spec.defaults)
+    for key, value in overrides.items():
+        if key == "name":
+            continue
+        if key not in options:
+            close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"{source}: method '{name}' has no option '{key}'.{hint} Its options: {', '.join(sorted(options)) or 'none'}."
+            )
+        options[key] = copy.deepcopy(value)
+    return options
+
+
+def create_model(
+    method: str,
+    classnames: Sequence[str],
+    backbone: Any = "ViT-B-32",
+    pretrained: Optional[str] = None,
+    device: str = "cpu",
+    attention: str = "sdpa",
+    kernels: str = "reference",
+    dataset: Optional[str] = None,
+    **overrides,
+):
+    """Build a prompt learner: ``create_model("coop", ["cat", "dog"], backbone="ViT-B-32")``.
+
+    ``backbone`` is an open_clip model name or an already loaded ``ClipBackbone`` (shared, frozen).
+    ``overrides`` are method options (see ``mugcp.methods.get_method(name).defaults``).
+    The returned module's ``forward(images)`` gives logits ``(B, len(classnames))``.
+    """
+    from mugcp.backbones import ClipBackbone, load_clip
+
+    spec = get_method(method)
+    options = resolve_options(method, overrides)
+    if isinstance(backbone, ClipBackbone):
+        clip = backbone
+        clip.attention_backend = attention
+    else:
+        clip = load_clip(backbone, pretrained=pretrained, device=device, attention=attention)
+    model = spec.cls(clip, list(classnames), options, kernels=kernels, dataset=dataset)
+    return model.to(clip.device)

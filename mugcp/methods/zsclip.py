@@ -1,0 +1,38 @@
+"""Zero-shot CLIP: hand-written templates, no training."""
+from __future__ import annotations
+
+import torch
+
+from mugcp.methods.base import PromptLearner
+from mugcp.methods.prompt_text import encode_class_texts
+from mugcp.methods.registry import register_method
+from mugcp.methods.templates import resolve_templates
+
+
+@register_method(
+    "zsclip",
+    defaults={"templates": "auto"},
+    paper="Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
+    conditions_on="nothing (hand-written templates)",
+    config="configs/methods/zsclip.yaml",
+)
+class ZeroShotCLIP(PromptLearner):
+    """``templates``: ``auto`` (the dataset's template), ``ensemble``, a template or a list (averaged)."""
+
+    def __init__(self, clip, classnames, options, **kwargs):
+        super().__init__(clip, classnames, options, **kwargs)
+        self.templates = resolve_templates(options["templates"], self.dataset)
+        self.set_classnames(classnames)
+
+    def build_class_inputs(self) -> None:
+        per_template = [
+            torch.nn.functional.normalize(encode_class_texts(self.clip, [t.format(c) for c in self.classnames]), dim=-1)
+            for t in self.templates
+        ]
+        self._template_features = torch.stack(per_template).mean(0)
+
+    def compute_text_features(self) -> torch.Tensor:
+        return self._template_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.clip.encode_image(images), self.text_features())
