@@ -47,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,
         "on_bad_image": "error",
         "image_size": None,
+        # Datasets without a val split (imagefolder, manifest, fashion_mnist) carve one from train,
+        # with a seed of their own so every run's few shots come from the same train pool.
+        "val_fraction": 0.2,
+        "val_seed": 0,
     },
     "semantic": {
         "source": "auto",

@@ -1,0 +1,147 @@
+"""The dataset model every reader produces: labelled items keyed by a stable path, and their images.
+
+A ``Datum`` carries no absolute path. Its ``key`` is relative to the dataset folder, so splits saved
+on one machine load on another, and the key doubles as the semantic-feature cache key.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from mugcp.config import ConfigError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+
+class DatasetError(ConfigError):
+    """A dataset that is missing or malformed on disk; the message names the path and the fix."""
+
+
+class BadImageError(DatasetError):
+    """One image that cannot be decoded (missing, truncated, not an image)."""
+
+
+@dataclass(frozen=True)
+class Datum:
+    key: str
+    label: int
+    classname: str
+
+
+def prompt_classname(raw: str) -> str:
+    # Folder and split-file names use underscores ("apple_pie"); CLIP reads them as text.
+    return " ".join(raw.replace("_", " ").split())
+
+
+@dataclass
+class DatasetSplits:
+    """A whole dataset as its files define it; ``classnames[label]`` is the name of ``label``."""
+
+    name: str
+    root: Path | None
+    classnames: list[str]
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    source: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def split(self, which: str) -> list[Datum]:
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"unknown split '{which}': use train, val or test.")
+        return getattr(self, which)
+
+    def describe(self, key: str) -> str:
+        if self.root is None:
+            return key
+        return str(self.root / key)
+
+    def open_image(self, key: str) -> Image.Image:
+        """The image behind ``key`` as RGB; anything unreadable raises BadImageError."""
+        path = self.root / key if self.root is not None else Path(key)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except FileNotFoundError:
+            reason = "file not found"
+        except UnidentifiedImageError:
+            reason = "not a recognised image format"
+        except (OSError, ValueError, SyntaxError) as err:
+            reason = str(err) or type(err).__name__
+        raise BadImageError(
+            f"cannot read image '{key}' ({path}): {reason}. Replace or remove the file, or set "
+            f"data.on_bad_image=skip to drop unreadable images."
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {len(self.classnames)} classes, {len(self.train)} train / "
+            f"{len(self.val)} val / {len(self.test)} test images"
+        )
+
+
+def classnames_from_items(items: Iterable[Datum], where: str) -> list[str]:
+    """Class names indexed by label, checking labels are 0..C-1 and each has one name."""
+    names: dict[int, str] = {}
+    for item in items:
+        known = names.setdefault(item.label, item.classname)
+        if known != item.classname:
+            raise DatasetError(
+                f"{where}: label {item.label} is named both '{known}' and '{item.classname}'. "
+                f"Each label needs exactly one class name."
+            )
+    if not names:
+        raise DatasetError(f"{where}: no labelled images found.")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if min(names) < 0 or missing:
+        raise DatasetError(
+            f"{where}: labels must be 0..C-1 with every class present; "
+            f"missing labels {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+            + (f", negative label {min(names)}" if min(names) < 0 else "")
+            + "."
+        )
+    return [names[label] for label in range(len(names))]
+
+
+def carve_val(train: Sequence[Datum], fraction: float, seed: int) -> tuple[list[Datum], list[Datum]]:
+    """Move ``fraction`` of each class from train to val, chosen by ``seed``; order is kept.
+
+    A class with a single image stays in train. The seed is the dataset's, not the run's, so every
+    run samples its few shots from the same train pool.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"data.val_fraction must be in [0, 1), got {fraction}.")
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for index, item in enumerate(train):
+        by_label[item.label].append(index)
+    rng = random.Random(seed)
+    val_indices: set[int] = set()
+    for label in sorted(by_label):
+        indices = by_label[label]
+        n_val = round(len(indices) * fraction)
+        if fraction > 0 and len(indices) >= 2:
+            n_val = min(max(n_val, 1), len(indices) - 1)
+        val_indices.update(rng.sample(indices, n_val))
+    kept = [item for index, item in enumerate(train) if index not in val_indices]
+    val = [item for index, item in enumerate(train) if index in val_indices]
+    return kept, val
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name, hidden files skipped."""
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def list_class_folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))

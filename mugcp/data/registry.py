@@ -1,0 +1,103 @@
+"""``build_dataset(cfg["data"])``: a dataset name (any common spelling) to its reader."""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+from mugcp.data.coop import COOP_DATASETS, CoopDatasetSpec, build_coop_dataset, expected_layout
+from mugcp.data.dataset import DatasetError, DatasetSplits
+from mugcp.data.fashion_mnist import build_fashion_mnist
+from mugcp.data.imagefolder import build_imagefolder
+from mugcp.data.manifest import build_manifest
+
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_VAL_SEED = 0
+
+# CoOp's class names (OxfordPets, DescribableTextures, ImageNetV2...) normalise to these too.
+OTHER_DATASETS = {
+    "imagefolder": ("image_folder",),
+    "manifest": (),
+    "fashion_mnist": ("fashionmnist",),
+}
+
+
+def normalise_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def _alias_table() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for spec in COOP_DATASETS:
+        for alias in (spec.name, spec.folder, *spec.aliases):
+            table[normalise_name(alias)] = spec.name
+    for name, aliases in OTHER_DATASETS.items():
+        for alias in (name, *aliases):
+            table[normalise_name(alias)] = name
+    return table
+
+
+ALIASES = _alias_table()
+DATASET_NAMES = tuple(spec.name for spec in COOP_DATASETS) + tuple(OTHER_DATASETS)
+
+
+def canonical_dataset_name(name: str) -> str:
+    """``Caltech101``, ``caltech-101`` and ``caltech101`` are all ``caltech101``."""
+    key = normalise_name(name)
+    if key in ALIASES:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, list(ALIASES), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(sorted({ALIASES[c] for c in close}))}?" if close else ""
+    raise DatasetError(f"unknown data.dataset '{name}'.{hint} Known datasets: {', '.join(DATASET_NAMES)}.")
+
+
+def _coop_spec(name: str) -> CoopDatasetSpec | None:
+    return next((spec for spec in COOP_DATASETS if spec.name == name), None)
+
+
+def _resolve_root(root) -> Path | None:
+    if root is None or str(root).strip() == "":
+        return None
+    return Path(os.path.expandvars(os.path.expanduser(str(root))))
+
+
+def build_dataset(data_cfg: Mapping) -> DatasetSplits:
+    """The whole dataset named by ``data_cfg["dataset"]`` under ``data_cfg["root"]``."""
+    if "dataset" not in data_cfg or data_cfg["dataset"] is None:
+        raise DatasetError(f"data.dataset is not set. Known datasets: {', '.join(DATASET_NAMES)}.")
+    name = canonical_dataset_name(data_cfg["dataset"])
+    root = _resolve_root(data_cfg.get("root"))
+    val_fraction = float(data_cfg.get("val_fraction", DEFAULT_VAL_FRACTION))
+    val_seed = int(data_cfg.get("val_seed", DEFAULT_VAL_SEED))
+
+    spec = _coop_spec(name)
+    if spec is not None:
+        if root is None:
+            raise DatasetError(
+                f"dataset '{name}': data.root is not set. Set it to the folder that holds {spec.folder}/ "
+                f"(CoOp's $DATA). Expected layout: {expected_layout(spec)}."
+            )
+        dataset = build_coop_dataset(spec, root)
+    else:
+        readers: dict[str, Callable[[], DatasetSplits]] = {
+            "fashion_mnist": lambda: build_fashion_mnist(root, val_fraction, val_seed),
+            "imagefolder": lambda: build_imagefolder(_require_root(name, root), val_fraction, val_seed),
+            "manifest": lambda: build_manifest(_require_root(name, root), val_fraction, val_seed),
+        }
+        dataset = readers[name]()
+    dataset.source = {
+        "dataset": name,
+        "root": str(dataset.root) if dataset.root is not None else None,
+        "val_fraction": val_fraction,
+        "val_seed": val_seed,
+    }
+    return dataset
+
+
+def _require_root(name: str, root: Path | None) -> Path:
+    if root is None:
+        what = "the tree's root folder" if name == "imagefolder" else "the manifest file or folder"
+        raise DatasetError(f"dataset '{name}': data.root is not set; set it to {what}.")
+    return root
