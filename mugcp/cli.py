@@ -1,0 +1,45 @@
+"""What the command-line tools share: argument parsing and turning known errors into one clear line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: printed as one line, no traceback, exit status 2."""
+    from mugcp.backbones import PretrainedLoadError
+    from mugcp.config import ConfigError
+    from mugcp.engine.checkpoint import CheckpointError
+    from mugcp.engine.trainer import TrainingDiverged
+
+    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, FileNotFoundError]
+    try:
+        from kernels.attention import AttentionBackendError
+
+        errors.append(AttentionBackendError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (a path, or a name under configs/, e.g. methods/coop)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.01 method=maple")
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """Run ``main`` and exit; user errors become ``error: ...`` on stderr with status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = main()
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume).", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

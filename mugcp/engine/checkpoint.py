@@ -1,0 +1,114 @@
+"""Checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``trainer_state.pt`` to resume).
+
+Only the prompt learner's trainable tensors are saved — never the frozen CLIP, never class names —
+so a checkpoint is a few hundred kB and loads with other class names. A checkpoint folder is
+written complete in a temporary folder and swapped in with renames, so a crash at any moment leaves
+either the previous checkpoint or the new one, never a mixture.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_state: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+    """Write the adapter (and optionally the trainer state) to ``folder`` atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state().items()}
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS))
+        config = {
+            "format_version": FORMAT_VERSION,
+            "method": model.method_name,
+            "backbone": model.clip.name,
+            "pretrained": model.clip.pretrained,
+            "method_options": model.options,
+            "num_trainable_parameters": model.num_trainable_parameters(),
+            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            "run_config": run_config,
+        }
+        config.update(extra or {})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if trainer_state is not None:
+            torch.save(trainer_state, staging / TRAINER_STATE)
+        previous = folder.with_name(folder.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        if folder.exists():
+            os.replace(folder, previous)
+        os.replace(staging, folder)
+        if previous.exists():
+            shutil.rmtree(previous)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def find_checkpoint(folder: str | os.PathLike) -> Path:
+    """The checkpoint folder itself, or a run folder holding ``checkpoint/``; errors name the path."""
+    folder = Path(folder)
+    candidates = [folder, folder / "checkpoint", folder.with_name(folder.name + ".previous")]
+    for candidate in candidates:
+        if (candidate / ADAPTER_CONFIG).is_file() and (candidate / ADAPTER_WEIGHTS).is_file():
+            return candidate
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint not found: {folder} does not exist.")
+    raise CheckpointError(
+        f"{folder} is not a checkpoint: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in it (or in {folder}/checkpoint)."
+    )
+
+
+def read_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    path = find_checkpoint(folder)
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG} is not valid JSON: {err}") from None
+    for field in ("method", "backbone", "method_options"):
+        if field not in config:
+            raise CheckpointError(f"{path / ADAPTER_CONFIG} lacks the field '{field}'; was it written by mugcp?")
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path / ADAPTER_WEIGHTS}: {err}") from None
+    return config, tensors, path
+
+
+def read_trainer_state(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
+    path = find_checkpoint(folder) / TRAINER_STATE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_compatible(config: dict, method: str, backbone: str, source: Path) -> None:
+    """A checkpoint for another method or backbone is refused, naming both."""
+    problems = []
+    if config["method"] != method:
+        problems.append(f"method '{config['method']}' (checkpoint) vs '{method}' (requested)")
+    if config["backbone"] != backbone:
+        problems.append(f"backbone '{config['backbone']}' (checkpoint) vs '{backbone}' (requested)")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {source} does not match this run: {'; '.join(problems)}. "
+            "Drop the conflicting method.name / model.backbone setting, or pick the matching checkpoint."
+        )

@@ -1,0 +1,70 @@
+"""Accuracy of a prompt learner on labelled images, per class subset (base / new / all)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from mugcp.data import ImageDataset, build_loader, build_transform
+from mugcp.engine.runtime import autocast
+
+log = logging.getLogger("mugcp")
+
+
+@torch.no_grad()
+def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precision: str, semantic=None, progress: bool = True, desc: str = "eval") -> dict:
+    """Top-1 accuracy (percent) of ``model`` on ``items`` labelled over ``classnames``."""
+    model.set_classnames(classnames)
+    model.eval()
+    image_size = data_cfg["image_size"] or model.clip.image_size
+    features = semantic.eval_features(items) if semantic is not None else None
+    eval_set = ImageDataset(items, dataset, build_transform(image_size, train=False), on_bad_image=data_cfg["on_bad_image"], semantic=features)
+    loader = build_loader(eval_set, data_cfg["eval_batch_size"], train=False, seed=0, num_workers=data_cfg["num_workers"])
+    correct = total = skipped = 0
+    per_class_correct = torch.zeros(len(classnames), dtype=torch.long)
+    per_class_total = torch.zeros(len(classnames), dtype=torch.long)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        skipped += batch.get("n_skipped", 0)
+        if batch["labels"].numel() == 0:
+            continue
+        inputs = {k: batch[k].to(device) for k in model.batch_inputs if k in batch}
+        with autocast(precision, device):
+            logits = model(batch["images"].to(device), **inputs)
+        labels = batch["labels"]
+        hits = (logits.argmax(dim=-1).cpu() == labels)
+        correct += int(hits.sum())
+        total += labels.numel()
+        per_class_total += torch.bincount(labels, minlength=len(classnames))
+        per_class_correct += torch.bincount(labels[hits], minlength=len(classnames))
+    if total == 0:
+        raise RuntimeError(f"{desc}: no readable images to evaluate ({skipped} skipped).")
+    per_class = (per_class_correct.float() / per_class_total.clamp(min=1).float() * 100).tolist()
+    return {
+        "accuracy": round(100.0 * correct / total, 4),
+        "correct": correct,
+        "total": total,
+        "skipped": skipped,
+        "mean_per_class_accuracy": round(sum(per_class) / len(per_class), 4),
+        "classes": len(classnames),
+    }
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=None, writer=None) -> dict:
+    """Evaluate every subset of ``splits.eval``; adds ``hm`` when both base and new are present."""
+    metrics: dict = {}
+    for name, (items, classnames) in splits.eval.items():
+        result = evaluate(model, items, classnames, splits.dataset, cfg["data"], device, precision, semantic,
+                          progress=cfg["train"]["progress"], desc=f"eval {name}")
+        metrics[name] = result
+        log.info("%s: accuracy %.2f%% (%d/%d images, %d classes)", name, result["accuracy"], result["correct"], result["total"], result["classes"])
+        if writer is not None:
+            writer.add_scalar(f"eval/{name}_accuracy", result["accuracy"])
+    if "base" in metrics and "new" in metrics:
+        metrics["hm"] = round(harmonic_mean(metrics["base"]["accuracy"], metrics["new"]["accuracy"]), 4)
+    return metrics

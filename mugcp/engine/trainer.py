@@ -1,0 +1,192 @@
+"""The training loop: one run = config → splits → model → epochs → checkpoint → evaluation → metrics.
+
+Determinism: epoch ``e`` reseeds every RNG from ``(seed, e)`` and builds its data order from the same
+pair, so a run resumed from the checkpoint of epoch ``e`` replays epochs ``e+1...`` bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from mugcp.config import dump_config
+from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
+from mugcp.engine.checkpoint import read_checkpoint, read_trainer_state, save_checkpoint
+from mugcp.engine.evaluation import evaluate_subsets
+from mugcp.engine.optim import build_optimizer, build_scheduler
+from mugcp.engine.run_setup import build_run_model, open_run_folder, resolve_semantics
+from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
+from mugcp.utils import atomic_write_json, seed_everything
+
+log = logging.getLogger("mugcp")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def run_seed(cfg: dict) -> int:
+    return int(cfg["train"]["seed"])
+
+
+def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
+    """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json."""
+    output = Path(output)
+    started = time.time()
+    logger_handler = open_run_folder(output, resume)
+    try:
+        return _train(cfg, output, resume, started)
+    finally:
+        logging.getLogger("mugcp").removeHandler(logger_handler)
+        logger_handler.close()
+
+
+def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
+    train_cfg, optim_cfg, data_cfg = cfg["train"], cfg["optim"], cfg["data"]
+    seed = run_seed(cfg)
+    device = resolve_device(train_cfg["device"])
+    precision = resolve_precision(train_cfg["precision"], device)
+    if train_cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(seed)
+
+    splits = build_protocol(data_cfg, seed)
+    save_splits(splits, output / "splits.json")
+    log.info("data: %s; train %d images of %d classes", splits.dataset.summary(), len(splits.train), len(splits.train_classnames))
+
+    semantic = resolve_semantics(cfg, splits.dataset)
+    model = build_run_model(cfg, splits.train_classnames, device, semantic, dataset_name=splits.dataset.name)
+    cfg = dict(cfg, semantic=dict(cfg["semantic"], source=semantic.source))
+    dump_config(cfg, output / "config.yaml")
+    log.info(
+        "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
+        model.method_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
+    )
+
+    image_size = data_cfg["image_size"] or model.clip.image_size
+    train_set = ImageDataset(
+        splits.train, splits.dataset, build_transform(image_size, train=True, augment=data_cfg["augment"]),
+        on_bad_image=data_cfg["on_bad_image"], semantic=semantic.train_features(splits.train),
+    )
+    steps_per_epoch = len(build_loader(train_set, data_cfg["batch_size"], train=True, seed=seed))
+    epochs = int(optim_cfg["epochs"])
+    total_steps = epochs * steps_per_epoch
+    if optim_cfg["max_steps"]:
+        total_steps = min(total_steps, int(optim_cfg["max_steps"]))
+    optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps, steps_per_epoch) if optimizer else None
+
+    start_epoch, step = 0, 0
+    checkpoint_dir = output / "checkpoint"
+    if resume:
+        start_epoch, step = _restore(model, optimizer, scheduler, checkpoint_dir)
+        log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
+
+    writer = _tensorboard(output) if train_cfg["tensorboard"] else None
+    skipped = 0
+    for epoch in range(start_epoch, epochs):
+        if optimizer is None or step >= total_steps:
+            break
+        seed_everything(epoch_seed(seed, epoch))
+        loader = build_loader(train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not train_cfg["progress"], leave=False)
+        for batch in bar:
+            if step >= total_steps:
+                break
+            skipped += batch.get("n_skipped", 0)
+            batch = _to_device(batch, device)
+            with autocast(precision, device):
+                loss, _, terms = model.training_step(batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
+                    f"The last good checkpoint is kept in {checkpoint_dir if checkpoint_dir.exists() else '(none yet)'}. "
+                    "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim_cfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss = loss.detach()
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                writer.add_scalar("train/loss", float(loss), step)
+                writer.add_scalar("train/lr", lr, step)
+                for name, value in terms.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+            if step % train_cfg["log_every"] == 0 or step == total_steps:
+                log.info("epoch %d step %d/%d loss %.4f lr %.3e %s", epoch + 1, step, total_steps, float(loss), lr,
+                         " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+        bar.close()
+        model.on_epoch_end(epoch + 1, epochs)
+        save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+            "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        })
+    if optimizer is None or not checkpoint_dir.exists():
+        save_checkpoint(checkpoint_dir, model, cfg)
+    train_time = time.time() - started
+    if writer is not None:
+        writer.flush()
+
+    metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer)
+    metrics.update({
+        "method": model.method_name,
+        "backbone": model.clip.name,
+        "pretrained": model.clip.pretrained is not None,
+        "pretrained_source": model.clip.pretrained,
+        "dataset": splits.dataset.name,
+        "protocol": data_cfg["protocol"],
+        "shots": data_cfg["shots"],
+        "seed": seed,
+        "semantic_source": semantic.source,
+        "steps": step,
+        "train_images_skipped": skipped,
+        "trainable_parameters": model.num_trainable_parameters(),
+        "wall_time_s": round(time.time() - started, 2),
+        "train_time_s": round(train_time, 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device": str(device),
+        "precision": precision,
+    })
+    atomic_write_json(output / "metrics.json", metrics)
+    if writer is not None:
+        writer.close()
+    log.info("metrics: %s", {k: metrics[k] for k in metrics if k in ("base", "new", "all", "hm")})
+    return metrics
+
+
+def _restore(model, optimizer, scheduler, checkpoint_dir: Path) -> tuple[int, int]:
+    state = read_trainer_state(checkpoint_dir)
+    if state is None:
+        raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no trainer_state.pt to resume from.")
+    _, tensors, path = read_checkpoint(checkpoint_dir)
+    model.load_adapter_state(tensors, source=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), int(state["step"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _tensorboard(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        log.warning("tensorboard is not installed; no scalars are written")
+        return None
+    return SummaryWriter(str(output / "tensorboard"))

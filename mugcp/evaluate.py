@@ -1,0 +1,87 @@
+"""``python -m mugcp.evaluate --checkpoint DIR [--config FILE] [--output DIR] [key=value ...]``
+
+Evaluates a trained prompt learner on any dataset, split and class subset. The run's own resolved
+config (stored in the checkpoint) is the starting point; ``--config`` and overrides change the data,
+e.g. ``data.eval_subsets=[new]`` or ``data.dataset=caltech101 data.protocol=all`` (cross-dataset).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+from mugcp.cli import config_arguments, run_cli
+from mugcp.config import DEFAULTS, dump_config, load_yaml_with_bases, merge, parse_overrides
+from mugcp.utils import atomic_write_json
+
+
+def evaluation_config(run_config: dict, config_path, overrides) -> dict:
+    """The checkpoint's run config, updated by the user's file and overrides (validated)."""
+    base = merge(copy.deepcopy(DEFAULTS), run_config or {}, "checkpoint run config", strict=False)
+    update: dict = {}
+    if config_path:
+        update = merge(update, load_yaml_with_bases(config_path), str(config_path), strict=False)
+    update = merge(update, parse_overrides(overrides), "command line", strict=False)
+    merge(copy.deepcopy(DEFAULTS), update, str(config_path or "command line"))  # raises on unknown keys
+    return merge(base, update, "evaluation config", strict=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mugcp.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder holding checkpoint/)")
+    parser.add_argument("--output", help="where metrics.json goes (default: <run>/eval_<dataset>_<time>)")
+    config_arguments(parser)
+    args = parser.parse_args(argv)
+
+    from mugcp.engine.checkpoint import check_compatible, read_checkpoint
+    from mugcp.engine.evaluation import evaluate_subsets
+    from mugcp.engine.run_setup import build_run_model, open_run_folder, resolve_semantics
+    from mugcp.engine.runtime import peak_memory_mb, resolve_device, resolve_precision
+    from mugcp.data import build_protocol
+
+    started = time.time()
+    ckpt_config, tensors, ckpt_path = read_checkpoint(args.checkpoint)
+    cfg = evaluation_config(ckpt_config.get("run_config", {}), args.config, args.overrides)
+    check_compatible(ckpt_config, cfg["method"]["name"], cfg["model"]["backbone"].replace("/", "-"), ckpt_path)
+    cfg["method"] = {"name": ckpt_config["method"], **ckpt_config["method_options"]}
+    if cfg["model"]["pretrained"] == "auto" and ckpt_config.get("pretrained") is None:
+        cfg["model"]["pretrained"] = "none"  # evaluate on the weights it was trained with
+
+    output = Path(args.output) if args.output else ckpt_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    handler = open_run_folder(output, resume=False, overwrite=True)
+    try:
+        device = resolve_device(cfg["train"]["device"])
+        precision = resolve_precision(cfg["train"]["precision"], device)
+        splits = build_protocol(cfg["data"], int(cfg["train"]["seed"]))
+        semantic = resolve_semantics(cfg, splits.dataset)
+        first_classes = next(iter(splits.eval.values()))[1]
+        model = build_run_model(cfg, first_classes, device, semantic, dataset_name=splits.dataset.name)
+        model.load_adapter_state(tensors, source=str(ckpt_path))
+        dump_config(cfg, output / "config.yaml")
+        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic)
+        metrics.update({
+            "checkpoint": str(ckpt_path),
+            "method": model.method_name,
+            "backbone": model.clip.name,
+            "pretrained": model.clip.pretrained is not None,
+            "dataset": splits.dataset.name,
+            "protocol": cfg["data"]["protocol"],
+            "seed": int(cfg["train"]["seed"]),
+            "semantic_source": semantic.source,
+            "wall_time_s": round(time.time() - started, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+        })
+        atomic_write_json(output / "metrics.json", metrics)
+    finally:
+        import logging
+
+        logging.getLogger("mugcp").removeHandler(handler)
+        handler.close()
+    summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in splits.eval)
+    print(f"{summary}{', HM %.2f' % metrics['hm'] if 'hm' in metrics else ''}; metrics: {output / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
