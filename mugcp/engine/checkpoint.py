@@ -32,6 +32,7 @@ def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state().items()}
         save_file(tensors, str(staging / ADAPTER_WEIGHTS))
