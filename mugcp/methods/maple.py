@@ -1,0 +1,51 @@
+"""MaPLe: deep text prompts whose linear images are the vision prompts (Khattak et al., CVPR 2023)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mugcp.methods.base import PromptLearner
+from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
+from mugcp.methods.prompt_text import ClassPrompts
+from mugcp.methods.registry import register_method
+
+
+@register_method(
+    "maple",
+    defaults={"n_ctx": 2, "depth": 9, "ctx_init": "a photo of a", "init_std": 0.02},
+    paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)",
+    conditions_on="nothing (text prompts; vision prompts are coupled from them)",
+    config="configs/methods/maple.yaml",
+)
+class MaPLe(PromptLearner):
+    """Text prompts ``P_j`` at layers ``0 .. depth-1`` (``P_0`` from ``ctx_init``); the vision prompt of
+    layer ``j`` is ``F_j(P_j)`` with one linear coupling ``F_j: text_width -> vision_width`` per layer,
+    so both encoders are steered by the same learned tokens."""
+
+    def __init__(self, clip, classnames, options, **kwargs):
+        super().__init__(clip, classnames, options, **kwargs)
+        depth = options["depth"]
+        check_depth(clip, depth, "text", "depth")
+        check_depth(clip, depth, "vision", "depth")
+        if depth < 1:
+            raise ValueError("method option 'depth' must be at least 1 for MaPLe (the prompts start at layer 0).")
+        first = text_context_init(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
+        self.text_prompts = PromptStack(depth, options["n_ctx"], clip.text_width, first, options["init_std"])
+        self.coupling = nn.ModuleList(nn.Linear(clip.text_width, clip.vision_width) for _ in range(depth))
+        self.set_classnames(classnames)
+
+    def build_class_inputs(self) -> None:
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx)
+        self.prompts.to(self.clip.device)
+
+    def vision_prompts(self, text_prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [couple(prompt) for couple, prompt in zip(self.coupling, text_prompts)]
+
+    def compute_text_features(self) -> torch.Tensor:
+        return encode_prompted_text(self.clip, self.prompts, self.text_prompts())
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_prompted_image(self.clip, images, self.vision_prompts(self.text_prompts()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encode_images(images), self.text_features())
