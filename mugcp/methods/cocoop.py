@@ -1,0 +1,62 @@
+"""CoCoOp: a meta-net turns each image feature into a shift of the learned context (Zhou et al., CVPR 2022)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mugcp.methods.base import PromptLearner
+from mugcp.methods.prompt_text import ClassPrompts, init_context
+from mugcp.methods.registry import register_method
+
+
+@register_method(
+    "cocoop",
+    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16, "max_text_sequences": 4096},
+    paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
+    conditions_on="the image (meta-net on the CLIP image feature)",
+    config="configs/methods/cocoop.yaml",
+)
+class CoCoOp(PromptLearner):
+    """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.
+
+    ``meta_net`` is Linear(E, E/meta_reduction)–ReLU–Linear(·, text_width) on the normalised image
+    feature. Without gradients (evaluation), images are encoded in groups of at most
+    ``max_text_sequences // C`` so the B×C text batch stays bounded; ``null`` disables the grouping.
+    """
+
+    conditional = True
+
+    def __init__(self, clip, classnames, options, **kwargs):
+        super().__init__(clip, classnames, options, **kwargs)
+        vectors, self.n_ctx = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
+        self.ctx = nn.Parameter(vectors[0])
+        hidden = clip.embed_dim // options["meta_reduction"]
+        if hidden < 1:
+            raise ValueError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
+        self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, clip.text_width))
+        self.set_classnames(classnames)
+
+    def build_class_inputs(self) -> None:
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx)
+        self.prompts.to(self.clip.device)
+
+    def image_contexts(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Per-image context ``(B, n_ctx, width)`` from normalised image features ``(B, E)``."""
+        return self.ctx.unsqueeze(0) + self.meta_net(image_features).unsqueeze(1)
+
+    def per_image_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
+        """Text features ``(B, C, E)`` for per-image contexts ``(B, n_ctx, width)``."""
+        classes = len(self.classnames)
+        limit = self.options["max_text_sequences"]
+        group = contexts.shape[0] if torch.is_grad_enabled() or not limit else max(1, limit // classes)
+        features = []
+        for start in range(0, contexts.shape[0], group):
+            chunk = contexts[start : start + group]
+            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble_per_image(chunk))
+            features.append(encoded.view(chunk.shape[0], classes, -1))
+        return torch.cat(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(self.clip.encode_image(images), dim=-1)
+        return self.logits(image_features, self.per_image_text_features(self.image_contexts(image_features)))

@@ -1,0 +1,60 @@
+"""KgCoOp: CoOp kept close to the hand-crafted prompt's text features (Yao et al., CVPR 2023)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mugcp.methods.coop import CoOp
+from mugcp.methods.prompt_text import encode_class_texts
+from mugcp.methods.registry import register_method
+from mugcp.methods.templates import resolve_templates
+
+
+@register_method(
+    "kgcoop",
+    defaults={
+        "n_ctx": 4,
+        "ctx_init": "a photo of a",
+        "class_specific": False,
+        "class_token_position": "end",
+        "init_std": 0.02,
+        "kg_weight": 8.0,
+        "handcrafted_template": "a photo of a {}.",
+    },
+    paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
+    conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
+    config="configs/methods/kgcoop.yaml",
+)
+class KgCoOp(CoOp):
+    """Loss = CE + ``kg_weight`` · mean over classes of ‖w_c − w_c^clip‖², both L2-normalised, where
+    w^clip are frozen CLIP features of ``handcrafted_template`` (``auto``: the dataset's template).
+
+    On unit vectors ‖a − b‖² = 2 − 2·cos(a, b): the paper's formula, twice the ``1 − cos`` form.
+    """
+
+    def build_class_inputs(self) -> None:
+        super().build_class_inputs()
+        self._handcrafted: Optional[torch.Tensor] = None
+
+    def handcrafted_text_features(self) -> torch.Tensor:
+        """Normalised frozen features ``(C, E)`` of the hand-crafted prompt, computed once per class set."""
+        if self._handcrafted is None:
+            templates = resolve_templates(self.options["handcrafted_template"], self.dataset)
+            per_template = [F.normalize(encode_class_texts(self.clip, [t.format(c) for c in self.classnames]), dim=-1) for t in templates]
+            self._handcrafted = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+        return self._handcrafted
+
+    def knowledge_distance(self, text_features: torch.Tensor) -> torch.Tensor:
+        """Mean squared L2 distance between normalised learned and hand-crafted class features."""
+        learned = F.normalize(text_features, dim=-1)
+        return (learned - self.handcrafted_text_features().to(learned)).pow(2).sum(-1).mean()
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        text_features = self.text_features()
+        logits = self.logits(self.clip.encode_image(batch["images"]), text_features)
+        ce = F.cross_entropy(logits, batch["labels"])
+        kg = self.knowledge_distance(text_features)
+        loss = ce + self.options["kg_weight"] * kg
+        return loss, logits, {"ce": float(ce.detach()), "kg": float(kg.detach())}
