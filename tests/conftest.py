@@ -1,0 +1,19 @@
+"""Shared test setup: no network, and one random-weight ViT-B-32 backbone per test session."""
+import os
+
+# Tests never reach a hub, and Triton kernels run on the CPU through the interpreter.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def vit_b32():
+    """A frozen ViT-B-32 with random weights (real architecture); building one takes seconds, so share it."""
+    from mugcp.backbones import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("ViT-B-32", pretrained=None)

@@ -1,0 +1,223 @@
+"""The prompt-ready backbone equals open_clip, truncation is exact, prompts go where documented."""
+import os
+
+import pytest
+import torch
+
+from kernels.attention import AttentionBackendError, attention
+from mugcp.backbones import PretrainedLoadError, load_clip, normalize_model_name
+
+TEXTS = ["a photo of a cat.", "a dog", "a very long description of a small red fox in the snow at dawn"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def test_without_prompts_equals_open_clip(vit_b32, images):
+    tokens = vit_b32.tokenize(TEXTS)
+    with torch.no_grad():
+        text_diff = (vit_b32.encode_text(tokens) - vit_b32.model.encode_text(tokens)).abs().max()
+        image_diff = (vit_b32.encode_image(images) - vit_b32.model.encode_image(images)).abs().max()
+    assert text_diff <= 1e-5
+    assert image_diff <= 1e-5
+
+
+def test_text_is_truncated_after_last_eot_and_features_unchanged(vit_b32):
+    tokens = vit_b32.tokenize(["a cat", "a small dog"])
+    lengths = []
+
+    def spy(layer, x):
+        lengths.append(x.shape[1])
+        return x
+
+    with torch.no_grad():
+        truncated = vit_b32.encode_text(tokens, deep_prompts=spy)
+        full = vit_b32.model.encode_text(tokens)
+    longest_eot = int(tokens.argmax(dim=-1).max())
+    assert set(lengths) == {longest_eot + 1} and longest_eot + 1 < tokens.shape[1]
+    assert (truncated - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_attention_equals_sdpa(causal):
+    q, k, v = torch.randn(3, 2, 4, 9, 16).unbind(0)
+    assert torch.allclose(attention(q, k, v, causal, "naive"), attention(q, k, v, causal, "sdpa"), atol=1e-6)
+
+
+def test_backbone_naive_equals_sdpa(vit_b32, images):
+    tokens = vit_b32.tokenize(TEXTS)
+    with torch.no_grad():
+        sdpa_text, sdpa_image = vit_b32.encode_text(tokens), vit_b32.encode_image(images)
+        vit_b32.attention_backend = "naive"
+        try:
+            naive_text, naive_image = vit_b32.encode_text(tokens), vit_b32.encode_image(images)
+        finally:
+            vit_b32.attention_backend = "sdpa"
+    assert (naive_text - sdpa_text).abs().max() <= 1e-5
+    assert (naive_image - sdpa_image).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+def test_optional_attention_backends_fail_clearly_without_cuda(backend):
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(AttentionBackendError, match=rf"{backend}.*(not installed|only on CUDA)"):
+        attention(q, q, q, False, backend)
+
+
+def test_unknown_attention_backend_is_named():
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(AttentionBackendError, match="unknown attention backend 'fast'"):
+        attention(q, q, q, False, "fast")
+
+
+def test_text_prompts_replace_positions_after_sos(vit_b32):
+    tokens = vit_b32.tokenize(["X X X cat."])
+    prompts = [torch.randn(1, 3, vit_b32.text_width), None, torch.randn(1, 3, vit_b32.text_width)]
+    seen = {}
+    original_block = vit_b32._block
+
+    def recording_block(block, x, causal):
+        seen.setdefault(causal, []).append(x.detach().clone())
+        return original_block(block, x, causal)
+
+    vit_b32._block = recording_block
+    try:
+        with torch.no_grad():
+            prompted = vit_b32.encode_text(tokens, deep_prompts=prompts)
+            plain = vit_b32.encode_text(tokens)
+    finally:
+        del vit_b32._block
+    layer_inputs = seen[True]
+    assert torch.equal(layer_inputs[0][:, 1:4], prompts[0])
+    assert torch.equal(layer_inputs[2][:, 1:4], prompts[2])
+    assert not torch.allclose(prompted, plain)
+
+
+def test_vision_prompts_appended_then_replaced(vit_b32, images):
+    width = vit_b32.vision_width
+    prompts = [torch.randn(2, 4, width), torch.randn(2, 4, width)]
+    lengths, tails = [], []
+
+    def spy(layer, x):
+        return x
+
+    original_block = vit_b32._block
+
+    def recording_block(block, x, causal):
+        lengths.append(x.shape[1])
+        tails.append(x[:, -4:].detach().clone())
+        return original_block(block, x, causal)
+
+    vit_b32._block = recording_block
+    try:
+        with torch.no_grad():
+            vit_b32.encode_image(images, deep_prompts=prompts)
+    finally:
+        del vit_b32._block
+    patches = (224 // 32) ** 2 + 1
+    assert lengths == [patches + 4] * vit_b32.vision_layers
+    assert torch.equal(tails[0], prompts[0]) and torch.equal(tails[1], prompts[1])
+
+
+def test_openai_model_names_are_normalised():
+    assert normalize_model_name("ViT-B/16") == "ViT-B-16"
+    assert normalize_model_name(" ViT-L/14 ") == "ViT-L-14"
+
+
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(PretrainedLoadError, match=r"unknown open_clip model 'ViT-B-33'.*ViT-B-32"):
+        load_clip("ViT-B-33")
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(PretrainedLoadError, match=r"not found: .*nope\.pt.*ViT-B-32"):
+        load_clip("ViT-B-32", pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(PretrainedLoadError, match=r"'laion9000' is not an open_clip pretrained tag.*openai"):
+        load_clip("ViT-B-32", pretrained="laion9000")
+
+
+def test_uncached_tag_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(PretrainedLoadError, match=r"'ViT-B-32' / 'openai' are not in the local cache.*pretrained=none"):
+        load_clip("ViT-B-32", pretrained="openai")
+
+
+def test_auto_falls_back_to_random_weights_loudly(monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with caplog.at_level("WARNING"):
+        backbone = load_clip("ViT-B-32", pretrained="auto")
+    assert backbone.pretrained is None
+    assert "RANDOM weights" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_state_dict_round_trip(vit_b32, tmp_path, images, suffix):
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in vit_b32.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    loaded = load_clip("ViT-B-32", pretrained=str(path))
+    assert loaded.pretrained == f"file:{path}"
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), vit_b32.encode_image(images))
+
+
+def test_weights_of_another_architecture_are_refused(vit_b32, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "b32.safetensors"
+    save_file({k: v.contiguous() for k, v in vit_b32.model.state_dict().items()}, str(path))
+    with pytest.raises(PretrainedLoadError, match=r"b32\.safetensors do not fit model 'ViT-B-16'.*shape mismatches.*visual\.conv1\.weight"):
+        load_clip("ViT-B-16", pretrained=str(path))
+
+
+def test_weights_with_missing_keys_are_refused(vit_b32, tmp_path):
+    path = tmp_path / "partial.pt"
+    state = vit_b32.model.state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith("ln_final")}, path)
+    with pytest.raises(PretrainedLoadError, match=r"2 missing keys \(e\.g\. ln_final\.bias, ln_final\.weight\)"):
+        load_clip("ViT-B-32", pretrained=str(path))
+
+
+@pytest.mark.slow
+def test_hugging_face_clip_folder_matches_transformers(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
+                         max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", eos_token_id=49407),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           image_size=224, patch_size=32, hidden_act="gelu"),
+        projection_dim=512,
+    )
+    hf = CLIPModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf-clip")
+    backbone = load_clip("ViT-B-32", pretrained=str(tmp_path / "hf-clip"))
+    tokens = backbone.tokenize(TEXTS)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours_text, ours_image = backbone.encode_text(tokens), backbone.encode_image(pixels)
+        theirs_text = hf.get_text_features(input_ids=tokens)
+        theirs_image = hf.get_image_features(pixel_values=pixels)
+    theirs_text = getattr(theirs_text, "pooler_output", theirs_text)
+    theirs_image = getattr(theirs_image, "pooler_output", theirs_image)
+    assert (ours_text - theirs_text).abs().max() <= 1e-4
+    assert (ours_image - theirs_image).abs().max() <= 1e-4
+
+
+def test_frozen_backbone_has_no_trainable_parameters(vit_b32):
+    assert not any(p.requires_grad for p in vit_b32.parameters())
+    vit_b32.train()
+    assert not vit_b32.training and not vit_b32.model.training
