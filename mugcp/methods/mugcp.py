@@ -1,0 +1,421 @@
+"""MuGCP: multi-modal mutual-guidance conditional prompt learning (arXiv 2507.08410), as DESIGN.md §2.
+
+Per image: SCP pools the image's semantic features (MLLM answer or a stand-in) into n_s tokens S⁰;
+the vision encoder runs first, and at every prompted layer j < J AMG lets the visual tokens and S^j
+guide each other, giving the visual conditional prompts VCP^j and S^{j+1}; MPF writes
+``[F^j(ctx_t^j) ; σ(g_v^j)⊙VCP^j]`` after the visual tokens. The text encoder then runs over B×C
+sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``kernels.fuse_prompts``).
+
+Also here, for the data path and the CLIs: :func:`resolve_semantic_source`, :func:`encode_captions`
+and :class:`CaptionFeatures` (captions encoded once by the frozen CLIP text encoder).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from mugcp.backbones import ClipBackbone
+from mugcp.config import ConfigError
+from mugcp.methods.base import PromptLearner
+from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
+from mugcp.methods.prompt_text import ClassPrompts, encode_class_texts
+from mugcp.methods.registry import register_method
+
+log = logging.getLogger(__name__)
+
+SEMANTIC_SOURCES = ("mllm", "clip", "none")
+SEMANTIC_FEATURES = ("caption", "hidden")
+
+DEFAULTS = {
+    # prompts (DESIGN §2: J, n_c, n_s)
+    "depth": 9,
+    "n_ctx": 2,
+    "n_semantic": 4,
+    "ctx_init": "a photo of a",
+    "init_std": 0.02,
+    "prompt_gate_init": 0.0,  # g_t, g_v before the sigmoid: σ(0) = 0.5
+    # SCP
+    "semantic_source": "mllm",  # mllm | clip (frozen CLIP image tokens, an ablation) | none (learned tokens)
+    "semantic_features": "caption",  # caption (frozen CLIP text token outputs) | hidden (MLLM hidden states)
+    "semantic_dim": None,  # d_m; None: the CLIP text width for captions (required for hidden states)
+    "pool_dim": 256,
+    "pool_heads": 8,
+    "pool_normalize_input": True,
+    # AMG
+    "amg_dim": 256,
+    "amg_heads": 8,
+    "amg_gate_init": 0.0,  # γ_v, γ_s before the tanh: 0 leaves X and S unchanged at the start
+    "amg_normalize_values": False,  # True: values from LN(X), LN(S) instead of X, S
+    # cost
+    "max_text_sequences": 0,  # > 0: run the text encoder over at most this many (image, class) sequences at a time
+    # loss (DESIGN §2.5): consistency with the frozen CLIP, off by default
+    "text_consistency_weight": 0.0,
+    "image_consistency_weight": 0.0,
+    "logit_consistency_weight": 0.0,
+    "consistency_template": "a photo of a {}.",
+}
+
+
+@register_method(
+    "mugcp",
+    defaults=DEFAULTS,
+    paper="Luo et al., Multi-modal Mutual-Guidance Conditional Prompt Learning for Vision-Language Models (arXiv 2507.08410)",
+    conditions_on="each image's MLLM semantics (SCP) and visual tokens (AMG/VCP), in every prompted layer",
+    config="configs/methods/mugcp.yaml",
+)
+class MuGCP(PromptLearner):
+    """``forward(images, semantic=None, semantic_mask=None) -> logits (B, C)``.
+
+    ``semantic`` ``(B, T, d_m)`` padded, ``semantic_mask`` ``(B, T)`` bool (True = real token, None =
+    all real); needed with ``semantic_source=mllm`` and refused otherwise. Every prompt is shared by
+    all classes, so checkpoints load with any class names.
+    """
+
+    conditional = True
+    batch_inputs = ("semantic", "semantic_mask")
+
+    def __init__(self, clip: ClipBackbone, classnames, options, **kwargs):
+        super().__init__(clip, classnames, options, **kwargs)
+        self._check_options(options)
+        self.depth = options["depth"]
+        self.n_ctx = options["n_ctx"]
+        self.n_semantic = options["n_semantic"]
+        self.semantic_source = options["semantic_source"]
+        text_width, vision_width = clip.text_width, clip.vision_width
+        std = options["init_std"]
+
+        context = torch.randn(self.depth, self.n_ctx, text_width) * std
+        context[0] = self._initial_context(options["ctx_init"], context[0])
+        self.text_context = nn.Parameter(context)  # ctx_t^j
+        self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(self.depth))  # F^j
+        gates = torch.full((self.depth, self.n_semantic), float(options["prompt_gate_init"]))
+        self.text_gates = nn.Parameter(gates.clone())  # g_t^j
+        self.vision_gates = nn.Parameter(gates.clone())  # g_v^j
+        self.guidance = nn.ModuleList(
+            MutualGuidance(
+                vision_width, text_width, options["amg_dim"], options["amg_heads"],
+                update_semantic=layer < self.depth - 1, gate_init=options["amg_gate_init"],
+                normalize_values=options["amg_normalize_values"],
+            )
+            for layer in range(self.depth)
+        )
+        if self.semantic_source == "none":
+            self.semantic_tokens = nn.Parameter(torch.randn(self.n_semantic, text_width) * std)
+        else:
+            self.semantic_dim = vision_width if self.semantic_source == "clip" else self._mllm_feature_dim(options, text_width)
+            self.pooling = AttentionPooling(
+                self.semantic_dim, text_width, self.n_semantic, options["pool_dim"], options["pool_heads"],
+                normalize_input=options["pool_normalize_input"], std=std,
+            )
+        self._frozen_text_features: Optional[torch.Tensor] = None
+        self.set_classnames(classnames)
+
+    # ----------------------------------------------------------------- construction
+    def _check_options(self, options: dict) -> None:
+        def fail(option: str, problem: str) -> None:
+            raise ConfigError(f"method 'mugcp' option '{option}' {problem}")
+
+        layers = min(self.clip.text_layers, self.clip.vision_layers)
+        if not 1 <= options["depth"] <= layers:
+            fail("depth", f"is {options['depth']}; {self.clip.name} takes 1 to {layers} prompted layers.")
+        for key in ("n_ctx", "n_semantic"):
+            if options[key] < 1:
+                fail(key, f"must be at least 1, got {options[key]}.")
+        if options["semantic_source"] not in SEMANTIC_SOURCES:
+            fail("semantic_source", f"must be one of {', '.join(SEMANTIC_SOURCES)}, got {options['semantic_source']!r}.")
+        if options["semantic_features"] not in SEMANTIC_FEATURES:
+            fail("semantic_features", f"must be one of {', '.join(SEMANTIC_FEATURES)}, got {options['semantic_features']!r}.")
+        if options["max_text_sequences"] < 0:
+            fail("max_text_sequences", f"must be 0 (no limit) or positive, got {options['max_text_sequences']}.")
+        if "{}" not in options["consistency_template"]:
+            fail("consistency_template", f"needs a '{{}}' for the class name, got {options['consistency_template']!r}.")
+
+    def _mllm_feature_dim(self, options: dict, text_width: int) -> int:
+        given = options["semantic_dim"]
+        if options["semantic_features"] == "caption":
+            if given is not None and given != text_width:
+                raise ConfigError(
+                    f"method 'mugcp': semantic_features=caption gives caption token features of the CLIP text width "
+                    f"{text_width}, but semantic_dim={given} (the MLLM hidden size?). Leave semantic_dim unset for "
+                    "captions, or set semantic_features=hidden to pool the MLLM hidden states."
+                )
+            return text_width
+        if given is None:
+            raise ConfigError(
+                "method 'mugcp': semantic_features=hidden needs semantic_dim (the MLLM hidden size d_m, "
+                "e.g. SemanticCache(path).dim); pass create_model(..., semantic_dim=d_m)."
+            )
+        return int(given)
+
+    def _initial_context(self, init: str, fallback: torch.Tensor) -> torch.Tensor:
+        """Layer-0 context: the first n_ctx token embeddings of ``init`` (MaPLe keeps n_ctx; an init
+        shorter than n_ctx tokens keeps the Gaussian vectors for the rest)."""
+        vectors = fallback.clone()
+        if init:
+            ids = self.clip.tokenize([init.replace("_", " ")])[0]
+            used = min(int(ids.argmax()) - 1, self.n_ctx)
+            with torch.no_grad():
+                vectors[:used] = self.clip.embed_tokens(ids[None])[0, 1 : 1 + used].float().cpu()
+        return vectors
+
+    def build_class_inputs(self) -> None:
+        # Placeholder tokens hold the n_c + n_s prompt positions 1 .. 1+n_c+n_s of every class text.
+        self.class_prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx + self.n_semantic)
+        self.class_prompts.to(self.clip.device)
+        self._frozen_text_features = None
+
+    # ----------------------------------------------------------------- SCP
+    def initial_semantic(
+        self, batch: int, semantic: Optional[torch.Tensor], semantic_mask: Optional[torch.Tensor], frozen_tokens: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """S⁰ ``(B, n_s, d_t)`` from the configured source."""
+        if self.semantic_source != "mllm" and semantic is not None:
+            raise ValueError(
+                f"mugcp was built with semantic_source={self.semantic_source!r} but got semantic features; "
+                "build it with semantic_source='mllm' to use them, or stop passing them."
+            )
+        if self.semantic_source == "none":
+            return self.semantic_tokens.expand(batch, -1, -1)
+        if self.semantic_source == "clip":
+            return self.pooling(frozen_tokens.to(self.text_context.dtype))
+        if semantic is None:
+            raise ValueError(
+                "mugcp with semantic_source='mllm' needs each image's semantic features: forward(images, "
+                "semantic=(B, T, d_m), semantic_mask=(B, T)); the training CLI attaches them from semantic.cache. "
+                "Without an MLLM cache use semantic_source='clip' (frozen CLIP image tokens, an ablation) or 'none'."
+            )
+        if semantic.dim() != 3 or semantic.shape[0] != batch or semantic.shape[2] != self.semantic_dim:
+            raise ValueError(
+                f"mugcp: semantic features have shape {tuple(semantic.shape)}, expected ({batch}, T, {self.semantic_dim}) "
+                f"for {batch} images (semantic_dim={self.semantic_dim}, semantic_features={self.options['semantic_features']!r})."
+            )
+        if semantic_mask is not None and (semantic_mask.dtype != torch.bool or tuple(semantic_mask.shape) != tuple(semantic.shape[:2])):
+            raise ValueError(
+                f"mugcp: semantic_mask must be a bool tensor of shape {tuple(semantic.shape[:2])} (True = real token), "
+                f"got {semantic_mask.dtype} {tuple(semantic_mask.shape)}."
+            )
+        device = self.text_context.device
+        semantic = semantic.to(device=device, dtype=self.text_context.dtype)
+        semantic_mask = None if semantic_mask is None else semantic_mask.to(device)
+        return self.pooling(semantic, semantic_mask)
+
+    # ----------------------------------------------------------------- encoders
+    def _vision_hook(self, semantic_layers: list[torch.Tensor]):
+        """AMG + MPF at vision layers j < J; appends S^{j+1} to ``semantic_layers`` as it goes."""
+        prompt_count = self.n_ctx + self.n_semantic
+
+        def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if layer >= self.depth:
+                return x
+            visual = x if layer == 0 else x[:, :-prompt_count]
+            dtype = self.text_context.dtype
+            visual, visual_prompts, next_semantic = self.guidance[layer](visual.to(dtype), semantic_layers[layer], backend=self.kernels)
+            if next_semantic is not None:
+                semantic_layers.append(next_semantic)
+            context = self.coupling[layer](self.text_context[layer]).expand(x.shape[0], -1, -1)
+            conditional = torch.sigmoid(self.vision_gates[layer])[:, None] * visual_prompts
+            return torch.cat([visual.to(x.dtype), context.to(x.dtype), conditional.to(x.dtype)], dim=1)
+
+        return hook
+
+    def _text_hook(self, semantic_layers: list[torch.Tensor], batch: int, classes: int):
+        def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
+            # Layer 0's prompts are written into the embeddings, where they get positional embeddings.
+            if layer == 0 or layer >= self.depth:
+                return x
+            length, width = x.shape[1:]
+            fused = kernels.fuse_prompts(
+                x.view(batch, classes, length, width), self.text_context[layer].to(x.dtype),
+                semantic_layers[layer].to(x.dtype), self.text_gates[layer], start=1, backend=self.kernels,
+            )
+            return fused.view(batch * classes, length, width)
+
+        return hook
+
+    def encode_text(self, semantic_layers: list[torch.Tensor]) -> torch.Tensor:
+        """Text features ``(B, C, E)`` of every (image, class) pair, given S⁰ .. S^{J-1}."""
+        prompts = self.class_prompts
+        tokens = prompts.tokens
+        # Every position after the last EOT is invisible to the EOT features (causal mask).
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        placeholders = prompts.prefix.new_zeros(tokens.shape[0], self.n_ctx + self.n_semantic, prompts.prefix.shape[-1])
+        class_embeddings = torch.cat([prompts.prefix, placeholders, prompts.suffix], dim=1)[:, :length]
+        batch, classes = semantic_layers[0].shape[0], tokens.shape[0]
+        limit = self.options["max_text_sequences"]
+        per_call = classes if not limit else max(1, limit // batch)
+        features = []
+        for first in range(0, classes, per_call):
+            chunk = class_embeddings[first : first + per_call]
+            count = chunk.shape[0]
+            embeddings = kernels.fuse_prompts(
+                chunk.unsqueeze(0).expand(batch, -1, -1, -1), self.text_context[0].to(chunk.dtype),
+                semantic_layers[0].to(chunk.dtype), self.text_gates[0], start=1, backend=self.kernels,
+            )
+            encoded = self.clip.encode_text(
+                tokens[first : first + count], deep_prompts=self._text_hook(semantic_layers, batch, count),
+                embeddings=embeddings.view(batch * count, length, -1),
+            )
+            features.append(encoded.view(batch, count, -1))
+        return torch.cat(features, dim=1)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        semantic: Optional[torch.Tensor] = None,
+        semantic_mask: Optional[torch.Tensor] = None,
+        frozen_image: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(image features ``(B, E)``, text features ``(B, C, E)``, frozen CLIP image features or None).
+
+        The frozen image pass runs only when needed: for the ``clip`` source or when ``frozen_image``.
+        """
+        frozen_features = frozen_tokens = None
+        if self.semantic_source == "clip" or frozen_image:
+            with torch.no_grad():
+                frozen_features, tokens = self.clip.encode_image(images, return_tokens=True)
+                if self.semantic_source == "clip":
+                    frozen_tokens = self.clip.model.visual.ln_post(tokens)
+        semantic_layers = [self.initial_semantic(images.shape[0], semantic, semantic_mask, frozen_tokens)]
+        image_features = self.clip.encode_image(images, deep_prompts=self._vision_hook(semantic_layers))
+        text_features = self.encode_text(semantic_layers)
+        return image_features, text_features, frozen_features
+
+    def forward(self, images: torch.Tensor, semantic: Optional[torch.Tensor] = None, semantic_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        image_features, text_features, _ = self.encode(images, semantic, semantic_mask)
+        return self.logits(image_features, text_features)
+
+    # ----------------------------------------------------------------- loss
+    def frozen_text_features(self) -> torch.Tensor:
+        """Normalised zero-shot text features ``(C, E)`` of ``consistency_template``, once per class set."""
+        if self._frozen_text_features is None:
+            template = self.options["consistency_template"]
+            features = encode_class_texts(self.clip, [template.format(name) for name in self.classnames])
+            self._frozen_text_features = F.normalize(features, dim=-1)
+        return self._frozen_text_features
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Cross-entropy plus the consistency terms whose weight is non-zero (frozen features only then)."""
+        text_weight = self.options["text_consistency_weight"]
+        image_weight = self.options["image_consistency_weight"]
+        logit_weight = self.options["logit_consistency_weight"]
+        image_features, text_features, frozen_image = self.encode(
+            batch["images"], batch.get("semantic"), batch.get("semantic_mask"), frozen_image=bool(image_weight or logit_weight)
+        )
+        logits = self.logits(image_features, text_features)
+        loss = F.cross_entropy(logits, batch["labels"])
+        terms = {"ce": float(loss.detach())}
+        frozen_text = self.frozen_text_features() if (text_weight or logit_weight) else None
+        if text_weight:
+            prompted = F.normalize(text_features, dim=-1)
+            term = F.l1_loss(prompted, frozen_text.to(prompted.dtype).expand_as(prompted))
+            loss = loss + text_weight * term
+            terms["text_consistency"] = float(term.detach())
+        if image_weight:
+            prompted = F.normalize(image_features, dim=-1)
+            term = F.l1_loss(prompted, F.normalize(frozen_image, dim=-1).to(prompted.dtype))
+            loss = loss + image_weight * term
+            terms["image_consistency"] = float(term.detach())
+        if logit_weight:
+            zero_shot = self.logits(frozen_image, frozen_text)
+            term = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="batchmean", log_target=True)
+            loss = loss + logit_weight * term
+            terms["logit_consistency"] = float(term.detach())
+        return loss, logits, terms
+
+
+# --------------------------------------------------------------------- semantic inputs
+def resolve_semantic_source(cfg_semantic: Mapping, cache: Any = None) -> tuple[str, Optional[str]]:
+    """Map the config's ``semantic.source`` (auto | mllm | clip | none) to a method source.
+
+    Returns ``(source, warning)``: ``auto`` becomes ``mllm`` when a cache is given and otherwise
+    ``clip`` with a warning to log (the result is an ablation, not MuGCP as published).
+    """
+    source = cfg_semantic.get("source", "auto")
+    if source not in ("auto",) + SEMANTIC_SOURCES:
+        raise ConfigError(f"semantic.source must be auto, mllm, clip or none; got {source!r}.")
+    if source == "mllm" and cache is None:
+        raise ConfigError(
+            "semantic.source=mllm needs a semantic cache: set semantic.cache=PATH (made by python -m mugcp.extract), "
+            "or use semantic.source=clip / none."
+        )
+    if source != "auto":
+        return source, None
+    if cache is not None:
+        return "mllm", None
+    return "clip", (
+        f"semantic.source=auto found no semantic cache (semantic.cache={cfg_semantic.get('cache')!r}): MuGCP runs with the "
+        "frozen CLIP image tokens in place of MLLM features (source 'clip', an ablation). Extract MLLM features with "
+        "python -m mugcp.extract and set semantic.cache to use them."
+    )
+
+
+def encode_captions(clip: ClipBackbone, texts: Sequence[str], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token outputs of the frozen CLIP text encoder for caption strings.
+
+    Returns ``(features (N, T, d_t) float, mask (N, T) bool)``, zero-padded to the longest caption
+    (SOS .. EOT; captions longer than CLIP's context are cut by its tokenizer).
+    """
+    captured: dict[str, torch.Tensor] = {}
+    # encode_text pools the EOT token after ln_final; the hook keeps ln_final's whole output.
+    handle = clip.model.ln_final.register_forward_hook(lambda module, args, output: captured.__setitem__("tokens", output))
+    rows: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for first in range(0, len(texts), chunk):
+                tokens = clip.tokenize([str(text) for text in texts[first : first + chunk]])
+                clip.encode_text(tokens)
+                lengths = tokens.argmax(dim=-1) + 1
+                rows.extend(captured["tokens"][row, : int(n)].float() for row, n in enumerate(lengths))
+    finally:
+        handle.remove()
+    if not rows:
+        return torch.zeros(0, 0, clip.text_width), torch.zeros(0, 0, dtype=torch.bool)
+    features = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    lengths = torch.tensor([row.shape[0] for row in rows], device=features.device)
+    mask = torch.arange(features.shape[1], device=features.device)[None] < lengths[:, None]
+    return features, mask
+
+
+class CaptionFeatures(Mapping):
+    """Caption features per key, computed once and kept in memory: ``features[key] -> (T, d_t)`` fp16.
+
+    Built from any source with ``text(key)`` (e.g. ``SemanticCache``) by :meth:`from_texts`; it holds
+    only CPU tensors, so it pickles into DataLoader workers. ``dim`` is the CLIP text width.
+    """
+
+    def __init__(self, features: dict[str, torch.Tensor], dim: int):
+        self._features = features
+        self.dim = dim
+
+    @classmethod
+    def from_texts(cls, clip: ClipBackbone, source: Any, keys: Optional[Iterable[str]] = None, chunk: int = 64) -> "CaptionFeatures":
+        """Encode ``source.text(key)`` for ``keys`` (default: all of ``source.keys()``)."""
+        keys = list(source.keys() if keys is None else keys)
+        features: dict[str, torch.Tensor] = {}
+        for first in range(0, len(keys), chunk):
+            part = keys[first : first + chunk]
+            padded, mask = encode_captions(clip, [source.text(key) for key in part], chunk=chunk)
+            for row, key in enumerate(part):
+                features[key] = padded[row, mask[row]].to("cpu", torch.float16)
+        return cls(features, clip.text_width)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            return self._features[key]
+        except KeyError:
+            raise KeyError(
+                f"no caption features for {key!r} ({len(self)} keys encoded); include it in the keys passed to "
+                "CaptionFeatures.from_texts."
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._features)
+
+    def __len__(self) -> int:
+        return len(self._features)
