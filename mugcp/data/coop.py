@@ -53,8 +53,7 @@ COOP_DATASETS: tuple[CoopDatasetSpec, ...] = (
     CoopDatasetSpec("oxford_pets", "oxford_pets", "images", SPLIT_JSON, "split_zhou_OxfordPets.json", ("pets",)),
     CoopDatasetSpec("stanford_cars", "stanford_cars", "", SPLIT_JSON, "split_zhou_StanfordCars.json", ("cars",)),
     CoopDatasetSpec(
-        "oxford_flowers", "oxford_flowers", "jpg", SPLIT_JSON, "split_zhou_OxfordFlowers.json",
-        ("flowers102", "flowers"),
+        "flowers102", "oxford_flowers", "jpg", SPLIT_JSON, "split_zhou_OxfordFlowers.json", ("flowers",)
     ),
     CoopDatasetSpec("food101", "food-101", "images", SPLIT_JSON, "split_zhou_Food101.json"),
     CoopDatasetSpec("fgvc_aircraft", "fgvc_aircraft", "images", AIRCRAFT, aliases=("aircraft",)),
