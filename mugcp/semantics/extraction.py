@@ -7,6 +7,7 @@ A rerun skips stored keys, so an interrupted job is resumed by running it again.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -285,7 +286,7 @@ class Extractor:
             half = (len(images) + 1) // 2
             self.batch_size = max(1, min(self.batch_size, half))
             tqdm.write(f"out of memory on a batch of {len(images)} images; retrying in halves of {half} "
-                       f"(batch size is now {self.batch_size})")
+                       f"(batch size is now {self.batch_size})", file=sys.stderr)
             return self._describe(keys[:half], images[:half]) + self._describe(keys[half:], images[half:])
 
     def _process(self, loaded: list[tuple[str, object]]) -> None:
@@ -294,7 +295,7 @@ class Extractor:
             if isinstance(error, UnreadableImageError):
                 self.failed[key] = str(error)
                 self.writer.add_failure(key, str(error))
-                tqdm.write(f"skipping unreadable image {error}")
+                tqdm.write(f"skipping unreadable image {error}", file=sys.stderr)
         if good:
             keys = [key for key, _ in good]
             answers = self._describe(keys, [image for _, image in good])
