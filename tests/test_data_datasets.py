@@ -8,7 +8,7 @@ import pytest
 
 from mugcp.data import COOP_DATASETS, BadImageError, DatasetError, build_dataset, canonical_dataset_name
 from mugcp.data.coop import AIRCRAFT, IMAGENET, IMAGENET_TEST_ONLY, IMAGENET_V2, SPLIT_JSON
-from tests.fixtures import (
+from fixtures import (
     DEFAULT_CLASSES,
     make_coop_dataset,
     make_imagefolder,

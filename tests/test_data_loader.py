@@ -18,7 +18,7 @@ from mugcp.data import (
     collate,
     set_loader_epoch,
 )
-from tests.fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
+from fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
 
 SIZE = 16
 

@@ -23,7 +23,7 @@ from mugcp.data import (
     save_splits,
     subsample_classes,
 )
-from tests.fixtures import DEFAULT_CLASSES, make_coop_dataset, make_imagefolder
+from fixtures import DEFAULT_CLASSES, make_coop_dataset, make_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 
