@@ -4,8 +4,8 @@
 ``out[b, c, start:start+n_c] = ctx`` and
 ``out[b, c, start+n_c:start+n_c+n_s] = sigmoid(gate)[:, None] · cond[b]``.
 
-The output is the only (B, C)-sized tensor either path creates: the learned tokens are written by
-broadcasting, never expanded and concatenated. ``seq`` may itself be a broadcast view (for example
+The output (and in backward the gradient of ``seq``) is the only (B, C)-sized tensor either path
+creates: the learned tokens are written by broadcasting, never expanded and concatenated. ``seq`` may itself be a broadcast view (for example
 class-name embeddings expanded over the images with stride 0).
 The Triton path lives in ``kernels.fuse_prompts_triton`` and is imported on first use.
 """
@@ -39,17 +39,62 @@ def fuse_prompts(
 def fuse_prompts_reference(
     seq: torch.Tensor, ctx: torch.Tensor, cond: torch.Tensor, gate: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """Plain PyTorch: one copy of ``seq``, then two broadcast slice writes.
+    """Plain PyTorch: one copy of ``seq`` and two broadcast slice writes; a matching hand-written backward."""
+    return _FusePromptsReference.apply(seq, ctx, cond, gate, start)
 
-    Autograd through the slice writes gives exactly the gradients DESIGN asks for: ``seq`` gets the
-    output gradient with the prompt positions zeroed, ``ctx`` its sum over all B·C sequences and
-    ``cond`` its sum over the C classes.
-    """
+
+class _FusePromptsReference(torch.autograd.Function):
+    """Autograd through the slice writes would be right too, but its backward clones each prompt slice
+    of the gradient (a B·C·n·D copy) before reducing it; this backward reduces the strided slices in
+    place, so the only (B, C)-sized tensors are ``out`` and, when ``seq`` needs one, its gradient."""
+
+    @staticmethod
+    def forward(ctx_, seq, ctx, cond, gate, start):
+        n_ctx, n_cond = ctx.shape[0], cond.shape[1]
+        out = seq.clone(memory_format=torch.contiguous_format)
+        out[:, :, start : start + n_ctx] = ctx
+        weight = torch.sigmoid(gate.float())
+        out[:, :, start + n_ctx : start + n_ctx + n_cond] = (weight[:, None] * cond.float())[:, None]
+        ctx_.save_for_backward(cond, gate)
+        ctx_.n_ctx, ctx_.start, ctx_.ctx_dtype = n_ctx, start, ctx.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx_, d_out):
+        cond, gate = ctx_.saved_tensors
+        n_ctx, start = ctx_.n_ctx, ctx_.start
+        cond_start, cond_end = start + n_ctx, start + n_ctx + cond.shape[1]
+        d_seq = None
+        if ctx_.needs_input_grad[0]:
+            d_seq = d_out.clone(memory_format=torch.contiguous_format)
+            d_seq[:, :, start:cond_end] = 0
+        d_ctx = d_out[:, :, start:cond_start].sum(dim=(0, 1), dtype=torch.float32)
+        d_cond_unscaled = d_out[:, :, cond_start:cond_end].sum(dim=1, dtype=torch.float32)
+        weight = torch.sigmoid(gate.float())
+        d_cond = weight[:, None] * d_cond_unscaled
+        d_gate = (d_cond_unscaled * cond.float()).sum(dim=(0, 2)) * weight * (1 - weight)
+        return d_seq, d_ctx.to(ctx_.ctx_dtype), d_cond.to(cond.dtype), d_gate.to(gate.dtype), None
+
+
+def fuse_prompts_expand_concat(
+    seq: torch.Tensor, ctx: torch.Tensor, cond: torch.Tensor, gate: torch.Tensor, start: int
+) -> torch.Tensor:
+    """The naive formulation — expand the prompt tokens to every sequence and concatenate. Not used
+    by the library: it is the independent definition tests check against and the baseline the
+    benchmarks compare with (it creates (B, C)-sized copies of every prompt token and their gradients)."""
+    batch, n_classes = seq.shape[:2]
     n_ctx, n_cond = ctx.shape[0], cond.shape[1]
-    out = seq.clone(memory_format=torch.contiguous_format)
-    out[:, :, start : start + n_ctx] = ctx
-    out[:, :, start + n_ctx : start + n_ctx + n_cond] = (torch.sigmoid(gate)[:, None] * cond)[:, None]
-    return out
+    weighted = torch.sigmoid(gate)[:, None] * cond
+    return torch.cat(
+        [
+            seq[:, :, :start],
+            ctx.to(seq.dtype).expand(batch, n_classes, n_ctx, ctx.shape[1]),
+            weighted.to(seq.dtype)[:, None].expand(batch, n_classes, n_cond, cond.shape[2]),
+            seq[:, :, start + n_ctx + n_cond :],
+        ],
+        dim=2,
+    )
 
 
 def check_fuse_prompts_inputs(

@@ -24,6 +24,8 @@ import triton.language as tl
 
 TARGET_PROGRAMS = 1024
 MAX_PROMPT_TOKENS = 128
+# Rows of a sequence streamed per step; text sequences (after truncation) are a few steps long.
+ROWS_PER_STEP = 16
 
 
 @triton.jit
@@ -132,21 +134,24 @@ class LaunchConfig:
 
 
 def launch_config(batch: int, n_classes: int, length: int, dim: int, n_prompt: int) -> LaunchConfig:
-    """The configuration the launcher uses for these sizes (fixed by rule, no autotuning)."""
-    if n_prompt > MAX_PROMPT_TOKENS:
+    """The configuration the launcher uses for these sizes (fixed by rule, no autotuning).
+
+    The compile-time blocks take few values — ``BLOCK_P`` in 8..128 and ``BLOCK_D`` in 16..128 with
+    ``BLOCK_P·BLOCK_D ≤ 4096`` (the fp32 prompt accumulator's register budget) — so every variant
+    can be compiled ahead of time (see ``kernels.aot``).
+    """
+    if not 1 <= n_prompt <= MAX_PROMPT_TOKENS:
         raise ValueError(
-            f"fuse_prompts (triton): {n_prompt} prompt tokens exceed {MAX_PROMPT_TOKENS}, the most the "
+            f"fuse_prompts (triton): {n_prompt} prompt tokens is outside 1..{MAX_PROMPT_TOKENS}, the most the "
             "kernel keeps in registers; use backend='reference'."
         )
-    block_l = min(32, triton.next_power_of_2(length))
-    block_p = max(2, triton.next_power_of_2(n_prompt))
-    # About 4096 elements per streamed tile and per prompt accumulator keeps registers in check.
-    block_d = min(triton.next_power_of_2(dim), max(16, 4096 // max(block_l, block_p)))
+    block_p = max(8, triton.next_power_of_2(n_prompt))
+    block_d = max(16, min(triton.next_power_of_2(dim), 128, 4096 // block_p))
     d_tiles = triton.cdiv(dim, block_d)
     wanted_chunks = min(n_classes, triton.cdiv(TARGET_PROGRAMS, batch * d_tiles))
     classes_per_program = triton.cdiv(n_classes, wanted_chunks)
     n_chunks = triton.cdiv(n_classes, classes_per_program)
-    return LaunchConfig(block_l, block_p, block_d, 4, classes_per_program, n_chunks)
+    return LaunchConfig(ROWS_PER_STEP, block_p, block_d, 4, classes_per_program, n_chunks)
 
 
 def _kernel_operand(tensor: torch.Tensor) -> torch.Tensor:
@@ -190,19 +195,24 @@ def backward_launch(d_out, seq_shape, seq_dtype, n_ctx, n_cond, start, write_d_s
 class FusePromptsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx_, seq, ctx, cond, gate, start):
+        ctx_dtype, cond_dtype, gate_dtype = ctx.dtype, cond.dtype, gate.dtype
         seq = _kernel_operand(seq)
-        ctx, cond, gate = ctx.contiguous(), _kernel_operand(cond), gate.contiguous()
+        # The learned tokens are tiny: taking them in fp32 keeps one kernel variant per seq dtype and
+        # computes sigmoid(gate)·cond in fp32, as the reference does.
+        ctx, cond, gate = (t.float().contiguous() for t in (ctx, cond, gate))
         grid, args, config, out = forward_launch(seq, ctx, cond, gate, start)
         _fuse_prompts_forward_kernel[grid](*args, **config.constexprs(), num_warps=config.num_warps)
-        ctx_.save_for_backward(ctx, cond, gate)
-        ctx_.start = start
+        ctx_.save_for_backward(cond, gate)
+        ctx_.n_ctx, ctx_.start = ctx.shape[0], start
+        ctx_.param_dtypes = (ctx_dtype, cond_dtype, gate_dtype)
         ctx_.seq_shape, ctx_.seq_dtype = seq.shape, seq.dtype
         return out
 
     @staticmethod
     def backward(ctx_, d_out):
-        ctx, cond, gate = ctx_.saved_tensors
-        n_ctx, n_cond = ctx.shape[0], cond.shape[1]
+        cond, gate = ctx_.saved_tensors
+        n_ctx, n_cond = ctx_.n_ctx, cond.shape[1]
+        ctx_dtype, cond_dtype, gate_dtype = ctx_.param_dtypes
         write_d_seq = ctx_.needs_input_grad[0]
         grid, args, config, d_seq, prompt_sums = backward_launch(
             _kernel_operand(d_out), ctx_.seq_shape, ctx_.seq_dtype, n_ctx, n_cond, ctx_.start, write_d_seq)
@@ -211,10 +221,10 @@ class FusePromptsFunction(torch.autograd.Function):
         per_image = prompt_sums.sum(dim=1)  # (B, n_c + n_s, D): summed over classes
         d_ctx = per_image[:, :n_ctx].sum(dim=0)
         d_cond_unscaled = per_image[:, n_ctx:]
-        weight = torch.sigmoid(gate.float())
+        weight = torch.sigmoid(gate)
         d_cond = weight[:, None] * d_cond_unscaled
-        d_gate = (d_cond_unscaled * cond.float()).sum(dim=(0, 2)) * weight * (1 - weight)
-        return d_seq, d_ctx.to(ctx.dtype), d_cond.to(cond.dtype), d_gate.to(gate.dtype), None
+        d_gate = (d_cond_unscaled * cond).sum(dim=(0, 2)) * weight * (1 - weight)
+        return d_seq, d_ctx.to(ctx_dtype), d_cond.to(cond_dtype), d_gate.to(gate_dtype), None
 
 
 def fuse_prompts_triton(seq, ctx, cond, gate, start: int):

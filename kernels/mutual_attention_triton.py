@@ -235,13 +235,17 @@ class LaunchConfig:
         }
 
 
-def _padded(size: int) -> int:
-    # tl.dot needs every block dimension to be at least 16.
-    return max(16, triton.next_power_of_2(size))
+def _padded(size: int, minimum: int) -> int:
+    return max(minimum, triton.next_power_of_2(size))
 
 
-def launch_config(n_b: int, head_dim: int, value_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """The one configuration the launcher uses for these sizes (fixed by rule, no autotuning)."""
+def launch_config(
+    n_b: int, head_dim: int, value_dim: int, dtype: torch.dtype, interpreted: bool | None = None
+) -> LaunchConfig:
+    """The one configuration the launcher uses for these sizes (fixed by rule, no autotuning).
+
+    ``interpreted`` (default: whether ``TRITON_INTERPRET=1``) selects the interpreter's variant.
+    """
     if not 1 <= n_b <= MAX_TOKENS_B:
         raise ValueError(
             f"mutual_attention (triton): Nb={n_b} is outside 1..{MAX_TOKENS_B}; the kernel keeps all of b in "
@@ -252,15 +256,19 @@ def launch_config(n_b: int, head_dim: int, value_dim: int, dtype: torch.dtype) -
             raise ValueError(
                 f"mutual_attention (triton): {name}={size} exceeds {MAX_HEAD_DIM}; use backend='reference'."
             )
-    block_nb, block_d, block_dv = _padded(n_b), _padded(head_dim), _padded(value_dim)
+    # tl.dot needs blocks of at least 16; feature dims below 32 are rare enough that padding them to
+    # 32 is worth having one configuration fewer to build and check ahead of time.
+    block_nb, block_d, block_dv = _padded(n_b, 16), _padded(head_dim, 32), _padded(value_dim, 32)
     # The backward holds four (BLOCK_NA, D)-sized tiles and two (Nb, D) accumulators: halve the row
     # tile when both the head dim and b are wide, to stay clear of register spills.
     block_na = 32 if block_nb * max(block_d, block_dv) >= 64 * 128 else 64
     num_warps = 8 if max(block_d, block_dv) >= 128 else 4
     # The Triton interpreter computes bf16 dots on the raw bit patterns (triton-lang/triton#11584,
     # "not supported yet"), so interpreted bf16 runs load tiles as fp32. Compiled kernels never do.
-    upcast = dtype == torch.bfloat16 and interpreter_enabled()
-    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    if interpreted is None:
+        interpreted = interpreter_enabled()
+    upcast = dtype == torch.bfloat16 and interpreted
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"
     return LaunchConfig(block_na, block_nb, block_d, block_dv, precision, upcast, num_warps, num_stages=2)
 
 
@@ -276,11 +284,11 @@ def _leading_strides(tensor: torch.Tensor) -> tuple[int, int, int]:
     return tensor.stride(0), tensor.stride(1), tensor.stride(2)
 
 
-def forward_launch(a, b, va, vb, scale):
+def forward_launch(a, b, va, vb, scale, interpreted=None):
     """Everything one forward launch needs: (grid, positional args, config); also used for AOT checks."""
     bt, heads, n_a, head_dim = a.shape
     n_b, value_dim = b.shape[2], va.shape[3]
-    config = launch_config(n_b, head_dim, value_dim, a.dtype)
+    config = launch_config(n_b, head_dim, value_dim, a.dtype, interpreted)
     oa = torch.empty((bt, heads, n_a, value_dim), dtype=a.dtype, device=a.device)
     ob = torch.empty((bt, heads, n_b, value_dim), dtype=a.dtype, device=a.device)
     lse_row = torch.empty((bt, heads, n_a), dtype=torch.float32, device=a.device)
@@ -293,10 +301,10 @@ def forward_launch(a, b, va, vb, scale):
     return (bt * heads,), args, config, (oa, ob, lse_row, lse_col)
 
 
-def backward_launch(a, b, va, vb, ob, d_oa, d_ob, lse_row, lse_col, scale):
+def backward_launch(a, b, va, vb, ob, d_oa, d_ob, lse_row, lse_col, scale, interpreted=None):
     bt, heads, n_a, head_dim = a.shape
     n_b, value_dim = b.shape[2], va.shape[3]
-    config = launch_config(n_b, head_dim, value_dim, a.dtype)
+    config = launch_config(n_b, head_dim, value_dim, a.dtype, interpreted)
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (a, b, va, vb))
     args = (
         a, b, va, vb, ob, d_oa, d_ob, lse_row, lse_col, *grads,
