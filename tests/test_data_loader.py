@@ -71,6 +71,16 @@ def test_train_transform_is_coop_random_resized_crop_and_flip():
     assert first.shape == (3, SIZE, SIZE) and not torch.equal(first, transform(image))
 
 
+def test_normalised_tensor_matches_torchvision():
+    from torchvision import transforms as T
+
+    image = gradient_image()
+    reference = T.Compose([T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])(image)
+    ours = build_transform(SIZE, train=False).transforms[-1](image)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 30, 40) and ours.is_contiguous()
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
 def test_train_without_augment_equals_eval():
     image = gradient_image()
     assert torch.equal(build_transform(SIZE, train=True, augment=False)(image), build_transform(SIZE, train=False)(image))

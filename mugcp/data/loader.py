@@ -89,8 +89,10 @@ class ImageDataset(Dataset):
         if augment_seed is None:
             tensor = self.transform(image)
         else:
+            # torchvision draws from the global CPU generator: seed it for this sample only, and
+            # leave the CUDA generators (which torch.manual_seed would also reset) alone.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(augment_seed)
+                torch.default_generator.manual_seed(augment_seed)
                 tensor = self.transform(image)
         sample = {"image": tensor, "label": item.label, "key": item.key, "index": index}
         if self.semantic is not None:
