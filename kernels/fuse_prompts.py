@@ -53,8 +53,8 @@ class _FusePromptsReference(torch.autograd.Function):
         n_ctx, n_cond = ctx.shape[0], cond.shape[1]
         out = seq.clone(memory_format=torch.contiguous_format)
         out[:, :, start : start + n_ctx] = ctx
-        weight = torch.sigmoid(gate.float())
-        out[:, :, start + n_ctx : start + n_ctx + n_cond] = (weight[:, None] * cond.float())[:, None]
+        weight = torch.sigmoid(_at_least_fp32(gate))
+        out[:, :, start + n_ctx : start + n_ctx + n_cond] = (weight[:, None] * _at_least_fp32(cond))[:, None]
         ctx_.save_for_backward(cond, gate)
         ctx_.n_ctx, ctx_.start, ctx_.ctx_dtype = n_ctx, start, ctx.dtype
         return out
@@ -69,12 +69,17 @@ class _FusePromptsReference(torch.autograd.Function):
         if ctx_.needs_input_grad[0]:
             d_seq = d_out.clone(memory_format=torch.contiguous_format)
             d_seq[:, :, start:cond_end] = 0
-        d_ctx = d_out[:, :, start:cond_start].sum(dim=(0, 1), dtype=torch.float32)
-        d_cond_unscaled = d_out[:, :, cond_start:cond_end].sum(dim=1, dtype=torch.float32)
-        weight = torch.sigmoid(gate.float())
+        accumulate = torch.promote_types(d_out.dtype, torch.float32)
+        d_ctx = d_out[:, :, start:cond_start].sum(dim=(0, 1), dtype=accumulate)
+        d_cond_unscaled = d_out[:, :, cond_start:cond_end].sum(dim=1, dtype=accumulate)
+        weight = torch.sigmoid(_at_least_fp32(gate))
         d_cond = weight[:, None] * d_cond_unscaled
-        d_gate = (d_cond_unscaled * cond.float()).sum(dim=(0, 2)) * weight * (1 - weight)
+        d_gate = (d_cond_unscaled * _at_least_fp32(cond)).sum(dim=(0, 2)) * weight * (1 - weight)
         return d_seq, d_ctx.to(ctx_.ctx_dtype), d_cond.to(cond.dtype), d_gate.to(gate.dtype), None
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def fuse_prompts_expand_concat(

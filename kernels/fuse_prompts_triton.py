@@ -227,5 +227,13 @@ class FusePromptsFunction(torch.autograd.Function):
         return d_seq, d_ctx.to(ctx_dtype), d_cond.to(cond_dtype), d_gate.to(gate_dtype), None
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def fuse_prompts_triton(seq, ctx, cond, gate, start: int):
+    if seq.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"fuse_prompts (triton): seq dtype {seq.dtype} is not supported; use one of "
+            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} or backend='reference'"
+        )
     return FusePromptsFunction.apply(seq, ctx, cond, gate, start)
