@@ -118,6 +118,13 @@ def _pad_semantic(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return padded, mask
 
 
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    if not images:
+        return torch.empty(0, 3, 0, 0)
+    # A single-threaded copy: torch.stack's worker threads stall when the CPU cores are busy.
+    return torch.from_numpy(np.stack([image.numpy() for image in images]))
+
+
 def collate(batch: Sequence[dict | SkippedImage]) -> dict:
     """Stack a batch; skipped images are dropped and counted in ``n_skipped`` (keys in ``skipped_keys``).
 
@@ -127,7 +134,7 @@ def collate(batch: Sequence[dict | SkippedImage]) -> dict:
     kept = [sample for sample in batch if not isinstance(sample, SkippedImage)]
     skipped = [sample.key for sample in batch if isinstance(sample, SkippedImage)]
     out = {
-        "images": torch.stack([s["image"] for s in kept]) if kept else torch.empty(0, 3, 0, 0),
+        "images": _stack_images([s["image"] for s in kept]),
         "labels": torch.tensor([s["label"] for s in kept], dtype=torch.long),
         "keys": [s["key"] for s in kept],
         "indices": torch.tensor([s["index"] for s in kept], dtype=torch.long),
