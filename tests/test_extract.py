@@ -25,6 +25,15 @@ MAX_NEW = 8
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small for threads; on shared cores threads only spin (7x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_mllm(tmp_path_factory) -> Path:
     return build_tiny_mllm(tmp_path_factory.mktemp("tiny_mllm"))
