@@ -23,6 +23,7 @@ import kernels
 from mugcp.backbones import ClipBackbone
 from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
+from mugcp.methods.deep_prompts import text_context_init
 from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
 from mugcp.methods.prompt_text import ClassPrompts, encode_class_texts
 from mugcp.methods.registry import register_method
@@ -91,7 +92,7 @@ class MuGCP(PromptLearner):
         std = options["init_std"]
 
         context = torch.randn(self.depth, self.n_ctx, text_width) * std
-        context[0] = self._initial_context(options["ctx_init"], context[0])
+        context[0] = text_context_init(clip, self.n_ctx, options["ctx_init"], std)
         self.text_context = nn.Parameter(context)  # ctx_t^j
         self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(self.depth))  # F^j
         gates = torch.full((self.depth, self.n_semantic), float(options["prompt_gate_init"]))
@@ -152,17 +153,6 @@ class MuGCP(PromptLearner):
                 "e.g. SemanticCache(path).dim); pass create_model(..., semantic_dim=d_m)."
             )
         return int(given)
-
-    def _initial_context(self, init: str, fallback: torch.Tensor) -> torch.Tensor:
-        """Layer-0 context: the first n_ctx token embeddings of ``init`` (MaPLe keeps n_ctx; an init
-        shorter than n_ctx tokens keeps the Gaussian vectors for the rest)."""
-        vectors = fallback.clone()
-        if init:
-            ids = self.clip.tokenize([init.replace("_", " ")])[0]
-            used = min(int(ids.argmax()) - 1, self.n_ctx)
-            with torch.no_grad():
-                vectors[:used] = self.clip.embed_tokens(ids[None])[0, 1 : 1 + used].float().cpu()
-        return vectors
 
     def build_class_inputs(self) -> None:
         # Placeholder tokens hold the n_c + n_s prompt positions 1 .. 1+n_c+n_s of every class text.
