@@ -221,3 +221,10 @@ def test_frozen_backbone_has_no_trainable_parameters(vit_b32):
     assert not any(p.requires_grad for p in vit_b32.parameters())
     vit_b32.train()
     assert not vit_b32.training and not vit_b32.model.training
+
+
+def test_random_weights_are_reproducible(vit_b32):
+    torch.manual_seed(1234)  # the caller's RNG state must not matter
+    again = load_clip("ViT-B-32", pretrained=None)
+    assert torch.equal(again.model.visual.conv1.weight, vit_b32.model.visual.conv1.weight)
+    assert torch.equal(again.model.token_embedding.weight, vit_b32.model.token_embedding.weight)

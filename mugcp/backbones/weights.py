@@ -19,6 +19,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
+RANDOM_WEIGHTS_SEED = 0
+
+
 class PretrainedLoadError(RuntimeError):
     pass
 
@@ -204,7 +207,10 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
 
     source = None if pretrained in (None, "", "none", "None", False) else str(pretrained)
     if source is None:
-        return open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(quick_gelu)), None
+        # Random weights are drawn from a fixed seed, so a checkpoint trained on them evaluates on the same ones.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(quick_gelu)), None
 
     path = Path(os.path.expanduser(source))
     if path.is_dir():
