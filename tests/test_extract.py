@@ -55,7 +55,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def settings(mllm: Path, out: Path, **changes) -> ExtractionSettings:
-    base = dict(mllm=str(mllm), out=out, max_new_tokens=MAX_NEW, batch_size=3, progress=False)
+    base = dict(mllm=str(mllm), out=out, max_new_tokens=MAX_NEW, batch_size=3, progress=False, device="cpu")
     return ExtractionSettings(**{**base, **changes})
 
 
@@ -159,9 +159,14 @@ def test_batch_size_and_padding_do_not_change_results(reference_run, batch1_run)
     assert_same_entries(SemanticCache(reference_run[0]), SemanticCache(batch1_run), atol=1e-2)
 
 
-def test_rerun_extracts_nothing(reference_run, tiny_mllm, image_dir):
+def test_rerun_extracts_nothing(reference_run, tiny_mllm, image_dir, monkeypatch):
     out, first = reference_run
     before = shard_files(out)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("nothing is pending, so the model must not be loaded")
+
+    monkeypatch.setattr(MLLM, "__init__", must_not_load)
     summary = extract(image_dir_source(image_dir), settings(tiny_mllm, out))
     assert (summary.extracted, summary.already_stored) == (0, 6)
     assert shard_files(out) == before
@@ -215,7 +220,7 @@ def test_unreadable_images_are_named_recorded_and_skipped(tiny_mllm, image_dir, 
     write_corrupt_image(images / "dogs" / "broken.jpg")
     write_truncated_image(images / "cats" / "half.jpg")
     out = tmp_path / "cache"
-    code = main(["--mllm", str(tiny_mllm), "--images", str(images), "--out", str(out),
+    code = main(["--mllm", str(tiny_mllm), "--images", str(images), "--out", str(out), "--device", "cpu",
                  "--max-new-tokens", str(MAX_NEW), "--batch-size", "2", "--no-progress"])
     assert code == 0
     report = capsys.readouterr()
@@ -279,7 +284,7 @@ def test_dry_run_counts_and_estimates_without_writing(tiny_mllm, image_dir, tmp_
     assert done.mean_tokens == reference_run[1].manifest["tokens"] / 6
 
     code = main(["--mllm", str(tiny_mllm), "--images", str(more), "--out", str(reference_run[0]),
-                 "--max-new-tokens", str(MAX_NEW), "--dry-run"])
+                 "--max-new-tokens", str(MAX_NEW), "--device", "cpu", "--dry-run"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "images: 8 requested, 6 already stored, 2 to extract" in printed
@@ -301,7 +306,7 @@ def test_cli_errors_exit_2_with_a_message(tiny_mllm, image_dir, tmp_path, capsys
     assert "--images " in capsys.readouterr().err
 
     assert main(["--mllm", str(tiny_mllm), "--images", str(image_dir), "--out", str(reference_run[0]),
-                 "--max-new-tokens", str(MAX_NEW), "--layer", "0"]) == 2
+                 "--max-new-tokens", str(MAX_NEW), "--layer", "0", "--device", "cpu"]) == 2
     assert "layer: cache has 2, requested 0" in capsys.readouterr().err
 
     assert main(["--mllm", str(tiny_mllm), "--images", str(image_dir), "--out", str(tmp_path / "c"),
@@ -331,7 +336,8 @@ def test_dataset_source_all_splits_or_some(tiny_mllm, tmp_path, capsys):
 
     root = make_imagefolder(tmp_path, per_class=2, splits=("train", "val", "test"))
     out = tmp_path / "cache"
-    common = ["--mllm", str(tiny_mllm), "--max-new-tokens", "4", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    common = ["--mllm", str(tiny_mllm), "--max-new-tokens", "4", "--batch-size", "4", "--no-progress",
+              "--device", "cpu", "--out", str(out)]
     assert main(["--dataset", "imagefolder", "--root", str(root), "--splits", "test", *common]) == 0
     dataset = build_dataset({"dataset": "imagefolder", "root": str(root)})
     test_keys = sorted(item.key for item in dataset.test)
@@ -366,3 +372,15 @@ def test_two_process_gloo_run_matches_one_process(tiny_mllm, image_dir, tmp_path
     assert per_rank == {"r00000": keys[0::2], "r00001": keys[1::2]}  # disjoint shares
     assert_same_entries(SemanticCache(out), SemanticCache(batch1_run), atol=1e-2)
     assert json.loads((out / "index.json").read_text())["dim"] == TINY_TEXT_HIDDEN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_in_reduced_precision(tiny_mllm, image_dir, tmp_path):
+    summary = extract(image_dir_source(image_dir), settings(tiny_mllm, tmp_path / "c", device="auto"))
+    cache = SemanticCache(tmp_path / "c")
+    assert summary.extracted == 6 and len(cache) == 6
+    assert cache.manifest["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    for key in cache.keys():
+        rows = cache[key]
+        assert rows.dtype == torch.float16 and rows.shape[1] == TINY_TEXT_HIDDEN and torch.isfinite(rows).all()

@@ -346,22 +346,25 @@ def extract(source: ImageSource, settings: ExtractionSettings) -> ExtractionSumm
         pending = [key for key in requested if key not in stored]
         mine = pending[group.rank::group.world_size]
 
-        mllm = MLLM(
-            identity["mllm"],
-            prompt=settings.prompt,
-            layer=settings.layer,
-            max_new_tokens=settings.max_new_tokens,
-            dtype=dtype,
-            device=group.device,
-            revision=settings.revision,
-        )
-        writer = CacheWriter(out, rank=group.rank, shard_bytes=settings.shard_bytes,
-                             shard_entries=settings.shard_entries)
-        extractor = Extractor(source, settings, mllm, writer)
-        with writer:
-            extractor.run(mine, show_progress=settings.progress and group.rank == 0)
+        written, failed_here, batch_size = 0, {}, settings.batch_size
+        if mine:  # a rerun with nothing left to do never loads the model
+            mllm = MLLM(
+                identity["mllm"],
+                prompt=settings.prompt,
+                layer=settings.layer,
+                max_new_tokens=settings.max_new_tokens,
+                dtype=dtype,
+                device=group.device,
+                revision=settings.revision,
+            )
+            writer = CacheWriter(out, rank=group.rank, shard_bytes=settings.shard_bytes,
+                                 shard_entries=settings.shard_entries)
+            extractor = Extractor(source, settings, mllm, writer)
+            with writer:
+                extractor.run(mine, show_progress=settings.progress and group.rank == 0)
+            written, failed_here, batch_size = writer.written, extractor.failed, extractor.batch_size
 
-        results = group.gather((writer.written, extractor.failed, extractor.batch_size))
+        results = group.gather((written, failed_here, batch_size))
         group.barrier()
         manifest = None
         if group.rank == 0:

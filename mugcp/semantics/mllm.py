@@ -201,10 +201,12 @@ class MLLM:
             return_tensors="pt",
             processor_kwargs={"padding": True},
         )
-        return {
-            key: value.to(self.device, self.model.dtype) if value.is_floating_point() else value.to(self.device)
-            for key, value in inputs.items()
-        }
+        moved = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, self.model.dtype) if value.is_floating_point() else value.to(self.device)
+            moved[key] = value
+        return moved
 
     @torch.inference_mode()
     def describe(self, images: Sequence) -> list[Answer]:
