@@ -194,8 +194,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = merge(cfg, load_yaml_with_bases(path), str(path))
-    cfg = merge(cfg, parse_overrides(overrides), "command line")
-    return cfg
+    command_line = parse_overrides(overrides)
+    requested = command_line.get("method", {}).get("name")
+    if requested and requested != cfg["method"].get("name"):
+        # Switching method on the command line: the file's options belong to its own method, so
+        # start from the new method's published options instead.
+        cfg["method"] = method_section(requested)
+    return merge(cfg, command_line, "command line")
+
+
+def method_section(name: str) -> dict:
+    """``{"name": name}`` plus the options in ``configs/methods/<name>.yaml``, when that file exists."""
+    section: dict = {"name": name}
+    path = CONFIG_DIR / "methods" / f"{name}.yaml"
+    if path.is_file():
+        section.update(load_yaml_with_bases(path).get("method", {}))
+        section["name"] = name
+    return section
 
 
 def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:

@@ -53,3 +53,12 @@ def test_method_options_are_checked_against_the_method():
 def test_unknown_method_suggests_names():
     with pytest.raises(ConfigError, match=r"unknown method 'cop'\. Did you mean: coop"):
         resolve_options("cop", {})
+
+
+def test_switching_method_on_the_command_line_drops_the_files_options(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method:\n  name: coop\n  n_ctx: 4\n  class_token_position: front\n")
+    cfg = load_config(path, ["method=maple", "method.depth=3"])
+    assert cfg["method"]["name"] == "maple" and cfg["method"]["depth"] == 3
+    assert "class_token_position" not in cfg["method"]
+    assert load_config(path, ["method=coop"])["method"]["class_token_position"] == "front"
