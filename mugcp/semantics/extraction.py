@@ -207,7 +207,8 @@ def requested_identity(settings: ExtractionSettings, dtype: torch.dtype) -> tupl
     config, text_config = load_text_config(name, settings.revision)
     identity = {
         "mllm": name,
-        "mllm_revision": getattr(config, "_commit_hash", None) or settings.revision,
+        # A local directory has no revision; a Hub model records the commit it resolved to.
+        "mllm_revision": None if Path(name).is_dir() else getattr(config, "_commit_hash", None) or settings.revision,
         "prompt": settings.prompt,
         "layer": resolve_layer(settings.layer, text_config, name),
         "max_new_tokens": settings.max_new_tokens,
