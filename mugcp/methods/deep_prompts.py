@@ -1,7 +1,6 @@
 """Deep prompts: learned tokens written into the first ``depth`` layers of a CLIP encoder.
 
-Shared by IVLP, MaPLe and PromptSRC (and usable by any method that prompts several layers). The API
-is four names:
+Shared by IVLP, MaPLe and PromptSRC (and usable by any method that prompts several layers). The API:
 
 - ``text_context_init(clip, n_ctx, init, std)``: the layer-0 text prompt, ``(n_ctx, text_width)``.
 - ``check_depth(clip, depth, tower, option)``: a clear error for a depth the encoder cannot take.
