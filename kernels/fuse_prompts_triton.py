@@ -13,6 +13,9 @@ classes in fp32 registers. Those per-chunk sums (B × chunks × (n_c+n_s) × D, 
 sequences) are reduced in the launcher: over chunks and images for ``d_ctx``, over chunks for
 ``d_cond``, and through the sigmoid for ``d_gate``. Chunks are sized so the grid has about
 ``TARGET_PROGRAMS`` programs, enough to fill a large GPU.
+
+``ctx``, ``cond`` and ``gate`` enter the kernels in fp32 (they are tiny), so there is one kernel
+variant per ``seq`` dtype and the prompt values are computed in fp32 as in the reference.
 """
 from __future__ import annotations
 
@@ -164,7 +167,7 @@ def _grid(batch: int, dim: int, config: LaunchConfig) -> tuple[int, int, int]:
 
 
 def forward_launch(seq, ctx, cond, gate, start):
-    """Everything one forward launch needs: (grid, positional args, config, out); also used for AOT checks."""
+    """(grid, positional args, config, out) of one forward launch; ``kernels.aot`` uses it too."""
     batch, n_classes, length, dim = seq.shape
     n_ctx, n_cond = ctx.shape[0], cond.shape[1]
     config = launch_config(batch, n_classes, length, dim, n_ctx + n_cond)
@@ -185,6 +188,7 @@ def backward_launch(d_out, seq_shape, seq_dtype, n_ctx, n_cond, start, write_d_s
     prompt_sums = torch.empty((batch, config.n_chunks, n_ctx + n_cond, dim), dtype=torch.float32,
                               device=d_out.device)
     args = (
+        # Without a d_seq the kernel never touches that pointer (WRITE_D_SEQ=False); any tensor will do.
         d_out, d_seq if write_d_seq else prompt_sums, prompt_sums,
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         n_classes, length, dim, start, n_ctx, n_cond, config.classes_per_program, config.n_chunks,
