@@ -11,7 +11,6 @@ and :class:`CaptionFeatures` (captions encoded once by the frozen CLIP text enco
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -27,8 +26,6 @@ from mugcp.methods.deep_prompts import text_context_init
 from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
 from mugcp.methods.prompt_text import ClassPrompts, encode_class_texts
 from mugcp.methods.registry import register_method
-
-log = logging.getLogger(__name__)
 
 SEMANTIC_SOURCES = ("mllm", "clip", "none")
 SEMANTIC_FEATURES = ("caption", "hidden")
@@ -54,7 +51,7 @@ DEFAULTS = {
     "amg_gate_init": 0.0,  # γ_v, γ_s before the tanh: 0 leaves X and S unchanged at the start
     "amg_normalize_values": False,  # True: values from LN(X), LN(S) instead of X, S
     # cost
-    "max_text_sequences": 0,  # > 0: run the text encoder over at most this many (image, class) sequences at a time
+    "max_text_sequences": 0,  # > 0: bound the (image, class) sequences per text-encoder call (at least one class per call)
     # loss (DESIGN §2.5): consistency with the frozen CLIP, off by default
     "text_consistency_weight": 0.0,
     "image_consistency_weight": 0.0,
