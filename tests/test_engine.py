@@ -173,3 +173,52 @@ def test_cli_train_then_evaluate_new_classes_and_refuse_other_method(tmp_path, d
     assert "method 'coop' (checkpoint) vs 'maple' (requested)" in result.stderr
     result = run_cli("mugcp.evaluate", "--checkpoint", str(out), "model.backbone=ViT-B-16")
     assert "backbone 'ViT-B-32' (checkpoint) vs 'ViT-B-16' (requested)" in result.stderr
+
+
+# ---------------------------------------------------------------- MuGCP with a semantic cache
+def write_semantic_cache(path, root, skip=()):
+    from mugcp.data import build_dataset
+    from mugcp.semantics import write_cache
+
+    dataset = build_dataset({"dataset": "imagefolder", "root": root, "val_fraction": 0.2, "val_seed": 0})
+    generator = torch.Generator().manual_seed(0)
+    entries = {}
+    for item in dataset.train + dataset.val + dataset.test:
+        if item.key in skip or item.key in entries:
+            continue
+        length = 3 + len(item.key) % 4  # answers of different lengths exercise padding
+        entries[item.key] = (f"a small {['round', 'striped', 'bright'][len(item.key) % 3]} object", torch.randn(length, 24, generator=generator))
+    write_cache(path, entries, manifest_extra={"mllm": "test-mllm", "prompt": "describe"})
+    return sorted(entries)
+
+
+@pytest.mark.parametrize("features", ["caption", "hidden"])
+def test_mugcp_trains_from_the_semantic_cache(tmp_path, dataset_root, shared_backbone, features):
+    write_semantic_cache(tmp_path / "cache", dataset_root)
+    cfg = small_config(dataset_root, "method=mugcp", "method.depth=2", f"method.semantic_features={features}",
+                       "semantic.source=mllm", f"semantic.cache={tmp_path / 'cache'}", "optim.epochs=1")
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["semantic_source"] == "mllm" and metrics["steps"] == 2
+    adapter = json.loads((tmp_path / "run" / "checkpoint" / "adapter_config.json").read_text())
+    assert adapter["method_options"]["semantic_source"] == "mllm"
+    assert adapter["method_options"]["semantic_dim"] == (24 if features == "hidden" else None)
+
+
+def test_mugcp_without_cache_uses_clip_tokens_and_says_so(tmp_path, dataset_root, shared_backbone, caplog):
+    cfg = small_config(dataset_root, "method=mugcp", "method.depth=1", "optim.epochs=1")
+    with caplog.at_level("WARNING", logger="mugcp"):
+        metrics = train(cfg, tmp_path / "run")
+    assert metrics["semantic_source"] == "clip"
+    assert "an ablation" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_missing_cache_entries_are_counted_and_named(tmp_path, dataset_root, shared_backbone):
+    from mugcp.data import build_protocol
+
+    splits = build_protocol(small_config(dataset_root)["data"], seed=1)
+    absent = splits.train[0].key
+    write_semantic_cache(tmp_path / "cache", dataset_root, skip={absent})
+    cfg = small_config(dataset_root, "method=mugcp", "method.depth=1", "semantic.source=mllm",
+                       f"semantic.cache={tmp_path / 'cache'}", "method.semantic_features=hidden")
+    with pytest.raises(Exception, match=rf"1 of \d+ images .* no semantic .*{absent}.*mugcp\.extract"):
+        train(cfg, tmp_path / "run")

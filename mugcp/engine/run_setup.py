@@ -42,16 +42,31 @@ class SemanticContext:
     """Which semantic features a run uses and where they come from.
 
     ``source`` is None for methods that take no semantic input, else ``mllm`` | ``clip`` | ``none``.
+    With ``mllm``, ``kind`` says whether the model reads the cache's MLLM hidden states (``hidden``) or
+    its answer texts encoded by the frozen CLIP text encoder (``caption``, encoded once per run).
     """
 
     source: Optional[str] = None
     cache: Any = None
-    dim: Optional[int] = None
+    kind: str = "caption"
+    clip: Any = None
 
-    def train_features(self, items: Sequence) -> Optional[Mapping]:
-        return self.cache if self.source == "mllm" else None
+    @property
+    def dim(self) -> Optional[int]:
+        return self.cache.dim if self.source == "mllm" and self.kind == "hidden" else None
 
-    eval_features = train_features
+    def features_for(self, items: Sequence) -> Optional[Mapping]:
+        """A key → (T, d) mapping covering ``items`` (missing keys are reported by the data loader)."""
+        if self.source != "mllm":
+            return None
+        if self.kind == "hidden":
+            return self.cache
+        from mugcp.methods.mugcp import CaptionFeatures
+
+        keys = sorted({item.key for item in items if item.key in self.cache})
+        return CaptionFeatures.from_texts(self.clip, self.cache, keys=keys)
+
+    train_features = eval_features = features_for
 
 
 def resolve_semantics(cfg: dict, dataset=None) -> SemanticContext:
@@ -59,34 +74,25 @@ def resolve_semantics(cfg: dict, dataset=None) -> SemanticContext:
     spec = get_method(cfg["method"]["name"])
     if "semantic" not in getattr(spec.cls, "batch_inputs", ()):
         return SemanticContext()
-    source, cache_path = cfg["semantic"]["source"], cfg["semantic"]["cache"]
-    if source not in ("auto", "mllm", "clip", "none"):
-        raise ConfigError(f"semantic.source must be auto, mllm, clip or none; got '{source}'.")
+    from mugcp.methods.mugcp import resolve_semantic_source
+
+    cache_path = cfg["semantic"]["cache"]
     cache = None
-    if source in ("auto", "mllm") and cache_path:
-        if not Path(cache_path).exists():
-            if source == "mllm":
-                raise ConfigError(
-                    f"semantic.cache {cache_path} does not exist. Extract it first: "
-                    "python -m mugcp.extract --config YOUR_CONFIG --mllm MODEL --out " + str(cache_path)
-                )
-        else:
+    if cache_path:
+        if Path(cache_path).exists():
             from mugcp.semantics import SemanticCache
 
             cache = SemanticCache(cache_path)
-    if source == "mllm" and cache is None:
-        raise ConfigError("semantic.source=mllm needs semantic.cache=PATH (made by python -m mugcp.extract).")
-    if source == "auto":
-        if cache is None:
-            log.warning(
-                "semantic.source=auto: no semantic cache (semantic.cache=%s); using the frozen CLIP image tokens in place of "
-                "MLLM features (source 'clip', an ablation). Extract MLLM features with python -m mugcp.extract.",
-                cache_path,
+        elif cfg["semantic"]["source"] == "mllm":
+            raise ConfigError(
+                f"semantic.cache {cache_path} does not exist. Extract it first: "
+                f"python -m mugcp.extract --config YOUR_CONFIG --mllm MODEL --out {cache_path}"
             )
-            source = "clip"
-        else:
-            source = "mllm"
-    return SemanticContext(source=source, cache=cache, dim=cache.dim if cache is not None else None)
+    source, warning = resolve_semantic_source(cfg["semantic"], cache)
+    if warning:
+        log.warning(warning)
+    kind = cfg["method"].get("semantic_features", spec.defaults.get("semantic_features", "caption"))
+    return SemanticContext(source=source, cache=cache if source == "mllm" else None, kind=kind)
 
 
 def method_options(cfg: dict, semantic: SemanticContext) -> dict:
@@ -101,6 +107,7 @@ def method_options(cfg: dict, semantic: SemanticContext) -> dict:
 def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext, dataset_name: Optional[str] = None):
     model_cfg = cfg["model"]
     clip = load_clip(model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"])
+    semantic.clip = clip
     return create_model(
         cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"], kernels=model_cfg["kernels"],
         dataset=dataset_name, **method_options(cfg, semantic),
