@@ -222,3 +222,26 @@ def test_missing_cache_entries_are_counted_and_named(tmp_path, dataset_root, sha
                        f"semantic.cache={tmp_path / 'cache'}", "method.semantic_features=hidden")
     with pytest.raises(Exception, match=rf"1 of \d+ images .* no semantic .*{absent}.*mugcp\.extract"):
         train(cfg, tmp_path / "run")
+
+
+def test_non_conditional_text_features_are_computed_once_per_evaluation(tmp_path, dataset_root, vit_b32, monkeypatch):
+    from mugcp.data import build_protocol
+    from mugcp.engine.evaluation import evaluate
+    from mugcp.methods import create_model
+
+    cfg = small_config(dataset_root, "data.eval_batch_size=1", "data.eval_subsets=[all]", "data.protocol=all")
+    splits = build_protocol(cfg["data"], seed=1)
+    items, classnames = splits.eval["all"]
+    model = create_model("coop", classnames, backbone=vit_b32, n_ctx=2)
+    calls = {"n": 0}
+    real = type(model).compute_text_features
+
+    def counting(self):
+        calls["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(type(model), "compute_text_features", counting)
+    result = evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32", progress=False)
+    assert result["total"] == len(items) == 8 and calls["n"] == 1
+    evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32", progress=False)
+    assert calls["n"] == 2  # a new evaluation recomputes (the prompts may have been trained in between)
