@@ -120,8 +120,10 @@ class ClipBackbone(nn.Module):
         deep_prompts: DeepPrompts = None,
         embeddings: torch.Tensor | None = None,
         normalize: bool = False,
-    ) -> torch.Tensor:
-        """Text features ``(N, embed_dim)``.
+        return_tokens: bool = False,
+    ):
+        """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
+        ``(N, L', width)`` with ``L'`` the truncated length).
 
         ``tokens`` ``(T, L)`` give the EOT positions; ``embeddings`` ``(N, L, width)`` (N a multiple of T,
         sequences ordered ``[n * T + t]``) replace the token embeddings, which is how learned context
@@ -137,10 +139,11 @@ class ClipBackbone(nn.Module):
             eot = eot.repeat(x.shape[0] // eot.shape[0])
         x = x + self.model.positional_embedding[:length].to(x.dtype)
         x = self._run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1)
-        x = self.model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        tokens_out = self.model.ln_final(x)
+        x = tokens_out[torch.arange(x.shape[0], device=x.device), eot]
         x = self._project(x, self.model.text_projection)
-        return F.normalize(x, dim=-1) if normalize else x
+        x = F.normalize(x, dim=-1) if normalize else x
+        return (x, tokens_out) if return_tokens else x
 
     # ----------------------------------------------------------------- vision
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -348,19 +348,13 @@ def encode_captions(clip: ClipBackbone, texts: Sequence[str], chunk: int = 64) -
     Returns ``(features (N, T, d_t) float, mask (N, T) bool)``, zero-padded to the longest caption
     (SOS .. EOT; captions longer than CLIP's context are cut by its tokenizer).
     """
-    captured: dict[str, torch.Tensor] = {}
-    # encode_text pools the EOT token after ln_final; the hook keeps ln_final's whole output.
-    handle = clip.model.ln_final.register_forward_hook(lambda module, args, output: captured.__setitem__("tokens", output))
     rows: list[torch.Tensor] = []
-    try:
-        with torch.no_grad():
-            for first in range(0, len(texts), chunk):
-                tokens = clip.tokenize([str(text) for text in texts[first : first + chunk]])
-                clip.encode_text(tokens)
-                lengths = tokens.argmax(dim=-1) + 1
-                rows.extend(captured["tokens"][row, : int(n)].float() for row, n in enumerate(lengths))
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for first in range(0, len(texts), chunk):
+            tokens = clip.tokenize([str(text) for text in texts[first : first + chunk]])
+            _, outputs = clip.encode_text(tokens, return_tokens=True)
+            lengths = tokens.argmax(dim=-1) + 1
+            rows.extend(outputs[row, : int(n)].float() for row, n in enumerate(lengths))
     if not rows:
         return torch.zeros(0, 0, clip.text_width), torch.zeros(0, 0, dtype=torch.bool)
     features = nn.utils.rnn.pad_sequence(rows, batch_first=True)
