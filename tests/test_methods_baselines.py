@@ -158,6 +158,7 @@ def test_config_files_hold_published_settings():
         ("maple", {"depth": 13}, "'depth' is 13, but the text encoder of ViT-B-32 has 12 layers"),
         ("ivlp", {"vision_depth": -1}, "'vision_depth' is -1"),
         ("cocoop", {"meta_reduction": 1024}, "'meta_reduction' (1024) leaves no hidden units"),
+        ("kgcoop", {"kg_distance": "l1"}, "'kg_distance' must be squared_l2 or cosine, got 'l1'"),
     ],
 )
 def test_bad_options_are_named(clip, method, options, message):
@@ -261,6 +262,9 @@ def test_kgcoop_term_is_the_mean_squared_distance(clip, image):
     assert terms["kg"] > 1e-4
     assert terms["kg"] == pytest.approx(expected, rel=1e-4)
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), labels)) + 8.0 * expected, rel=1e-4)
+
+    model.options["kg_distance"] = "cosine"  # the released code's 1 - cos: half the squared distance on unit vectors
+    assert float(model.knowledge_distance(learned)) == pytest.approx(expected / 2, rel=1e-4)
 
 
 # ----------------------------------------------------------------- PromptSRC

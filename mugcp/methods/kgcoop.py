@@ -21,6 +21,7 @@ from mugcp.methods.templates import resolve_templates
         "class_token_position": "end",
         "init_std": 0.02,
         "kg_weight": 8.0,
+        "kg_distance": "squared_l2",
         "handcrafted_template": "a photo of a {}.",
     },
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
@@ -31,8 +32,15 @@ class KgCoOp(CoOp):
     """Loss = CE + ``kg_weight`` · mean over classes of ‖w_c − w_c^clip‖², both L2-normalised, where
     w^clip are frozen CLIP features of ``handcrafted_template`` (``auto``: the dataset's template).
 
-    On unit vectors ‖a − b‖² = 2 − 2·cos(a, b): the paper's formula, twice the ``1 − cos`` form.
+    ``kg_distance``: ``squared_l2`` (the paper's formula) or ``cosine`` (1 − cos, the form of the
+    authors' released code). On unit vectors ‖a − b‖² = 2·(1 − cos), so at the same weight the
+    released code's regulariser is half as strong.
     """
+
+    def __init__(self, clip, classnames, options, **kwargs):
+        if options["kg_distance"] not in ("squared_l2", "cosine"):
+            raise ValueError(f"method option 'kg_distance' must be squared_l2 or cosine, got '{options['kg_distance']}'.")
+        super().__init__(clip, classnames, options, **kwargs)
 
     def build_class_inputs(self) -> None:
         super().build_class_inputs()
@@ -47,9 +55,12 @@ class KgCoOp(CoOp):
         return self._handcrafted
 
     def knowledge_distance(self, text_features: torch.Tensor) -> torch.Tensor:
-        """Mean squared L2 distance between normalised learned and hand-crafted class features."""
+        """Mean distance (``kg_distance``) between normalised learned and hand-crafted class features."""
         learned = F.normalize(text_features, dim=-1)
-        return (learned - self.handcrafted_text_features().to(learned)).pow(2).sum(-1).mean()
+        handcrafted = self.handcrafted_text_features().to(learned)
+        if self.options["kg_distance"] == "cosine":
+            return 1.0 - (learned * handcrafted).sum(-1).mean()
+        return (learned - handcrafted).pow(2).sum(-1).mean()
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         text_features = self.text_features()
