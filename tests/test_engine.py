@@ -31,9 +31,10 @@ def dataset_root(tmp_path_factory):
 
 
 def small_config(root, *extra):
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("method=")), "coop")
     return load_config(None, [
         "data.dataset=imagefolder", f"data.root={root}", "data.shots=2", "data.batch_size=2", "data.eval_batch_size=8",
-        "method=coop", "method.n_ctx=2", "model.pretrained=none", "optim.epochs=2", "optim.lr=0.01",
+        f"method={method}", *(["method.n_ctx=2"] if method == "coop" else []), "model.pretrained=none", "optim.epochs=2", "optim.lr=0.01",
         "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false", *extra,
     ])
 
@@ -245,3 +246,12 @@ def test_non_conditional_text_features_are_computed_once_per_evaluation(tmp_path
     assert result["total"] == len(items) == 8 and calls["n"] == 1
     evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32", progress=False)
     assert calls["n"] == 2  # a new evaluation recomputes (the prompts may have been trained in between)
+
+
+def test_training_cut_by_max_steps_still_ends_training(tmp_path, dataset_root, shared_backbone, monkeypatch):
+    from mugcp.methods.promptsrc import PromptSRC
+
+    ended = []
+    monkeypatch.setattr(PromptSRC, "on_train_end", lambda self: ended.append(True))
+    metrics = train(small_config(dataset_root, "method=promptsrc", "method.text_depth=1", "method.vision_depth=1", "optim.epochs=3", "optim.max_steps=3"), tmp_path / "run")
+    assert metrics["steps"] == 3 and ended == [True]

@@ -132,6 +132,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
                          " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
         bar.close()
         model.on_epoch_end(epoch + 1, epochs)
+        if epoch + 1 == epochs or step >= total_steps:
+            model.on_train_end()
         save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
             "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         })

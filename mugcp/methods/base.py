@@ -78,6 +78,10 @@ class PromptLearner(nn.Module):
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called by the trainer after each epoch (``epoch`` counts from 1)."""
 
+    def on_train_end(self) -> None:
+        """Called once after the last training step (also when ``optim.max_steps`` ends training early),
+        before the final checkpoint is written."""
+
     # ----------------------------------------------------------------- persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}

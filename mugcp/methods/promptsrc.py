@@ -103,6 +103,11 @@ class PromptSRC(IVLP):
             if epoch == epochs:
                 self.load_gpa_average()
 
+    def on_train_end(self) -> None:
+        # Training may stop before the last epoch (optim.max_steps): evaluate the epochs aggregated so far.
+        if self.options["gpa"] and self._gpa_sums:
+            self.load_gpa_average()
+
     def gpa_average(self) -> dict[str, torch.Tensor]:
         """The Gaussian-weighted mean of the parameters over the epochs seen so far."""
         if not self._gpa_sums or self._gpa_weight <= 0.0:
