@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "promptsrc"]
+METHODS = ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "mugcp"]
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat"]
 
 
@@ -80,7 +80,10 @@ def method_options(name: str) -> dict:
     config = get_method(name).config
     if not config:
         return {}
-    return {k: v for k, v in load_config(config.removeprefix("configs/"))["method"].items() if k != "name"}
+    options = {k: v for k, v in load_config(config.removeprefix("configs/"))["method"].items() if k != "name"}
+    if name == "mugcp":
+        options["semantic_source"] = "clip"  # the demo's setting without an MLLM cache: frozen CLIP tokens as SCP input
+    return options
 
 
 def measure_one(name: str, backbone: str, batch: int, steps: int) -> dict:

@@ -63,7 +63,7 @@ DEFAULTS = {
 @register_method(
     "mugcp",
     defaults=DEFAULTS,
-    paper="Luo et al., Multi-modal Mutual-Guidance Conditional Prompt Learning for Vision-Language Models (arXiv 2507.08410)",
+    paper="Multi-modal Mutual-Guidance Conditional Prompt Learning for Vision-Language Models (arXiv 2507.08410)",
     conditions_on="each image's MLLM semantics (SCP) and visual tokens (AMG/VCP), in every prompted layer",
     config="configs/methods/mugcp.yaml",
 )
