@@ -8,21 +8,14 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels  # noqa: E402
+from kernel_testing import DEVICE, INTERPRETED, needs_triton  # noqa: E402
 from kernels.fuse_prompts import fuse_prompts_expand_concat, fuse_prompts_reference  # noqa: E402
 
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or (not INTERPRETED and not torch.cuda.is_available()),
-    reason="Triton needs CUDA or TRITON_INTERPRET=1",
-)
 INPUT_NAMES = ("seq", "ctx", "cond", "gate")
 
 

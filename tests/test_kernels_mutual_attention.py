@@ -15,15 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from kernel_testing import DEVICE, INTERPRETED, needs_triton  # noqa: E402
 from kernels import backend as backend_module  # noqa: E402
 from kernels.mutual_attention import mutual_attention_reference  # noqa: E402
 
-INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or (not INTERPRETED and not torch.cuda.is_available()),
-    reason="Triton needs CUDA or TRITON_INTERPRET=1",
-)
 
 
 def make_inputs(bt, heads, n_a, n_b, dim, value_dim, dtype=torch.float32, seed=0):
