@@ -6,9 +6,6 @@ import logging
 import sys
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: printed as one line, no traceback, exit status 2."""
     from mugcp.backbones import PretrainedLoadError

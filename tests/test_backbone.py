@@ -228,3 +228,13 @@ def test_random_weights_are_reproducible(vit_b32):
     again = load_clip("ViT-B-32", pretrained=None)
     assert torch.equal(again.model.visual.conv1.weight, vit_b32.model.visual.conv1.weight)
     assert torch.equal(again.model.token_embedding.weight, vit_b32.model.token_embedding.weight)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torchscript_archive_loads_with_quick_gelu(vit_b32, tmp_path, images):
+    """OpenAI's released .pt files are TorchScript archives of models trained with QuickGELU."""
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(vit_b32.model).save(str(path))
+    loaded = load_clip("ViT-B-32", pretrained=str(path))
+    assert type(loaded.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert torch.equal(loaded.model.visual.conv1.weight, vit_b32.model.visual.conv1.weight)

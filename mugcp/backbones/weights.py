@@ -87,16 +87,17 @@ def _read_state_dict(path: Path) -> tuple[dict, str]:
         from safetensors.torch import load_file
 
         return load_file(str(path)), "safetensors state dict"
-    if zipfile.is_zipfile(path):
-        try:  # OpenAI's released .pt files are TorchScript archives
-            archive = torch.jit.load(str(path), map_location="cpu")
-            state = archive.state_dict()
-            for extra in ("input_resolution", "context_length", "vocab_size"):
-                state.pop(extra, None)
-            return state, "OpenAI TorchScript archive"
-        except RuntimeError:
-            pass
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        # OpenAI's released .pt files are TorchScript archives, which torch.load refuses.
+        if not zipfile.is_zipfile(path):
+            raise
+        archive = torch.jit.load(str(path), map_location="cpu")
+        state = archive.state_dict()
+        for extra in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(extra, None)
+        return state, "OpenAI TorchScript archive"
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
