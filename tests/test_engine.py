@@ -255,3 +255,14 @@ def test_training_cut_by_max_steps_still_ends_training(tmp_path, dataset_root, s
     monkeypatch.setattr(PromptSRC, "on_train_end", lambda self: ended.append(True))
     metrics = train(small_config(dataset_root, "method=promptsrc", "method.text_depth=1", "method.vision_depth=1", "optim.epochs=3", "optim.max_steps=3"), tmp_path / "run")
     assert metrics["steps"] == 3 and ended == [True]
+
+
+@pytest.mark.parametrize("method", ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "mugcp"])
+def test_every_method_trains_and_evaluates_by_name(tmp_path, dataset_root, shared_backbone, method):
+    from mugcp.evaluate import main as evaluate_main
+
+    metrics = train(small_config(dataset_root, f"method={method}", "optim.epochs=1", "optim.max_steps=1"), tmp_path / "run")
+    assert metrics["method"] == method and metrics["steps"] == (0 if method == "zsclip" else 1)
+    assert evaluate_main(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["new"]["accuracy"] == metrics["new"]["accuracy"]
