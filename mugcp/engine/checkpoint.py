@@ -36,6 +36,7 @@ def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state().items()}
         save_file(tensors, str(staging / ADAPTER_WEIGHTS))
+        (staging / ADAPTER_WEIGHTS).chmod(0o644)  # safetensors creates it owner-only; checkpoints are shared
         config = {
             "format_version": FORMAT_VERSION,
             "method": model.method_name,
