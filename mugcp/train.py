@@ -28,10 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     args = parser.parse_args(argv)
 
-    config = args.config if args.config else DEMO_CONFIG
-    cfg = load_config(config, args.overrides)
     if args.resume and not args.output:
         parser.error("--resume needs --output pointing at the run to continue")
+    config = args.config or DEMO_CONFIG
+    if args.resume and not args.config and (Path(args.output) / "config.yaml").is_file():
+        config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
+    cfg = load_config(config, args.overrides)
     output = Path(args.output) if args.output else default_output(cfg)
 
     from mugcp.engine.trainer import train

@@ -266,3 +266,22 @@ def test_every_method_trains_and_evaluates_by_name(tmp_path, dataset_root, share
     assert evaluate_main(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]"]) == 0
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["new"]["accuracy"] == metrics["new"]["accuracy"]
+
+
+def test_cli_resume_without_config_continues_the_run_config(tmp_path, monkeypatch):
+    from mugcp.config import dump_config
+    from mugcp.train import main as train_main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dump_config(load_config("methods/maple", ["data.dataset=dtd", "train.seed=2"]), out / "config.yaml")
+    seen = {}
+
+    def fake_train(cfg, output, resume=False):
+        seen.update(cfg=cfg, resume=resume)
+        return {"wall_time_s": 0.0, "pretrained": False}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert train_main(["--output", str(out), "--resume"]) == 0
+    assert seen["resume"] and seen["cfg"]["method"]["name"] == "maple"
+    assert seen["cfg"]["data"]["dataset"] == "dtd" and seen["cfg"]["train"]["seed"] == 2
