@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
     if not runs:
         raise FileNotFoundError(f"no training runs (metrics.json) under {', '.join(args.runs)}")
     rows = aggregate(runs)
+    for row in rows:
+        if len(set(row["seeds"])) < len(row["seeds"]):
+            print(f"warning: {row['method']} on {row['dataset']} has several runs with the same seed ({row['seeds']}); "
+                  "they are averaged as if independent. Pass only the runs you mean to compare.", file=sys.stderr)
     out = Path(args.out)
     table = markdown(rows)
     atomic_write_text(out / "results.md", table)

@@ -35,3 +35,10 @@ def test_no_runs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no training runs"):
         main([str(tmp_path / "empty")])
+
+
+def test_repeated_seeds_are_warned_about(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", 1, 80.0, 60.0)
+    write_run(tmp_path / "runs" / "b", 1, 82.0, 62.0)
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert "several runs with the same seed ([1, 1])" in capsys.readouterr().err
