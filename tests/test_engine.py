@@ -285,3 +285,13 @@ def test_cli_resume_without_config_continues_the_run_config(tmp_path, monkeypatc
     assert train_main(["--output", str(out), "--resume"]) == 0
     assert seen["resume"] and seen["cfg"]["method"]["name"] == "maple"
     assert seen["cfg"]["data"]["dataset"] == "dtd" and seen["cfg"]["train"]["seed"] == 2
+
+
+def test_resume_from_the_command_line_reuses_the_runs_config(tmp_path, dataset_root, shared_backbone):
+    from mugcp.train import main as train_main
+
+    out = tmp_path / "run"
+    first = train(small_config(dataset_root, "optim.epochs=1"), out)
+    assert train_main(["--output", str(out), "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["dataset"] == "imagefolder" and again["steps"] == first["steps"] == 2
