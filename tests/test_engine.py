@@ -153,6 +153,12 @@ def test_cli_missing_dataset_root_names_path(tmp_path):
     assert str(tmp_path / "nowhere") in result.stderr
 
 
+def test_cli_bad_precision_is_one_clear_line(tmp_path):
+    result = run_cli("mugcp.train", "train.precision=fp8", "--output", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: train.precision must be one of auto, fp32, amp_bf16, amp_fp16; got 'fp8'." in result.stderr
+
+
 @pytest.mark.slow
 def test_cli_train_then_evaluate_new_classes_and_refuse_other_method(tmp_path, dataset_root):
     out = tmp_path / "run"

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from mugcp.config import ConfigError
+
 
 def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
@@ -15,7 +17,7 @@ def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
     if name == "adamw":
         return torch.optim.AdamW(params, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), weight_decay=optim_cfg["weight_decay"])
-    raise ValueError(f"optim.name must be sgd or adamw, got '{optim_cfg['name']}'.")
+    raise ConfigError(f"optim.name must be sgd or adamw, got '{optim_cfg['name']}'.")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, kind: str) -> float:
@@ -29,7 +31,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, wa
     if kind == "constant":
         return 1.0
     if kind != "cosine":
-        raise ValueError(f"optim.scheduler must be cosine or constant, got '{kind}'.")
+        raise ConfigError(f"optim.scheduler must be cosine or constant, got '{kind}'.")
     span = max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 

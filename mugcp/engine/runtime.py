@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from mugcp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
@@ -16,7 +18,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={choice} but CUDA is not available on this machine; use train.device=cpu or auto.")
+        raise ConfigError(f"train.device={choice} but CUDA is not available on this machine; use train.device=cpu or auto.")
     return device
 
 
@@ -25,7 +27,7 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     if choice in (None, "auto"):
         return "amp_bf16" if device.type == "cuda" else "fp32"
     if choice not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of auto, {', '.join(PRECISIONS)}; got '{choice}'.")
+        raise ConfigError(f"train.precision must be one of auto, {', '.join(PRECISIONS)}; got '{choice}'.")
     if device.type == "cpu" and choice != "fp32":
         log.warning("train.precision=%s on the CPU: reduced-precision matmul is much slower than fp32 here.", choice)
     return choice
