@@ -12,8 +12,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mugcp.config import ConfigError
     from mugcp.engine.checkpoint import CheckpointError
     from mugcp.engine.trainer import TrainingDiverged
+    from mugcp.semantics.cache import CacheError
 
-    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, CacheError, FileNotFoundError]
     try:
         from kernels.attention import AttentionBackendError
 

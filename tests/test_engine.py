@@ -159,6 +159,14 @@ def test_cli_bad_precision_is_one_clear_line(tmp_path):
     assert "error: train.precision must be one of auto, fp32, amp_bf16, amp_fp16; got 'fp8'." in result.stderr
 
 
+def test_cli_unreadable_semantic_cache_is_one_clear_line(tmp_path, dataset_root):
+    (tmp_path / "cache").mkdir()
+    result = run_cli("mugcp.train", "method=mugcp", "data.dataset=imagefolder", f"data.root={dataset_root}",
+                     f"semantic.cache={tmp_path / 'cache'}", "model.pretrained=none", "--output", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {tmp_path / 'cache'}" in result.stderr and "mugcp.extract" in result.stderr
+
+
 @pytest.mark.slow
 def test_cli_train_then_evaluate_new_classes_and_refuse_other_method(tmp_path, dataset_root):
     out = tmp_path / "run"
