@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
@@ -33,7 +34,7 @@ class CoCoOp(PromptLearner):
         self.ctx = nn.Parameter(vectors[0])
         hidden = clip.embed_dim // options["meta_reduction"]
         if hidden < 1:
-            raise ValueError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
+            raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
         self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, clip.text_width))
         self.set_classnames(classnames)
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
 from mugcp.methods.prompt_text import ClassPrompts
 
@@ -43,10 +44,10 @@ def text_context_init(clip: ClipBackbone, n_ctx: int, init: str = "", std: float
 
 
 def check_depth(clip: ClipBackbone, depth: int, tower: str, option: str) -> None:
-    """Raise a ValueError naming ``option`` when ``depth`` does not fit the ``tower`` ("text"/"vision")."""
+    """Raise a ConfigError naming ``option`` when ``depth`` does not fit the ``tower`` ("text"/"vision")."""
     layers = clip.text_layers if tower == "text" else clip.vision_layers
     if not 0 <= depth <= layers:
-        raise ValueError(
+        raise ConfigError(
             f"method option '{option}' is {depth}, but the {tower} encoder of {clip.name} has {layers} layers; "
             f"use a depth between 0 and {layers}."
         )

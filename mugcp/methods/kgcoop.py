@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mugcp.config import ConfigError
 from mugcp.methods.coop import CoOp
 from mugcp.methods.prompt_text import encode_class_texts
 from mugcp.methods.registry import register_method
@@ -39,7 +40,7 @@ class KgCoOp(CoOp):
 
     def __init__(self, clip, classnames, options, **kwargs):
         if options["kg_distance"] not in ("squared_l2", "cosine"):
-            raise ValueError(f"method option 'kg_distance' must be squared_l2 or cosine, got '{options['kg_distance']}'.")
+            raise ConfigError(f"method option 'kg_distance' must be squared_l2 or cosine, got '{options['kg_distance']}'.")
         super().__init__(clip, classnames, options, **kwargs)
 
     def build_class_inputs(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
 from mugcp.methods.prompt_text import ClassPrompts
@@ -28,7 +29,7 @@ class MaPLe(PromptLearner):
         check_depth(clip, depth, "text", "depth")
         check_depth(clip, depth, "vision", "depth")
         if depth < 1:
-            raise ValueError("method option 'depth' must be at least 1 for MaPLe (the prompts start at layer 0).")
+            raise ConfigError("method option 'depth' must be at least 1 for MaPLe (the prompts start at layer 0).")
         first = text_context_init(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
         self.text_prompts = PromptStack(depth, options["n_ctx"], clip.text_width, first, options["init_std"])
         self.coupling = nn.ModuleList(nn.Linear(clip.text_width, clip.vision_width) for _ in range(depth))

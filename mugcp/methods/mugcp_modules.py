@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from mugcp.config import ConfigError
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def _check_heads(dim: int, heads: int, option: str) -> None:
     if heads < 1 or dim % heads:
-        raise ValueError(f"method option '{option}' ({dim}) must be a positive multiple of the number of heads ({heads}).")
+        raise ConfigError(f"method option '{option}' ({dim}) must be a positive multiple of the number of heads ({heads}).")
 
 
 class AttentionPooling(nn.Module):

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
 
 
@@ -35,7 +36,7 @@ class ClassPrompts(nn.Module):
     def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end", placeholder: str = "X"):
         super().__init__()
         if position not in ("end", "middle", "front"):
-            raise ValueError(f"class token position must be end, middle or front, got '{position}'")
+            raise ConfigError(f"class token position must be end, middle or front, got '{position}'")
         self.n_ctx = n_ctx
         self.position = position
         names = [name.replace("_", " ") for name in classnames]
