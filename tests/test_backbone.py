@@ -238,3 +238,22 @@ def test_torchscript_archive_loads_with_quick_gelu(vit_b32, tmp_path, images):
     loaded = load_clip("ViT-B-32", pretrained=str(path))
     assert type(loaded.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     assert torch.equal(loaded.model.visual.conv1.weight, vit_b32.model.visual.conv1.weight)
+
+
+def test_vision_prompts_start_at_the_first_prompted_layer(vit_b32, images):
+    prompts = [None, torch.randn(2, 4, vit_b32.vision_width)]
+    lengths = []
+    original_block = vit_b32._block
+
+    def recording_block(block, x, causal):
+        lengths.append(x.shape[1])
+        return original_block(block, x, causal)
+
+    vit_b32._block = recording_block
+    try:
+        with torch.no_grad():
+            vit_b32.encode_image(images, deep_prompts=prompts)
+    finally:
+        del vit_b32._block
+    patches = (224 // 32) ** 2 + 1
+    assert lengths == [patches] + [patches + 4] * (vit_b32.vision_layers - 1)

@@ -33,8 +33,8 @@ class ClipBackbone(nn.Module):
 
     Text: prompt tokens ``(N, P, width)`` (or broadcastable) replace positions ``1 .. 1+P``; the token
     ids already hold P placeholder tokens there, so the EOT position is unchanged.
-    Vision: at layer 0 the prompts ``(B, P, width)`` are appended after the patch tokens; at later
-    layers they replace those last P positions. The CLS token stays at position 0.
+    Vision: at the first prompted layer the prompts ``(B, P, width)`` are appended after the patch
+    tokens; at later layers they replace those last P positions. The CLS token stays at position 0.
     """
 
     def __init__(self, model: nn.Module, name: str, pretrained: str | None, tokenizer, attention_backend: str = "sdpa"):
@@ -173,21 +173,23 @@ class ClipBackbone(nn.Module):
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
-    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, layer: int, replace_at: int | None) -> torch.Tensor:
+    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, appended: bool, replace_at: int | None) -> torch.Tensor:
         count = prompts.shape[-2]
         prompts = prompts.to(x.dtype).expand(x.shape[0], count, x.shape[-1])
         if replace_at is not None:  # text: overwrite the placeholder positions
             return torch.cat([x[:, :replace_at], prompts, x[:, replace_at + count:]], dim=1)
-        if layer == 0:  # vision: first prompted layer appends
+        if not appended:  # vision: the first prompted layer appends, later ones replace
             return torch.cat([x, prompts], dim=1)
         return torch.cat([x[:, :-count], prompts], dim=1)
 
     def _run_blocks(self, blocks, x, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None):
+        appended = False
         for index, block in enumerate(blocks):
             if callable(deep_prompts):
                 x = deep_prompts(index, x)
             elif deep_prompts is not None and index < len(deep_prompts) and deep_prompts[index] is not None:
-                x = self._insert_prompts(x, deep_prompts[index], index, replace_at)
+                x = self._insert_prompts(x, deep_prompts[index], appended, replace_at)
+                appended = True
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._block, block, x, causal, use_reentrant=False)
             else:
