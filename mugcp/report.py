@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mugcp.cli import run_cli
+from mugcp.config import ConfigError
 from mugcp.utils import atomic_write, atomic_write_text
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -31,7 +32,7 @@ def find_runs(folders) -> list[dict]:
             try:
                 metrics = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}); delete or fix that run.") from None
+                raise ConfigError(f"{path} is not valid JSON ({err}); delete or fix that run.") from None
             if "method" in metrics and "checkpoint" not in metrics:  # training runs, not re-evaluations
                 metrics["_path"] = str(path.parent)
                 runs.append(metrics)
@@ -52,7 +53,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
     for key, members in sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0])):
         row = dict(zip(GROUP_KEYS, key))
-        row["seeds"] = sorted(m.get("seed") for m in members)
+        row["seeds"] = sorted((m.get("seed") for m in members), key=lambda seed: (seed is None, seed if seed is not None else 0))
         row["pretrained"] = all(m.get("pretrained") for m in members)
         for name in METRICS:
             values = [v for v in (value(m, name) for m in members) if v is not None]

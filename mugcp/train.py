@@ -30,6 +30,8 @@ def main(argv=None) -> int:
 
     if args.resume and not args.output:
         parser.error("--resume needs --output pointing at the run to continue")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
     config = args.config or DEMO_CONFIG
     if args.resume and not args.config and (Path(args.output) / "config.yaml").is_file():
         config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo

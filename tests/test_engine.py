@@ -309,3 +309,12 @@ def test_resume_from_the_command_line_reuses_the_runs_config(tmp_path, dataset_r
     assert train_main(["--output", str(out), "--resume"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["dataset"] == "imagefolder" and again["steps"] == first["steps"] == 2
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    from mugcp.train import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--output", str(tmp_path / "run"), "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "--overwrite deletes it: pass one of them" in capsys.readouterr().err

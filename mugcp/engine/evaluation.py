@@ -40,7 +40,8 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
         per_class_correct += torch.bincount(labels[hits], minlength=len(classnames))
     if total == 0:
         raise RuntimeError(f"{desc}: no readable images to evaluate ({skipped} skipped).")
-    per_class = (per_class_correct.float() / per_class_total.clamp(min=1).float() * 100).tolist()
+    present = per_class_total > 0  # classes with no readable image would count as 0 %
+    per_class = (per_class_correct[present].float() / per_class_total[present].float() * 100).tolist()
     return {
         "accuracy": round(100.0 * correct / total, 4),
         "correct": correct,

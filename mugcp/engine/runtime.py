@@ -16,7 +16,10 @@ PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 def resolve_device(choice: str = "auto") -> torch.device:
     if choice in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
+    try:
+        device = torch.device(choice)
+    except RuntimeError:
+        raise ConfigError(f"train.device={choice!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={choice} but CUDA is not available on this machine; use train.device=cpu or auto.")
     return device

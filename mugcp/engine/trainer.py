@@ -83,11 +83,13 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
         total_steps = min(total_steps, int(optim_cfg["max_steps"]))
     optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps, steps_per_epoch) if optimizer else None
+    # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
 
     start_epoch, step = 0, 0
     checkpoint_dir = output / "checkpoint"
     if resume:
-        start_epoch, step = _restore(model, optimizer, scheduler, checkpoint_dir)
+        start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
 
     writer = _tensorboard(output) if train_cfg["tensorboard"] else None
@@ -113,10 +115,12 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
                     "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if optim_cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg["grad_clip"])
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             loss = loss.detach()
@@ -136,6 +140,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
             model.on_train_end()
         save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
             "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict(),
         })
     if optimizer is None or not checkpoint_dir.exists():
         save_checkpoint(checkpoint_dir, model, cfg)
@@ -170,7 +175,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
     return metrics
 
 
-def _restore(model, optimizer, scheduler, checkpoint_dir: Path) -> tuple[int, int]:
+def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path) -> tuple[int, int]:
     state = read_trainer_state(checkpoint_dir)
     if state is None:
         raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no trainer_state.pt to resume from.")
@@ -178,6 +183,8 @@ def _restore(model, optimizer, scheduler, checkpoint_dir: Path) -> tuple[int, in
     model.load_adapter_state(tensors, source=str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     return int(state["epoch"]), int(state["step"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
@@ -29,7 +30,7 @@ class CoOp(PromptLearner):
 
     def build_class_inputs(self) -> None:
         if self.options["class_specific"] and self.ctx.shape[0] != len(self.classnames):
-            raise ValueError(
+            raise ConfigError(
                 f"this CoOp has class-specific context for {self.ctx.shape[0]} classes, got {len(self.classnames)} class names; "
                 "class-specific prompts do not transfer to other classes (train with class_specific=false)."
             )

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mugcp.config import ConfigError
 from mugcp.methods.ivlp import IVLP, IVLP_DEFAULTS
 from mugcp.methods.prompt_text import encode_class_texts
 from mugcp.methods.registry import register_method
@@ -16,7 +17,7 @@ from mugcp.methods.templates import resolve_templates
 def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     """Weights of epochs ``1..epochs`` under N(mean, std²), normalised to sum to 1 (float64)."""
     if epochs < 1 or std <= 0:
-        raise ValueError(f"Gaussian prompt aggregation needs epochs >= 1 and gpa_std > 0, got epochs={epochs}, gpa_std={std}.")
+        raise ConfigError(f"Gaussian prompt aggregation needs epochs >= 1 and gpa_std > 0, got epochs={epochs}, gpa_std={std}.")
     raw = [math.exp(-0.5 * ((epoch - mean) / std) ** 2) for epoch in range(1, epochs + 1)]
     total = sum(raw)
     if total == 0.0:  # every epoch is > ~38 std from the mean: fall back to the last epoch

@@ -1,6 +1,8 @@
 """Hand-written prompt templates: the per-dataset ones used by the CoOp papers and a small ensemble."""
 from __future__ import annotations
 
+from mugcp.config import ConfigError
+
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 # One template per dataset, as in the CoOp / CoCoOp / MaPLe zero-shot baselines.
@@ -52,5 +54,5 @@ def resolve_templates(choice, dataset: str | None) -> list[str]:
     templates = [choice] if isinstance(choice, str) else list(choice)
     for template in templates:
         if "{}" not in template:
-            raise ValueError(f"prompt template '{template}' has no '{{}}' where the class name goes.")
+            raise ConfigError(f"prompt template '{template}' has no '{{}}' where the class name goes.")
     return templates
