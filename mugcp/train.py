@@ -6,6 +6,7 @@ Fashion-MNIST with ViT-B-32, a few minutes on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
 
     if args.resume and not args.output:
         parser.error("--resume needs --output pointing at the run to continue")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.output:
+        parser.error("under torchrun, pass --output: every process must write to the same run folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
     config = args.config or DEMO_CONFIG
@@ -40,11 +43,13 @@ def main(argv=None) -> int:
 
     from mugcp.engine.trainer import train
 
-    if args.overwrite and output.exists():
+    if args.overwrite and output.exists() and int(os.environ.get("RANK", "0")) == 0:
         import shutil
 
         shutil.rmtree(output)
     metrics = train(cfg, output, resume=args.resume)
+    if not metrics:  # not rank 0 of a torchrun job
+        return 0
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
     if "hm" in metrics:
         summary += f", HM {metrics['hm']:.2f}"

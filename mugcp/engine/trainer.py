@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.engine.checkpoint import read_checkpoint, read_trainer_state, save_checkpoint
+from mugcp.engine.distributed import Distributed
 from mugcp.engine.evaluation import evaluate_subsets
 from mugcp.engine.optim import build_optimizer, build_scheduler
 from mugcp.engine.run_setup import build_run_model, open_run_folder, resolve_semantics
@@ -38,34 +39,45 @@ def run_seed(cfg: dict) -> int:
 
 
 def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
-    """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json."""
+    """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json.
+
+    Under ``torchrun`` every process calls this; rank 0 writes the run folder and returns the
+    metrics, the other ranks return ``{}``.
+    """
     output = Path(output)
     started = time.time()
-    logger_handler = open_run_folder(output, resume)
+    distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
+    logger_handler = open_run_folder(output, resume) if distributed.is_main else None
     try:
-        return _train(cfg, output, resume, started)
+        return _train(cfg, output, resume, started, distributed)
     finally:
-        logging.getLogger("mugcp").removeHandler(logger_handler)
-        logger_handler.close()
+        if logger_handler is not None:
+            logging.getLogger("mugcp").removeHandler(logger_handler)
+            logger_handler.close()
+        distributed.close()
 
 
-def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
+def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed) -> dict:
     train_cfg, optim_cfg, data_cfg = cfg["train"], cfg["optim"], cfg["data"]
+    main = distributed.is_main
     seed = run_seed(cfg)
-    device = resolve_device(train_cfg["device"])
+    device = distributed.device(resolve_device(train_cfg["device"]))
     precision = resolve_precision(train_cfg["precision"], device)
+    distributed.check_batch_size(data_cfg["batch_size"])
     if train_cfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(seed)
 
     splits = build_protocol(data_cfg, seed)
-    save_splits(splits, output / "splits.json")
+    if main:
+        save_splits(splits, output / "splits.json")
     log.info("data: %s; train %d images of %d classes", splits.dataset.summary(), len(splits.train), len(splits.train_classnames))
 
     semantic = resolve_semantics(cfg, splits.dataset)
     model = build_run_model(cfg, splits.train_classnames, device, semantic, dataset_name=splits.dataset.name)
     cfg = dict(cfg, semantic=dict(cfg["semantic"], source=semantic.source))
-    dump_config(cfg, output / "config.yaml")
+    if main:
+        dump_config(cfg, output / "config.yaml")
     log.info(
         "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
         model.method_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
@@ -92,22 +104,25 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
         start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
 
-    writer = _tensorboard(output) if train_cfg["tensorboard"] else None
+    writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     skipped = 0
     for epoch in range(start_epoch, epochs):
         if optimizer is None or step >= total_steps:
             break
         seed_everything(epoch_seed(seed, epoch))
-        loader = build_loader(train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
+        loader = distributed.shard(build_loader(
+            train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"]))
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not train_cfg["progress"], leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
         for batch in bar:
             if step >= total_steps:
                 break
             skipped += batch.get("n_skipped", 0)
             batch = _to_device(batch, device)
             with autocast(precision, device):
-                loss, _, terms = model.training_step(batch)
+                local_loss, _, terms = model.training_step(batch)
+            loss = distributed.mean(local_loss.detach())  # every rank sees the same value, so all stop together
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
@@ -115,15 +130,15 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
                     "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
                 )
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(local_loss).backward()
+            distributed.average_gradients(trainable)
             if optim_cfg["grad_clip"]:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim_cfg["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            loss = loss.detach()
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
             if writer is not None:
@@ -138,15 +153,20 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
         model.on_epoch_end(epoch + 1, epochs)
         if epoch + 1 == epochs or step >= total_steps:
             model.on_train_end()
-        save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
-            "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "grad_scaler": scaler.state_dict(),
-        })
-    if optimizer is None or not checkpoint_dir.exists():
+        if main:
+            save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
+            })
+        distributed.barrier()
+    if main and (optimizer is None or not checkpoint_dir.exists()):
         save_checkpoint(checkpoint_dir, model, cfg)
     train_time = time.time() - started
     if writer is not None:
         writer.flush()
+    if not main:  # rank 0 evaluates and writes the metrics
+        distributed.barrier()
+        return {}
 
     metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer)
     metrics.update({
@@ -172,6 +192,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float) -> dict:
     if writer is not None:
         writer.close()
     log.info("metrics: %s", {k: metrics[k] for k in metrics if k in ("base", "new", "all", "hm")})
+    distributed.barrier()
     return metrics
 
 
