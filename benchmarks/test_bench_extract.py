@@ -24,7 +24,7 @@ from mugcp.semantics.cache import CacheWriter, new_manifest, write_manifest
 from mugcp.semantics.extraction import ExtractionSettings, Extractor
 from mugcp.semantics.mllm import MLLM
 from mugcp.semantics.sources import image_dir_source
-from tests.tiny_mllm import build_tiny_mllm
+from tests.tiny_mllm import build_tiny_mllm, one_thread  # noqa: F401  (autouse fixture)
 
 IMAGES = 32
 MAX_NEW_TOKENS = 8
@@ -37,15 +37,6 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are far too small for threads; on shared cores threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The prompt-ready backbone equals open_clip, truncation is exact, prompts go where documented."""
+import contextlib
 import os
 
 import pytest
@@ -72,50 +73,41 @@ def test_unknown_attention_backend_is_named():
         attention(q, q, q, False, "fast")
 
 
+@contextlib.contextmanager
+def layer_inputs(backbone):
+    """Record the sequence entering every transformer block while the ``with`` body runs."""
+    seen = []
+    original_block = backbone._block
+
+    def recording_block(block, x, causal):
+        seen.append(x.detach().clone())
+        return original_block(block, x, causal)
+
+    backbone._block = recording_block
+    try:
+        with torch.no_grad():
+            yield seen
+    finally:
+        del backbone._block
+
+
 def test_text_prompts_replace_positions_after_sos(vit_b32):
     tokens = vit_b32.tokenize(["X X X cat."])
     prompts = [torch.randn(1, 3, vit_b32.text_width), None, torch.randn(1, 3, vit_b32.text_width)]
-    seen = {}
-    original_block = vit_b32._block
-
-    def recording_block(block, x, causal):
-        seen.setdefault(causal, []).append(x.detach().clone())
-        return original_block(block, x, causal)
-
-    vit_b32._block = recording_block
-    try:
-        with torch.no_grad():
-            prompted = vit_b32.encode_text(tokens, deep_prompts=prompts)
-            plain = vit_b32.encode_text(tokens)
-    finally:
-        del vit_b32._block
-    layer_inputs = seen[True]
-    assert torch.equal(layer_inputs[0][:, 1:4], prompts[0])
-    assert torch.equal(layer_inputs[2][:, 1:4], prompts[2])
+    with layer_inputs(vit_b32) as seen:
+        prompted = vit_b32.encode_text(tokens, deep_prompts=prompts)
+    plain = vit_b32.encode_text(tokens)
+    assert torch.equal(seen[0][:, 1:4], prompts[0])
+    assert torch.equal(seen[2][:, 1:4], prompts[2])
     assert not torch.allclose(prompted, plain)
 
 
 def test_vision_prompts_appended_then_replaced(vit_b32, images):
     width = vit_b32.vision_width
     prompts = [torch.randn(2, 4, width), torch.randn(2, 4, width)]
-    lengths, tails = [], []
-
-    def spy(layer, x):
-        return x
-
-    original_block = vit_b32._block
-
-    def recording_block(block, x, causal):
-        lengths.append(x.shape[1])
-        tails.append(x[:, -4:].detach().clone())
-        return original_block(block, x, causal)
-
-    vit_b32._block = recording_block
-    try:
-        with torch.no_grad():
-            vit_b32.encode_image(images, deep_prompts=prompts)
-    finally:
-        del vit_b32._block
+    with layer_inputs(vit_b32) as seen:
+        vit_b32.encode_image(images, deep_prompts=prompts)
+    lengths, tails = [x.shape[1] for x in seen], [x[:, -4:] for x in seen]
     patches = (224 // 32) ** 2 + 1
     assert lengths == [patches + 4] * vit_b32.vision_layers
     assert torch.equal(tails[0], prompts[0]) and torch.equal(tails[1], prompts[1])
@@ -242,18 +234,8 @@ def test_torchscript_archive_loads_with_quick_gelu(vit_b32, tmp_path, images):
 
 def test_vision_prompts_start_at_the_first_prompted_layer(vit_b32, images):
     prompts = [None, torch.randn(2, 4, vit_b32.vision_width)]
-    lengths = []
-    original_block = vit_b32._block
-
-    def recording_block(block, x, causal):
-        lengths.append(x.shape[1])
-        return original_block(block, x, causal)
-
-    vit_b32._block = recording_block
-    try:
-        with torch.no_grad():
-            vit_b32.encode_image(images, deep_prompts=prompts)
-    finally:
-        del vit_b32._block
+    with layer_inputs(vit_b32) as seen:
+        vit_b32.encode_image(images, deep_prompts=prompts)
+    lengths = [x.shape[1] for x in seen]
     patches = (224 // 32) ** 2 + 1
     assert lengths == [patches] + [patches + 4] * (vit_b32.vision_layers - 1)

@@ -19,19 +19,10 @@ from mugcp.semantics.extraction import ExtractionError, ExtractionSettings, dry_
 from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
 from mugcp.semantics.sources import image_dir_source
 from tests.fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
-from tests.tiny_mllm import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS, build_tiny_mllm
+from tests.tiny_mllm import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS, build_tiny_mllm, one_thread  # noqa: F401  (autouse fixture)
 
 MAX_NEW = 8
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for threads; on shared cores threads only spin (7x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 IMAGE_TOKEN = "<image>"
@@ -145,3 +146,15 @@ if __name__ == "__main__":
     import sys
 
     print(build_tiny_mllm(sys.argv[1] if len(sys.argv) > 1 else "tiny_mllm"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are far too small for threads; on shared cores threads only spin (~7x slower).
+
+    Import it into a test module (``from tiny_mllm import one_thread``) to run that module on one thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
