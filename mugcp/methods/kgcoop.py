@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.methods.coop import CoOp
-from mugcp.methods.prompt_text import encode_class_texts
+from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.templates import resolve_templates
 
@@ -51,8 +51,7 @@ class KgCoOp(CoOp):
         """Normalised frozen features ``(C, E)`` of the hand-crafted prompt, computed once per class set."""
         if self._handcrafted is None:
             templates = resolve_templates(self.options["handcrafted_template"], self.dataset)
-            per_template = [F.normalize(encode_class_texts(self.clip, [t.format(c) for c in self.classnames]), dim=-1) for t in templates]
-            self._handcrafted = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+            self._handcrafted = template_text_features(self.clip, templates, self.classnames)
         return self._handcrafted
 
     def knowledge_distance(self, text_features: torch.Tensor) -> torch.Tensor:

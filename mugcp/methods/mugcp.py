@@ -24,7 +24,7 @@ from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import text_context_init
 from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
-from mugcp.methods.prompt_text import ClassPrompts, encode_class_texts
+from mugcp.methods.prompt_text import ClassPrompts, template_text_features
 from mugcp.methods.registry import register_method
 
 SEMANTIC_SOURCES = ("mllm", "clip", "none")
@@ -282,8 +282,7 @@ class MuGCP(PromptLearner):
         """Normalised zero-shot text features ``(C, E)`` of ``consistency_template``, once per class set."""
         if self._frozen_text_features is None:
             template = self.options["consistency_template"]
-            features = encode_class_texts(self.clip, [template.format(name) for name in self.classnames])
-            self._frozen_text_features = F.normalize(features, dim=-1)
+            self._frozen_text_features = template_text_features(self.clip, [template], self.classnames)
         return self._frozen_text_features
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:

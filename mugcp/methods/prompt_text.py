@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
@@ -86,6 +87,18 @@ class ClassPrompts(nn.Module):
         out[:, :, 1 + self.n_ctx :] = self.suffix
         out[:, :, 1 : 1 + self.n_ctx] = ctx.to(out.dtype).unsqueeze(1)
         return out.view(batch * classes, length, width)
+
+
+def template_text_features(clip: ClipBackbone, templates: Sequence[str], classnames: Sequence[str], normalize_each: bool = True) -> torch.Tensor:
+    """Frozen, normalised class features ``(C, E)`` averaged over ``templates`` (``"a photo of a {}."``...).
+
+    ``normalize_each`` normalises every template's features before averaging (CLIP's ensembling);
+    without it the raw features are averaged, as PromptSRC's released code does.
+    """
+    per_template = [encode_class_texts(clip, [template.format(name) for name in classnames]) for template in templates]
+    if normalize_each:
+        per_template = [F.normalize(features, dim=-1) for features in per_template]
+    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
 def encode_class_texts(clip: ClipBackbone, texts: Sequence[str], chunk: int = 256) -> torch.Tensor:

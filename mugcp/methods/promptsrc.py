@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.methods.ivlp import IVLP, IVLP_DEFAULTS
-from mugcp.methods.prompt_text import encode_class_texts
+from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.templates import resolve_templates
 
@@ -67,8 +67,7 @@ class PromptSRC(IVLP):
         """Frozen CLIP class features ``(C, E)``: template features averaged, then normalised."""
         if self._zero_shot_text is None:
             templates = resolve_templates(self.options["zs_templates"], self.dataset)
-            per_template = [encode_class_texts(self.clip, [t.format(c) for c in self.classnames]) for t in templates]
-            self._zero_shot_text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+            self._zero_shot_text = template_text_features(self.clip, templates, self.classnames, normalize_each=False)
         return self._zero_shot_text
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:

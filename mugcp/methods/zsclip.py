@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.prompt_text import encode_class_texts
+from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.templates import resolve_templates
 
@@ -25,11 +25,7 @@ class ZeroShotCLIP(PromptLearner):
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
-        per_template = [
-            torch.nn.functional.normalize(encode_class_texts(self.clip, [t.format(c) for c in self.classnames]), dim=-1)
-            for t in self.templates
-        ]
-        self._template_features = torch.stack(per_template).mean(0)
+        self._template_features = template_text_features(self.clip, self.templates, self.classnames)
 
     def compute_text_features(self) -> torch.Tensor:
         return self._template_features
