@@ -183,18 +183,22 @@ def _read_class_folders(
     return items
 
 
+def _labels_from_class_folders(image_dir: Path, wnid_names: dict[str, str], names_file: Path) -> tuple[list[str], dict[str, int]]:
+    """Labels in the order of the sorted WordNet-id folders, named by ``classnames.txt``."""
+    wnids = list_class_folders(image_dir)
+    unknown = [wnid for wnid in wnids if wnid not in wnid_names]
+    if unknown:
+        raise DatasetError(f"{image_dir}: class folders {unknown[:10]} are not listed in {names_file}.")
+    return [wnid_names[wnid] for wnid in wnids], {wnid: label for label, wnid in enumerate(wnids)}
+
+
 def _read_imagenet(spec: CoopDatasetSpec, folder: Path) -> tuple[list[str], list[Datum], list[Datum], list[Datum]]:
     names_file = folder / "classnames.txt"
     wnid_names = read_classnames_txt(names_file)
     train_dir = _require_dir(folder / spec.image_dir / "train", spec)
     test_dir = _require_dir(folder / spec.image_dir / "val", spec)
     # Like CoOp, labels follow the sorted class folders of train/.
-    wnids = list_class_folders(train_dir)
-    unknown = [wnid for wnid in wnids if wnid not in wnid_names]
-    if unknown:
-        raise DatasetError(f"{train_dir}: class folders {unknown[:10]} are not listed in {names_file}.")
-    classnames = [wnid_names[wnid] for wnid in wnids]
-    folder_to_label = {wnid: label for label, wnid in enumerate(wnids)}
+    classnames, folder_to_label = _labels_from_class_folders(train_dir, wnid_names, names_file)
     train = _read_class_folders(train_dir, _key(spec.image_dir, "train"), folder_to_label, classnames, train_dir)
     test = _read_class_folders(test_dir, _key(spec.image_dir, "val"), folder_to_label, classnames, train_dir)
     # CoOp evaluates ImageNet on its val set and uses the same images for validation.
@@ -211,12 +215,7 @@ def _read_imagenet_test_only(spec: CoopDatasetSpec, folder: Path) -> tuple[list[
         test = _read_class_folders(image_dir, spec.image_dir, folder_to_label, classnames, names_file)
     else:
         # ImageNet-A/-R hold 200 of the 1000 classes: labels follow their own sorted folders.
-        wnids = list_class_folders(image_dir)
-        unknown = [wnid for wnid in wnids if wnid not in wnid_names]
-        if unknown:
-            raise DatasetError(f"{image_dir}: class folders {unknown[:10]} are not listed in {names_file}.")
-        classnames = [wnid_names[wnid] for wnid in wnids]
-        folder_to_label = {wnid: label for label, wnid in enumerate(wnids)}
+        classnames, folder_to_label = _labels_from_class_folders(image_dir, wnid_names, names_file)
         test = _read_class_folders(image_dir, spec.image_dir, folder_to_label, classnames, names_file)
     if not test:
         raise DatasetError(f"dataset '{spec.name}': no images found. Expected layout: {expected_layout(spec)}.")
