@@ -37,7 +37,8 @@ def run_cli(main: Callable[[], int]) -> None:
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept (resume with --resume).", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A run's RunInterrupted says what it kept; a bare Ctrl-C elsewhere kept nothing worth naming.
+        print(str(err) or "interrupted.", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

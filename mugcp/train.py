@@ -35,10 +35,15 @@ def main(argv=None) -> int:
         parser.error("under torchrun, pass --output: every process must write to the same run folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
+    from mugcp.engine.run_setup import check_resume_folder, check_run_config
+
     config = args.config or DEMO_CONFIG
-    if args.resume and not args.config and (Path(args.output) / "config.yaml").is_file():
-        config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
+    if args.resume:
+        check_resume_folder(Path(args.output))
+        if not args.config:
+            config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
     cfg = load_config(config, args.overrides)
+    check_run_config(cfg)  # before --overwrite deletes anything and before any data or model is loaded
     output = Path(args.output) if args.output else default_output(cfg)
 
     from mugcp.engine.trainer import train

@@ -156,7 +156,11 @@ def test_cli_missing_dataset_root_names_path(tmp_path):
 def test_cli_bad_precision_is_one_clear_line(tmp_path):
     result = run_cli("mugcp.train", "train.precision=fp8", "--output", str(tmp_path / "run"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: train.precision must be one of auto, fp32, amp_bf16, amp_fp16; got 'fp8'." in result.stderr
+    assert result.stderr.strip() == (
+        "error: train.precision='fp8' is not allowed: expected one of auto, fp32, amp_bf16, amp_fp16. "
+        "Did you mean: fp32? The default is auto."
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_unreadable_semantic_cache_is_one_clear_line(tmp_path, dataset_root):

@@ -31,6 +31,21 @@ def normalize_model_name(name: str) -> str:
     return name.strip().replace("/", "-")
 
 
+def model_name_problem(name: str) -> Optional[str]:
+    """None when open_clip has a model config for ``name`` (either spelling), else what is wrong and close matches."""
+    import difflib
+
+    import open_clip
+
+    name = normalize_model_name(name)
+    known = open_clip.list_models()
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return f"unknown open_clip model '{name}'.{hint} See open_clip.list_models(); 'ViT-B/16' and 'ViT-B-16' both work."
+
+
 # ------------------------------------------------------------------ network / cache probing
 def network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """True when ``host`` resolves and accepts a connection within ``timeout`` seconds.
@@ -199,12 +214,9 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
     import open_clip
 
     name = normalize_model_name(name)
-    if name not in open_clip.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise PretrainedLoadError(f"unknown open_clip model '{name}'.{hint} See open_clip.list_models().")
+    problem = model_name_problem(name)
+    if problem:
+        raise PretrainedLoadError(problem)
 
     source = None if pretrained in (None, "", "none", "None", False) else str(pretrained)
     if source is None:

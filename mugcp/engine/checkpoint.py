@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,10 +97,37 @@ def read_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 
 
 def read_trainer_state(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The optimiser, scheduler and loss-scaler state saved for ``--resume`` (None when absent).
+
+    Read with ``weights_only=True``: tensors and plain containers only, so a run folder from
+    elsewhere cannot run code when resumed. Files that need full unpickling are refused, not opened.
+    """
     path = find_checkpoint(folder) / TRAINER_STATE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects that only load with full unpickling, which can run code; mugcp refuses "
+                "to open it. Resuming needs a trainer state written by this version: train again without --resume "
+                "(the adapter weights beside it still evaluate)."
+            ) from None
+        raise _corrupt(path, "not a valid PyTorch file") from None
+    except Exception as err:  # torch reports damaged files as RuntimeError, EOFError, zipfile errors...
+        raise _corrupt(path, err) from None
+    if not isinstance(state, dict) or not {"epoch", "step", "optimizer", "scheduler"} <= set(state):
+        raise _corrupt(path, "not a mugcp trainer state")
+    return state
+
+
+def _corrupt(path: Path, err: BaseException | str) -> CheckpointError:
+    reason = err if isinstance(err, str) else (str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return CheckpointError(
+        f"{path} is damaged and cannot be read ({reason}). Resuming needs it: restore the file, or train again "
+        "without --resume (--overwrite replaces the run)."
+    )
 
 
 def check_compatible(config: dict, method: str, backbone: str, source: Path) -> None:

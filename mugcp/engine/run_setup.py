@@ -3,17 +3,54 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from mugcp.backbones import load_clip
+from mugcp.backbones.weights import model_name_problem
 from mugcp.config import ConfigError
-from mugcp.methods import create_model, get_method
+from mugcp.config_schema import check_values
+from mugcp.data import canonical_dataset_name
+from mugcp.engine.runtime import resolve_device
+from mugcp.methods import create_model, get_method, resolve_options
 
 log = logging.getLogger("mugcp")
+
+
+def check_run_config(cfg: dict) -> None:
+    """Everything about a run's config that can be known without reading data or building a model.
+
+    Values against the schema, the method and its options, the backbone name, the dataset name and
+    root, the device. Raises ConfigError (one line: key, value, what is allowed).
+    """
+    check_values(cfg)
+    resolve_options(cfg["method"]["name"], cfg["method"], source=f"method '{cfg['method']['name']}'")
+    problem = model_name_problem(cfg["model"]["backbone"])
+    if problem:
+        raise ConfigError(f"model.backbone={cfg['model']['backbone']!r}: {problem}")
+    dataset = canonical_dataset_name(cfg["data"]["dataset"])
+    root = cfg["data"]["root"]
+    if root is not None and str(root).strip() and not Path(os.path.expandvars(os.path.expanduser(str(root)))).exists():
+        raise ConfigError(
+            f"data.root={str(root)!r} does not exist. Point it at the dataset's folder; "
+            f"python -m mugcp.data check --dataset {dataset} --root ROOT checks a layout."
+        )
+    resolve_device(cfg["train"]["device"])
+
+
+def check_resume_folder(output: Path) -> None:
+    """``--resume`` needs a run that started: its folder with the config.yaml the run wrote."""
+    if not output.is_dir():
+        raise ConfigError(f"--resume: run folder {output} does not exist. Pass the --output of the run to continue.")
+    if not (output / "config.yaml").is_file():
+        raise ConfigError(
+            f"--resume: {output} holds no run (no config.yaml). Pass the --output of the run to continue, "
+            "or start a new run there without --resume."
+        )
 
 
 def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logging.Handler:
@@ -35,6 +72,65 @@ def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logg
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     return handler
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept (the command-line tools print it)."""
+
+
+class RunFolder:
+    """A run's output folder and its ``log.txt``, from opening to a clean or a failed end.
+
+    A run has *started* once it has written ``config.yaml`` (its data read, its model built; the
+    caller sets ``started``). A run that fails or is interrupted before that removes the folder if it
+    created it, so mistakes leave no litter. After that the folder stays, with the last checkpoint,
+    and the error with its traceback goes to the end of ``log.txt`` while the console gets one line
+    saying so; ``note()`` (if given) adds what can be done next, e.g. how to resume.
+    """
+
+    def __init__(self, output: Path, resume: bool = False, overwrite: bool = False, main: bool = True,
+                 note: Optional[Callable[[], str]] = None):
+        self.output = Path(output)
+        self.created = not self.output.exists()
+        self.started = False
+        self.note = note
+        self.handler = open_run_folder(self.output, resume, overwrite) if main else None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        try:
+            if err is not None and self.handler is not None:
+                self._record_failure(err)
+        finally:
+            self.close()
+        return False
+
+    def close(self) -> None:
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+    def _record_failure(self, err: BaseException) -> None:
+        interrupted = isinstance(err, KeyboardInterrupt)
+        if not self.started and self.created:
+            self.close()
+            shutil.rmtree(self.output, ignore_errors=True)
+            if interrupted:
+                raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.") from None
+            return
+        what = "interrupted" if interrupted else f"failed: {type(err).__name__}: {err}"
+        next_step = f" {self.note()}" if self.note is not None and self.started else ""
+        line = f"run {what}.{next_step} The log, with the traceback, is {self.output / 'log.txt'}."
+        exc_info = (type(err), err, err.__traceback__)
+        self.handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, (), exc_info))
+        if interrupted:
+            raise RunInterrupted(line) from None  # its message is the console's line
+        for handler in log.handlers:  # the console: one line, no traceback
+            if handler is not self.handler:
+                handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, (), None))
 
 
 @dataclass

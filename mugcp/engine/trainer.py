@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
-from mugcp.engine.checkpoint import read_checkpoint, read_trainer_state, save_checkpoint
+from mugcp.engine.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.engine.distributed import Distributed
 from mugcp.engine.evaluation import evaluate_subsets
 from mugcp.engine.optim import build_optimizer, build_scheduler
-from mugcp.engine.run_setup import build_run_model, open_run_folder, resolve_semantics
+from mugcp.engine.run_setup import RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
 from mugcp.utils import atomic_write_json, seed_everything
 
@@ -46,18 +46,31 @@ def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
     """
     output = Path(output)
     started = time.time()
+    check_run_config(cfg)
+    if resume:
+        check_resume_folder(output)
     distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
-    logger_handler = open_run_folder(output, resume) if distributed.is_main else None
     try:
-        return _train(cfg, output, resume, started, distributed)
+        with RunFolder(output, resume, main=distributed.is_main, note=lambda: _resume_note(output)) as folder:
+            return _train(cfg, output, resume, started, distributed, folder)
     finally:
-        if logger_handler is not None:
-            logging.getLogger("mugcp").removeHandler(logger_handler)
-            logger_handler.close()
         distributed.close()
 
 
-def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed) -> dict:
+def _resume_note(output: Path) -> str:
+    """What a failed or interrupted run kept, read from disk so that it is true."""
+    checkpoint_dir = output / "checkpoint"
+    resume = f"python -m mugcp.train --output {output} --resume"
+    try:
+        state = read_trainer_state(checkpoint_dir) if checkpoint_dir.exists() else None
+    except CheckpointError as err:
+        return f"The checkpoint cannot be read ({err})."
+    if state is None:
+        return f"No checkpoint was saved yet, so nothing can be resumed; {resume} starts the training over."
+    return f"The checkpoint of epoch {state['epoch']} is kept in {checkpoint_dir}; continue with {resume}."
+
+
+def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder) -> dict:
     train_cfg, optim_cfg, data_cfg = cfg["train"], cfg["optim"], cfg["data"]
     main = distributed.is_main
     seed = run_seed(cfg)
@@ -78,6 +91,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     cfg = dict(cfg, semantic=dict(cfg["semantic"], source=semantic.source))
     if main:
         dump_config(cfg, output / "config.yaml")
+    folder.started = True
     log.info(
         "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
         model.method_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
@@ -100,9 +114,11 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
 
     start_epoch, step = 0, 0
     checkpoint_dir = output / "checkpoint"
-    if resume:
+    if resume and checkpoint_dir.exists():
         start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
+    elif resume:
+        log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
 
     writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from mugcp.config import ConfigError
+from mugcp.config_schema import Spec, boolean, integer, invalid, number, show_value, text
 
 
 @dataclass
@@ -23,19 +24,21 @@ class MethodSpec:
     paper: str = ""
     conditions_on: str = ""
     config: str = ""  # file under configs/methods/ with the published defaults
+    # Option name -> Spec, for options whose type the default does not tell (see option_spec).
+    option_specs: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _DISCOVERED = False
 
 
-def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = ""):
+def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = "", option_specs: Optional[dict] = None):
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
         cls.method_name = name
         cls.default_options = copy.deepcopy(defaults)
-        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config)
+        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config, dict(option_specs or {}))
         return cls
 
     return decorate
@@ -80,8 +83,34 @@ def resolve_options(name: str, overrides: dict, source: str = "method options") 
             raise ConfigError(
                 f"{source}: method '{name}' has no option '{key}'.{hint} Its options: {', '.join(sorted(options)) or 'none'}."
             )
+        check_option(spec, key, value)
         options[key] = copy.deepcopy(value)
     return options
+
+
+def option_spec(spec: MethodSpec, key: str) -> Optional[Spec]:
+    """What an option accepts: declared by the method, else the type of its default (None: anything)."""
+    if key in spec.option_specs:
+        return spec.option_specs[key]
+    default = spec.defaults.get(key)
+    if isinstance(default, bool):
+        return boolean()
+    if isinstance(default, int):
+        return integer()
+    if isinstance(default, float):
+        return number()
+    if isinstance(default, str):
+        return text()
+    if isinstance(default, (list, tuple)):
+        return Spec("list")
+    return None
+
+
+def check_option(spec: MethodSpec, key: str, value: Any) -> None:
+    """A method option of the wrong type is refused naming the option, the value and the type wanted."""
+    wanted = option_spec(spec, key)
+    if wanted is not None and not wanted.accepts(value):
+        raise invalid(f"method.{key}", value, f"{wanted.allowed()} for method '{spec.name}'", f" The default is {show_value(spec.defaults.get(key))}.")
 
 
 def create_model(
