@@ -62,9 +62,13 @@ class DatasetSplits:
             return key
         return str(self.root / key)
 
+    def file_of(self, key: str) -> Path | None:
+        """The file that holds ``key``'s image, or None when images do not live one per file."""
+        return self.root / key if self.root is not None else Path(key)
+
     def open_image(self, key: str) -> Image.Image:
         """The image behind ``key`` as RGB; anything unreadable raises BadImageError."""
-        path = self.root / key if self.root is not None else Path(key)
+        path = self.file_of(key)
         try:
             with Image.open(path) as image:
                 image.load()
@@ -75,10 +79,12 @@ class DatasetSplits:
             reason = "not a recognised image format"
         except (OSError, ValueError, SyntaxError) as err:
             reason = str(err) or type(err).__name__
-        raise BadImageError(
+        error = BadImageError(
             f"cannot read image '{key}' ({path}): {reason}. Replace or remove the file, or set "
             f"data.on_bad_image=skip to drop unreadable images."
         )
+        error.reason = reason
+        raise error
 
     def summary(self) -> str:
         return (

@@ -103,6 +103,9 @@ class FashionMNISTSplits(DatasetSplits):
     def open_image(self, key: str) -> Image.Image:
         return Image.fromarray(self._array(key)).convert("RGB")
 
+    def file_of(self, key: str) -> None:
+        return None  # every image lives in the split's idx file
+
     def describe(self, key: str) -> str:
         split, _, index = key.partition("/")
         return f"fashion-mnist {split} image #{int(index) if index.isdigit() else index} ({self.root})"
