@@ -181,7 +181,7 @@ SCHEMA: dict[str, Spec] = {
     "data.image_size": integer(1, nullable=True, null_means="the backbone's"),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.val_seed": integer(0),
-    "semantic.source": choice(*SEMANTIC_SOURCES),
+    "semantic.source": choice(*SEMANTIC_SOURCES, nullable=True, null_means="the method takes no semantic input; runs record this"),
     "semantic.cache": text(nullable=True, null_means="no cache"),
     "optim.name": choice(*OPTIMIZERS, training_only=True),
     "optim.lr": number(0, low_open=True, training_only=True),

@@ -73,10 +73,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"The checkpoint of epoch 1 is kept in .*interrupted/checkpoint; continue with python -m mugcp\.train"):
         train(cfg, tmp_path / "interrupted")
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
-    state = torch.load(tmp_path / "interrupted" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "interrupted" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["epoch"] == 1
     train(cfg, tmp_path / "interrupted", resume=True)
 
@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, dataset_root, s
     out = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 3.*last good checkpoint is kept in .*checkpoint"):
         train(small_config(dataset_root), out)
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 2
     assert torch.isfinite(load_file(str(out / "checkpoint" / "adapter_model.safetensors"))["ctx"]).all()
     assert not (out / "metrics.json").exists()

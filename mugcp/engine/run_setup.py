@@ -28,7 +28,7 @@ def check_run_config(cfg: dict) -> None:
     root, the device. Raises ConfigError (one line: key, value, what is allowed).
     """
     check_values(cfg)
-    resolve_options(cfg["method"]["name"], cfg["method"], source=f"method '{cfg['method']['name']}'")
+    resolve_options(cfg["method"]["name"], cfg["method"], source="method section")
     problem = model_name_problem(cfg["model"]["backbone"])
     if problem:
         raise ConfigError(f"model.backbone={cfg['model']['backbone']!r}: {problem}")
