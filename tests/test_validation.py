@@ -106,6 +106,8 @@ BAD_CONFIGS = [
     ("method.n_cxt=4", "error: method section: method 'mugcp' has no option 'n_cxt'. Did you mean: n_ctx? Its options: "),
     ("model.backbone=ViT-B-17", "error: model.backbone='ViT-B-17': unknown open_clip model 'ViT-B-17'. Close matches: ViT-B-16, ViT-g-14, ViT-e-14. "
                                 "See open_clip.list_models(); 'ViT-B/16' and 'ViT-B-16' both work."),
+    ("model.pretrained=openia", "error: model.pretrained='openia': 'openia' is not an open_clip pretrained tag for model 'ViT-B-32'. Known tags: "),
+    ("model.pretrained=/no/such/ViT-B-32.pt", "error: model.pretrained='/no/such/ViT-B-32.pt': pretrained weights file or folder not found: /no/such/ViT-B-32.pt"),
     ("data.dataset=caltech", "error: unknown data.dataset 'caltech'. Did you mean: caltech101? Known datasets: "),
     ("train.device=gpu", "error: train.device='gpu' is not a device; use auto, cpu, cuda or cuda:N."),
 ]

@@ -46,6 +46,29 @@ def model_name_problem(name: str) -> Optional[str]:
     return f"unknown open_clip model '{name}'.{hint} See open_clip.list_models(); 'ViT-B/16' and 'ViT-B-16' both work."
 
 
+def pretrained_problem(name: str, pretrained: Optional[str]) -> Optional[str]:
+    """What is wrong with ``pretrained`` for model ``name``, found without loading anything; None when it can be tried."""
+    source = None if pretrained in (None, "", "none", "None", False) else str(pretrained)
+    if source is None or source == "auto":
+        return None
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"pretrained folder {path} has no config.json; pass a Hugging Face CLIP folder, a weights file, or an open_clip tag."
+        return None
+    if path.is_file():
+        return None
+    if any(sep in source for sep in ("/", "\\")) or source.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return f"pretrained weights file or folder not found: {source} (model '{name}'). Check the path."
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    name = normalize_model_name(name)
+    if not get_pretrained_cfg(name, source):
+        tags = list_pretrained_tags_by_model(name)
+        return f"'{source}' is not an open_clip pretrained tag for model '{name}'. Known tags: {', '.join(tags) or 'none'}."
+    return None
+
+
 # ------------------------------------------------------------------ network / cache probing
 def network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """True when ``host`` resolves and accepts a connection within ``timeout`` seconds.
@@ -225,12 +248,11 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             return open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(quick_gelu)), None
 
+    problem = pretrained_problem(name, source)
+    if problem:
+        raise PretrainedLoadError(problem)
     path = Path(os.path.expanduser(source))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PretrainedLoadError(
-                f"pretrained folder {path} has no config.json; pass a Hugging Face CLIP folder, a weights file, or an open_clip tag."
-            )
         state, hf_quick_gelu = _read_hf_clip_dir(path)
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=hf_quick_gelu if quick_gelu is None else quick_gelu)
         _check_and_load(model, state, f"Hugging Face CLIP folder {path}", name)
@@ -247,17 +269,7 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu)
         _check_and_load(model, state, f"{kind} {path}", name)
         return model, f"file:{path}"
-    if any(sep in source for sep in ("/", "\\")) or source.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise PretrainedLoadError(f"pretrained weights file or folder not found: {source} (model '{name}'). Check the path.")
-
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
     tag = source
-    if not get_pretrained_cfg(name, tag):
-        tags = list_pretrained_tags_by_model(name)
-        raise PretrainedLoadError(
-            f"'{tag}' is not an open_clip pretrained tag for model '{name}'. Known tags: {', '.join(tags) or 'none'}."
-        )
     cached = cached_pretrained_file(name, tag)
     if cached is None and not network_reachable():
         raise PretrainedLoadError(

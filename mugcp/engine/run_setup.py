@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from mugcp.backbones import load_clip
-from mugcp.backbones.weights import model_name_problem
+from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
 from mugcp.data import canonical_dataset_name
@@ -24,14 +24,18 @@ log = logging.getLogger("mugcp")
 def check_run_config(cfg: dict) -> None:
     """Everything about a run's config that can be known without reading data or building a model.
 
-    Values against the schema, the method and its options, the backbone name, the dataset name and
-    root, the device. Raises ConfigError (one line: key, value, what is allowed).
+    Values against the schema, the method and its options, the backbone name and its weights source
+    (path or tag), the dataset name and root, the device. Raises ConfigError (one line: key, value, what is allowed).
     """
     check_values(cfg)
     resolve_options(cfg["method"]["name"], cfg["method"], source="method section")
-    problem = model_name_problem(cfg["model"]["backbone"])
+    model_cfg = cfg["model"]
+    problem = model_name_problem(model_cfg["backbone"])
     if problem:
-        raise ConfigError(f"model.backbone={cfg['model']['backbone']!r}: {problem}")
+        raise ConfigError(f"model.backbone={model_cfg['backbone']!r}: {problem}")
+    problem = pretrained_problem(model_cfg["backbone"], model_cfg["pretrained"])
+    if problem:
+        raise ConfigError(f"model.pretrained={model_cfg['pretrained']!r}: {problem}")
     dataset = canonical_dataset_name(cfg["data"]["dataset"])
     root = cfg["data"]["root"]
     if root is not None and str(root).strip() and not Path(os.path.expandvars(os.path.expanduser(str(root)))).exists():
