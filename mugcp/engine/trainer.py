@@ -42,7 +42,9 @@ def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
     """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json.
 
     Under ``torchrun`` every process calls this; rank 0 writes the run folder and returns the
-    metrics, the other ranks return ``{}``.
+    metrics, the other ranks return ``{}``. The config (and ``resume``'s folder) is checked before
+    anything is read or written; a run that fails keeps its folder only once it has started (see
+    ``RunFolder``), with the error in ``log.txt`` and a true account of its checkpoint.
     """
     output = Path(output)
     started = time.time()
