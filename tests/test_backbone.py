@@ -110,7 +110,13 @@ def test_vision_prompts_appended_then_replaced(vit_b32, images):
     lengths, tails = [x.shape[1] for x in seen], [x[:, -4:] for x in seen]
     patches = (224 // 32) ** 2 + 1
     assert lengths == [patches + 4] * vit_b32.vision_layers
-    assert torch.equal(tails[0], prompts[0]) and torch.equal(tails[1], prompts[1])
+    # Layer-0 prompts are appended before ln_pre (the released MaPLe / IVLP / PromptSRC placement), so
+    # layer 0 sees them normalised together with the image tokens; deeper ones replace the tail as given.
+    with torch.no_grad():
+        before_ln_pre = torch.cat([vit_b32.embed_patches(images), prompts[0]], dim=1)
+        assert torch.equal(seen[0], vit_b32.model.visual.ln_pre(before_ln_pre))
+    assert not torch.allclose(tails[0], prompts[0])
+    assert torch.equal(tails[1], prompts[1])
 
 
 def test_openai_model_names_are_normalised():
