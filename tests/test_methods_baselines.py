@@ -353,3 +353,13 @@ def test_promptsrc_rejects_a_broken_aggregate_state(clip):
 def test_frozen_clip_is_bit_identical_after_all_method_tests(clip, clip_snapshot):
     """Runs last in this module: every CLIP tensor against the snapshot taken before the first test."""
     assert_clip_unchanged(clip, clip_snapshot, full=True)
+
+
+def test_maple_deeper_couplings_start_as_copies_of_one_layer(clip):
+    """Released MaPLe: ``compound_prompt_projections`` are deep copies of one initialised Linear."""
+    model = build(clip, "maple", depth=4)
+    for layer in (2, 3):
+        assert torch.equal(model.coupling[layer].weight, model.coupling[1].weight)
+        assert torch.equal(model.coupling[layer].bias, model.coupling[1].bias)
+        assert model.coupling[layer].weight.data_ptr() != model.coupling[1].weight.data_ptr()  # copies, not shared
+    assert not torch.equal(model.coupling[0].weight, model.coupling[1].weight)

@@ -35,6 +35,10 @@ class MaPLe(PromptLearner):
         first, self.prompt_prefix = text_context_init(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
         self.text_prompts = PromptStack(depth, options["n_ctx"], clip.text_width, first, options["init_std"])
         self.coupling = nn.ModuleList(nn.Linear(clip.text_width, clip.vision_width) for _ in range(depth))
+        # The released code builds the deeper couplings as copies of one freshly initialised layer, so
+        # they all start equal (the layer-0 coupling is initialised on its own).
+        for layer in range(2, depth):
+            self.coupling[layer].load_state_dict(self.coupling[1].state_dict())
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
