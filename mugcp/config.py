@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": "auto",
         "attention": "sdpa",
         "kernels": "reference",
+        "quick_gelu": "auto",  # auto | true | false: the MLP activation (OpenAI's CLIP weights need QuickGELU)
     },
     "method": {"name": "coop"},
     "data": {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.attention import AttentionBackendError, attention
-from mugcp.backbones import PretrainedLoadError, load_clip, normalize_model_name
+from mugcp.backbones import PretrainedLoadError, load_clip, normalize_model_name, quick_gelu_setting
 
 TEXTS = ["a photo of a cat.", "a dog", "a very long description of a small red fox in the snow at dawn"]
 
@@ -110,7 +110,13 @@ def test_vision_prompts_appended_then_replaced(vit_b32, images):
     lengths, tails = [x.shape[1] for x in seen], [x[:, -4:] for x in seen]
     patches = (224 // 32) ** 2 + 1
     assert lengths == [patches + 4] * vit_b32.vision_layers
-    assert torch.equal(tails[0], prompts[0]) and torch.equal(tails[1], prompts[1])
+    # Layer-0 prompts are appended before ln_pre (the released MaPLe / IVLP / PromptSRC placement), so
+    # layer 0 sees them normalised together with the image tokens; deeper ones replace the tail as given.
+    with torch.no_grad():
+        before_ln_pre = torch.cat([vit_b32.embed_patches(images), prompts[0]], dim=1)
+        assert torch.equal(seen[0], vit_b32.model.visual.ln_pre(before_ln_pre))
+    assert not torch.allclose(tails[0], prompts[0])
+    assert torch.equal(tails[1], prompts[1])
 
 
 def test_openai_model_names_are_normalised():
@@ -239,3 +245,56 @@ def test_vision_prompts_start_at_the_first_prompted_layer(vit_b32, images):
     lengths = [x.shape[1] for x in seen]
     patches = (224 // 32) ** 2 + 1
     assert lengths == [patches] + [patches + 4] * (vit_b32.vision_layers - 1)
+
+
+# ----------------------------------------------------------------- model.quick_gelu
+def _activation(backbone) -> str:
+    return type(backbone.model.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_openai_state_dict_with_quick_gelu_true_equals_open_clips_quick_gelu_model(vit_b32, tmp_path, images, caplog):
+    """What clip.load(..., jit=False).state_dict() gives: a plain .pt state dict of QuickGELU weights."""
+    import logging
+
+    import open_clip
+
+    path = tmp_path / "ViT-B-32-openai-state.pt"
+    torch.save(vit_b32.model.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="mugcp"):
+        loaded = load_clip("ViT-B-32", pretrained=str(path), quick_gelu=quick_gelu_setting("true"))
+    assert _activation(loaded) == "QuickGELU"
+    assert "ViT-B-32 uses QuickGELU (model.quick_gelu=true)" in caplog.text
+    reference = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    reference.eval()
+    tokens = loaded.tokenize(["a photo of a cat.", "a diagram"])
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=0)
+        assert torch.allclose(loaded.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=0)
+        assert not torch.allclose(loaded.encode_image(images), vit_b32.encode_image(images), atol=1e-3)  # GELU differs
+
+
+def test_quick_gelu_auto_warns_on_a_plain_state_dict_and_follows_names(vit_b32, tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "state.pt"
+    torch.save(vit_b32.model.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="mugcp"):
+        loaded = load_clip("ViT-B-32", pretrained=str(path), quick_gelu=quick_gelu_setting("auto"))
+    assert _activation(loaded) == "GELU"
+    assert "does not say which activation" in caplog.text and "need model.quick_gelu=true" in caplog.text
+    assert _activation(load_clip("ViT-B-32-quickgelu", pretrained=None)) == "QuickGELU"
+    with pytest.raises(PretrainedLoadError, match=r"model.quick_gelu=false, but model 'ViT-B-32-quickgelu' is defined with QuickGELU"):
+        load_clip("ViT-B-32-quickgelu", pretrained=None, quick_gelu=False)
+    with pytest.raises(ValueError, match=r"model.quick_gelu must be auto, true or false, got 'maybe'"):
+        quick_gelu_setting("maybe")
+    assert (quick_gelu_setting("auto"), quick_gelu_setting(True), quick_gelu_setting("false")) == (None, True, False)
+
+
+def test_quick_gelu_auto_follows_open_clip_tags():
+    """Every 'openai' tag was trained with QuickGELU; open_clip alone would only warn and keep GELU."""
+    from mugcp.backbones.weights import choose_quick_gelu
+
+    assert choose_quick_gelu("ViT-B-16", None, True, "open_clip tag 'openai'") is True
+    assert choose_quick_gelu("ViT-B-16", None, False, "open_clip tag 'laion2b_s34b_b88k'") is False
+    assert choose_quick_gelu("ViT-B-16", False, True, "open_clip tag 'openai'") is False

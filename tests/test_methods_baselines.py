@@ -168,14 +168,17 @@ def test_bad_options_are_named(clip, method, options, message):
 
 
 # ----------------------------------------------------------------- deep prompts
-def test_text_context_init_keeps_n_ctx(clip):
+def test_text_context_init_follows_the_released_rule(clip):
+    """n_ctx is kept; init words beyond it stay in the class text; n_ctx > 4 ignores the init text."""
     tokens = clip.tokenize(["a photo of a"])[0]
     words = clip.embed_tokens(tokens[None])[0, 1:5]
-    assert torch.equal(text_context_init(clip, 2, "a photo of a"), words[:2])  # "a photo"
+    vectors, prefix = text_context_init(clip, 2, "a photo of a")
+    assert torch.equal(vectors, words[:2]) and prefix == "a photo of a"  # context "a photo", "of a" fixed
     torch.manual_seed(0)
-    padded = text_context_init(clip, 6, "a photo of a", std=0.02)
-    assert torch.equal(padded[:4], words)
-    assert 0 < padded[4:].std() < 0.05
+    random, prefix = text_context_init(clip, 6, "a photo of a", std=0.02)
+    assert prefix == "X X X X X X" and 0.01 < float(random.std()) < 0.03
+    with pytest.raises(ValueError, match=r"ctx_init 'a photo' has 2 tokens, fewer than n_ctx=3"):
+        text_context_init(clip, 3, "a photo")
 
 
 def test_ivlp_with_only_layer0_text_prompts_is_coop(clip, image):
@@ -200,7 +203,7 @@ def test_ivlp_vision_prompts_enter_the_image_encoder(clip, image):
 # ----------------------------------------------------------------- MaPLe
 def test_maple_vision_prompts_are_the_coupled_text_prompts(clip, image, monkeypatch):
     model = build(clip, "maple")
-    assert torch.equal(model.text_prompts.layers[0].detach(), text_context_init(clip, 2, "a photo of a"))
+    assert torch.equal(model.text_prompts.layers[0].detach(), text_context_init(clip, 2, "a photo of a")[0])
     seen = {}
     original = clip.encode_image
 
@@ -245,7 +248,7 @@ def test_cocoop_per_image_contexts_grouping_and_silent_meta_net(clip, images):
 
 
 # ----------------------------------------------------------------- KgCoOp
-def test_kgcoop_term_is_the_mean_squared_distance(clip, image):
+def test_kgcoop_term_is_the_released_cosine_distance(clip, image):
     model = build(clip, "kgcoop")
     model.train()
     labels = torch.tensor([1])
@@ -258,13 +261,15 @@ def test_kgcoop_term_is_the_mean_squared_distance(clip, image):
     handcrafted = F.normalize(encode_class_texts(clip, [f"a photo of a {c}." for c in CLASSES]), dim=-1)
     with torch.no_grad():
         learned = F.normalize(model.compute_text_features(), dim=-1)
-    expected = sum(float(((learned[c] - handcrafted[c]) ** 2).sum()) for c in range(len(CLASSES))) / len(CLASSES)
+    expected = 1.0 - float(F.cosine_similarity(learned, handcrafted, dim=1).mean())  # the released score
     assert terms["kg"] > 1e-4
     assert terms["kg"] == pytest.approx(expected, rel=1e-4)
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), labels)) + 8.0 * expected, rel=1e-4)
 
-    model.options["kg_distance"] = "cosine"  # the released code's 1 - cos: half the squared distance on unit vectors
-    assert float(model.knowledge_distance(learned)) == pytest.approx(expected / 2, rel=1e-4)
+    model.options["kg_distance"] = "squared_l2"  # the paper's ||w - w_clip||^2: twice 1 - cos on unit vectors
+    squared = sum(float(((learned[c] - handcrafted[c]) ** 2).sum()) for c in range(len(CLASSES))) / len(CLASSES)
+    assert float(model.knowledge_distance(learned)) == pytest.approx(squared, rel=1e-4)
+    assert squared == pytest.approx(2 * expected, rel=1e-4)
 
 
 # ----------------------------------------------------------------- PromptSRC
@@ -348,3 +353,13 @@ def test_promptsrc_rejects_a_broken_aggregate_state(clip):
 def test_frozen_clip_is_bit_identical_after_all_method_tests(clip, clip_snapshot):
     """Runs last in this module: every CLIP tensor against the snapshot taken before the first test."""
     assert_clip_unchanged(clip, clip_snapshot, full=True)
+
+
+def test_maple_deeper_couplings_start_as_copies_of_one_layer(clip):
+    """Released MaPLe: ``compound_prompt_projections`` are deep copies of one initialised Linear."""
+    model = build(clip, "maple", depth=4)
+    for layer in (2, 3):
+        assert torch.equal(model.coupling[layer].weight, model.coupling[1].weight)
+        assert torch.equal(model.coupling[layer].bias, model.coupling[1].bias)
+        assert model.coupling[layer].weight.data_ptr() != model.coupling[1].weight.data_ptr()  # copies, not shared
+    assert not torch.equal(model.coupling[0].weight, model.coupling[1].weight)

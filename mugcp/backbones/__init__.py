@@ -11,7 +11,20 @@ from mugcp.backbones.weights import PretrainedLoadError, build_open_clip_model, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipBackbone", "PretrainedLoadError", "load_clip", "normalize_model_name", "get_tokenizer", "OPENAI_MEAN", "OPENAI_STD"]
+__all__ = ["ClipBackbone", "PretrainedLoadError", "load_clip", "normalize_model_name", "get_tokenizer", "quick_gelu_setting", "OPENAI_MEAN", "OPENAI_STD"]
+
+
+def quick_gelu_setting(value) -> Optional[bool]:
+    """``model.quick_gelu`` as ``load_clip`` takes it: ``auto`` → None, ``true`` / ``false`` → bool."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    from mugcp.config import ConfigError
+
+    raise ConfigError(f"model.quick_gelu must be auto, true or false, got {value!r}.")
 
 
 def get_tokenizer(name: str):
@@ -33,6 +46,8 @@ def load_clip(
     (``"openai"``), a local weights file, a Hugging Face CLIP folder, or ``"auto"`` (the ``openai``
     weights when they can be loaded, otherwise random weights with a warning; check
     ``backbone.pretrained``, which is ``None`` whenever the weights are random).
+    ``quick_gelu``: ``None`` (auto: TorchScript archives, ``-quickgelu`` names, open_clip tags and
+    Hugging Face configs trained with QuickGELU get it), ``True`` or ``False``; the choice is logged.
     """
     name = normalize_model_name(name)
     if pretrained == "auto":

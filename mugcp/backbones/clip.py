@@ -24,6 +24,11 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _skip_first_layer(hook: LayerHook) -> LayerHook:
+    """``hook`` for layers 1.. only: its layer-0 call already happened before ``ln_pre``."""
+    return lambda index, x: x if index == 0 else hook(index, x)
+
+
 class ClipBackbone(nn.Module):
     """Frozen CLIP encoders that accept per-layer prompt tokens.
 
@@ -35,6 +40,10 @@ class ClipBackbone(nn.Module):
     ids already hold P placeholder tokens there, so the EOT position is unchanged.
     Vision: at the first prompted layer the prompts ``(B, P, width)`` are appended after the patch
     tokens; at later layers they replace those last P positions. The CLS token stays at position 0.
+    Layer-0 vision prompts enter *before* ``ln_pre`` (appended to the patch and CLS embeddings, which
+    already carry their positions), as the released MaPLe / IVLP / PromptSRC code does, so ``ln_pre``
+    normalises them with the image tokens. A hook is likewise called at layer 0 with the sequence
+    before ``ln_pre``, and ``ln_pre`` is applied to whatever it returns.
     """
 
     def __init__(self, model: nn.Module, name: str, pretrained: str | None, tokenizer, attention_backend: str = "sdpa"):
@@ -146,9 +155,21 @@ class ClipBackbone(nn.Module):
         return (x, tokens_out) if return_tokens else x
 
     # ----------------------------------------------------------------- vision
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS + patch tokens with their positions, before ``ln_pre``: where layer-0 prompts are appended.
+
+        The same operations as open_clip's ``VisionTransformer._embeds`` up to its final ``ln_pre``.
+        """
+        visual = self.model.visual
+        x = visual.conv1(images.to(self.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.patch_dropout(x)
+
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch + CLS tokens with positions, after ``ln_pre``: the input of vision layer 0."""
-        return self.model.visual._embeds(images.to(self.dtype))
+        """Patch + CLS tokens with positions, after ``ln_pre``: the input of an unprompted vision layer 0."""
+        return self.model.visual.ln_pre(self.embed_patches(images))
 
     def encode_image(
         self,
@@ -159,8 +180,16 @@ class ClipBackbone(nn.Module):
     ):
         """Image features ``(B, embed_dim)`` (and, with ``return_tokens``, the final token sequence)."""
         visual = self.model.visual
-        x = self.embed_image(images)
-        x = self._run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None)
+        x = self.embed_patches(images)
+        appended = False
+        if callable(deep_prompts):
+            x = deep_prompts(0, x)
+            deep_prompts = _skip_first_layer(deep_prompts)
+        elif deep_prompts is not None and len(deep_prompts) and deep_prompts[0] is not None:
+            x = self._insert_prompts(x, deep_prompts[0], appended=False, replace_at=None)
+            deep_prompts, appended = [None, *deep_prompts[1:]], True
+        x = visual.ln_pre(x)
+        x = self._run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None, appended=appended)
         pooled, _ = visual._pool(x)
         pooled = self._project(pooled, visual.proj)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
@@ -182,8 +211,8 @@ class ClipBackbone(nn.Module):
             return torch.cat([x, prompts], dim=1)
         return torch.cat([x[:, :-count], prompts], dim=1)
 
-    def _run_blocks(self, blocks, x, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None):
-        appended = False
+    def _run_blocks(self, blocks, x, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None, appended: bool = False):
+        """``appended``: vision prompts are already in ``x`` (layer-0 prompts added before ``ln_pre``)."""
         for index, block in enumerate(blocks):
             if callable(deep_prompts):
                 x = deep_prompts(index, x)

@@ -231,9 +231,48 @@ def _check_and_load(model: torch.nn.Module, state: dict, source: str, name: str)
     model.load_state_dict(state, strict=True)
 
 
+# ------------------------------------------------------------------ activation
+def choose_quick_gelu(name: str, setting: Optional[bool], evidence: Optional[bool], source: str) -> bool:
+    """QuickGELU or GELU for model ``name`` loaded from ``source``, logged with the reason.
+
+    ``setting`` is ``model.quick_gelu`` (``None`` = auto). Auto takes QuickGELU when the model name
+    says so (``-quickgelu`` configs) or the weights do (``evidence``: an OpenAI TorchScript archive, an
+    open_clip tag trained with it, a Hugging Face config with ``hidden_act: quick_gelu``). A plain
+    state dict says nothing: auto then keeps the model's own activation and warns, because OpenAI's
+    weights saved that way need ``model.quick_gelu=true``.
+    """
+    import open_clip
+
+    built_in = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if setting is False and built_in:
+        raise PretrainedLoadError(
+            f"model.quick_gelu=false, but model '{name}' is defined with QuickGELU; use the name without "
+            f"'-quickgelu' for GELU, or model.quick_gelu=auto."
+        )
+    if setting is not None:
+        use, reason = setting, f"model.quick_gelu={'true' if setting else 'false'}"
+    elif built_in:
+        use, reason = True, f"the model config '{name}' uses it"
+    elif evidence is not None:
+        use, reason = evidence, f"the weights ({source}) were trained with {'QuickGELU' if evidence else 'GELU'}"
+    else:
+        use, reason = False, "model default"
+        if source.startswith("PyTorch state dict") or source.startswith("safetensors state dict"):
+            log.warning(
+                "model.quick_gelu=auto: %s does not say which activation its model was trained with; using GELU. "
+                "OpenAI's CLIP weights (e.g. clip.load(..., jit=False).state_dict()) need model.quick_gelu=true.",
+                source,
+            )
+    log.info("%s uses %s (%s)", name, "QuickGELU" if use else "GELU", reason)
+    return use
+
+
 # ------------------------------------------------------------------ entry point
 def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Optional[bool] = None):
-    """Returns (open_clip model, description of the weights actually loaded or None for random)."""
+    """Returns (open_clip model, description of the weights actually loaded or None for random).
+
+    ``quick_gelu``: ``None`` (auto, see ``choose_quick_gelu``), ``True`` or ``False``.
+    """
     import open_clip
 
     name = normalize_model_name(name)
@@ -246,7 +285,8 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
         # Random weights are drawn from a fixed seed, so a checkpoint trained on them evaluates on the same ones.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            return open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(quick_gelu)), None
+            use = choose_quick_gelu(name, quick_gelu, None, "random weights")
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=use), None
 
     problem = pretrained_problem(name, source)
     if problem:
@@ -254,7 +294,8 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         state, hf_quick_gelu = _read_hf_clip_dir(path)
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=hf_quick_gelu if quick_gelu is None else quick_gelu)
+        use = choose_quick_gelu(name, quick_gelu, hf_quick_gelu, f"Hugging Face CLIP folder {path}")
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use)
         _check_and_load(model, state, f"Hugging Face CLIP folder {path}", name)
         return model, f"hf:{path}"
     if path.is_file():
@@ -265,8 +306,9 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
         except Exception as err:  # unreadable / corrupt file
             raise PretrainedLoadError(f"cannot read weights file {path} for model '{name}': {err}") from None
         # OpenAI's models were trained with QuickGELU; their TorchScript archives are the telltale.
-        use_quick_gelu = (kind == "OpenAI TorchScript archive") if quick_gelu is None else quick_gelu
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu)
+        archive = kind == "OpenAI TorchScript archive"
+        use = choose_quick_gelu(name, quick_gelu, True if archive else None, f"{kind} {path}")
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use)
         _check_and_load(model, state, f"{kind} {path}", name)
         return model, f"file:{path}"
     tag = source
@@ -278,8 +320,10 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
             "~/.cache/huggingface (or ~/.cache/clip), or pass a local file with model.pretrained=PATH, "
             "or use model.pretrained=none for random weights."
         )
+    # open_clip itself only warns when a tag trained with QuickGELU (every 'openai' tag) meets a GELU config.
+    use = choose_quick_gelu(name, quick_gelu, bool(get_pretrained_cfg(name, tag).get("quick_gelu", False)), f"open_clip tag '{tag}'")
     try:
-        model = open_clip.create_model(name, pretrained=tag)
+        model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=use)
     except Exception as err:
         raise PretrainedLoadError(f"loading open_clip weights '{name}' / '{tag}' failed: {err}") from None
     return model, f"open_clip:{tag}"

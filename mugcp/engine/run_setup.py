@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from mugcp.backbones import load_clip
+from mugcp.backbones import load_clip, quick_gelu_setting
 from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
@@ -206,7 +206,10 @@ def method_options(cfg: dict, semantic: SemanticContext) -> dict:
 
 def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext, dataset_name: Optional[str] = None):
     model_cfg = cfg["model"]
-    clip = load_clip(model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"])
+    clip = load_clip(
+        model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"],
+        quick_gelu=quick_gelu_setting(model_cfg.get("quick_gelu", "auto")),
+    )
     semantic.clip = clip
     return create_model(
         cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"], kernels=model_cfg["kernels"],

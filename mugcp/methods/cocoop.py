@@ -30,7 +30,8 @@ class CoCoOp(PromptLearner):
 
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
-        vectors, self.n_ctx = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
+        vectors, self.prompt_prefix = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
+        self.n_ctx = vectors.shape[1]
         self.ctx = nn.Parameter(vectors[0])
         hidden = clip.embed_dim // options["meta_reduction"]
         if hidden < 1:
@@ -39,7 +40,7 @@ class CoCoOp(PromptLearner):
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx)
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, prefix=self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def image_contexts(self, image_features: torch.Tensor) -> torch.Tensor:

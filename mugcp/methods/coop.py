@@ -18,13 +18,16 @@ from mugcp.methods.registry import register_method
     config="configs/methods/coop.yaml",
 )
 class CoOp(PromptLearner):
-    """``ctx_init`` text sets both the initial vectors and ``n_ctx``; ``class_specific`` learns one
-    context per class (then the checkpoint is tied to the number of classes)."""
+    """``ctx_init`` text sets the initial vectors and ``n_ctx`` (its word count, as the released code
+    counts; see ``init_context``); ``class_specific`` learns one context per class (then the checkpoint
+    is tied to the number of classes; unlike the released code, which silently learns one shared
+    context when ``ctx_init`` is set, every class then starts from the ``ctx_init`` words)."""
 
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
         rows = len(classnames) if options["class_specific"] else 1
-        vectors, self.n_ctx = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"], rows)
+        vectors, self.prompt_prefix = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"], rows)
+        self.n_ctx = vectors.shape[1]
         self.ctx = nn.Parameter(vectors if options["class_specific"] else vectors[0])
         self.set_classnames(classnames)
 
@@ -34,7 +37,7 @@ class CoOp(PromptLearner):
                 f"this CoOp has class-specific context for {self.ctx.shape[0]} classes, got {len(self.classnames)} class names; "
                 "class-specific prompts do not transfer to other classes (train with class_specific=false)."
             )
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, self.options["class_token_position"])
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, self.options["class_token_position"], self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def compute_text_features(self) -> torch.Tensor:

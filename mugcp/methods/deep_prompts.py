@@ -2,7 +2,8 @@
 
 Shared by IVLP, MaPLe and PromptSRC (and usable by any method that prompts several layers). The API:
 
-- ``text_context_init(clip, n_ctx, init, std)``: the layer-0 text prompt, ``(n_ctx, text_width)``.
+- ``text_context_init(clip, n_ctx, init, std)``: the layer-0 text prompt ``(n_ctx, text_width)`` and the
+  class-text prefix it implies (the released code keeps unused init words as fixed tokens).
 - ``check_depth(clip, depth, tower, option)``: a clear error for a depth the encoder cannot take.
 - ``PromptStack(depth, n_ctx, width, first=None, std=0.02)``: one ``(n_ctx, width)`` parameter per
   prompted layer; calling it returns the list of per-layer prompts.
@@ -21,26 +22,39 @@ import torch.nn as nn
 
 from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
-from mugcp.methods.prompt_text import ClassPrompts
+from mugcp.methods.prompt_text import ClassPrompts, placeholder_prefix
 
 
-def text_context_init(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02) -> torch.Tensor:
-    """Layer-0 text prompt ``(n_ctx, width)``: the first ``n_ctx`` token embeddings of ``init``.
+# The released MaPLe / IVLP / PromptSRC code initialises the context from ``ctx_init`` only up to this
+# many context tokens (its ``n_ctx <= 4`` test); beyond it the context is random and ``ctx_init`` unused.
+INIT_TEXT_MAX_CONTEXT = 4
 
-    Unlike CoOp's ``init_context``, ``n_ctx`` is kept (MaPLe/IVLP/PromptSRC: ``n_ctx=2`` with
-    ``"a photo of a"`` starts from "a photo"); an ``init`` shorter than ``n_ctx`` tokens is padded
-    with Gaussian vectors, and no ``init`` gives Gaussian vectors only.
+
+def text_context_init(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02) -> tuple[torch.Tensor, str]:
+    """Layer-0 text prompt ``(n_ctx, width)`` and the class-text prefix, as the released MaPLe / IVLP /
+    PromptSRC code builds them.
+
+    Unlike CoOp's ``init_context``, ``n_ctx`` is kept. With ``init`` and ``n_ctx <= 4`` the vectors are
+    the first ``n_ctx`` token embeddings of ``init`` and the prefix is ``init`` itself, so its tokens
+    beyond ``n_ctx`` stay in every class text as fixed words (``n_ctx=2``, ``"a photo of a"``: the
+    context starts as "a photo" and "of a" stays). Otherwise (no ``init``, or ``n_ctx > 4``, where the
+    released code ignores ``init``) Gaussian vectors with ``std`` and ``n_ctx`` placeholder words.
     """
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be at least 1, got {n_ctx}.")
-    vectors = torch.randn(n_ctx, clip.text_width) * std
-    if init:
-        ids = clip.tokenize([init.replace("_", " ")])[0]
-        words = int(ids.argmax()) - 1  # tokens between SOS and EOT
-        used = min(words, n_ctx)
-        with torch.no_grad():
-            vectors[:used] = clip.embed_tokens(ids[None])[0, 1 : 1 + used].float().cpu()
-    return vectors
+    if not init or n_ctx > INIT_TEXT_MAX_CONTEXT:
+        return torch.randn(n_ctx, clip.text_width) * std, placeholder_prefix(n_ctx)
+    prefix = init.replace("_", " ")
+    ids = clip.tokenize([prefix])[0]
+    tokens = int(ids.argmax()) - 1  # tokens between SOS and EOT
+    if tokens < n_ctx:
+        raise ConfigError(
+            f"ctx_init '{init}' has {tokens} tokens, fewer than n_ctx={n_ctx}: the released code would start the context "
+            f"from end-of-text and padding embeddings. Use n_ctx <= {tokens}, a longer ctx_init, or ctx_init=''."
+        )
+    with torch.no_grad():
+        vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + n_ctx].float().cpu()
+    return vectors, prefix
 
 
 def check_depth(clip: ClipBackbone, depth: int, tower: str, option: str) -> None:
@@ -94,6 +108,6 @@ def encode_prompted_text(clip: ClipBackbone, class_prompts: ClassPrompts, text_p
 
 
 def encode_prompted_image(clip: ClipBackbone, images: torch.Tensor, vision_prompts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Image features ``(B, E)``: ``vision_prompts[0]`` is appended after the patch tokens of layer 0,
+    """Image features ``(B, E)``: ``vision_prompts[0]`` is appended after the patch tokens before ``ln_pre``,
     ``vision_prompts[j]`` replaces them at layer ``j``; later layers keep whatever the tokens became."""
     return clip.encode_image(images, deep_prompts=list(vision_prompts) if len(vision_prompts) else None)

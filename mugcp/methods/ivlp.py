@@ -26,21 +26,22 @@ IVLP_DEFAULTS = {
     config="configs/methods/ivlp.yaml",
 )
 class IVLP(PromptLearner):
-    """Text prompts at layers ``0 .. text_depth-1`` (layer 0 from ``ctx_init``), vision prompts at
-    layers ``0 .. vision_depth-1`` (Gaussian), with no link between the two."""
+    """Text prompts at layers ``0 .. text_depth-1`` (layer 0 from ``ctx_init``, see ``text_context_init``),
+    vision prompts at layers ``0 .. vision_depth-1`` (Gaussian; layer 0's enter before ``ln_pre``),
+    with no link between the two."""
 
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
         check_depth(clip, options["text_depth"], "text", "text_depth")
         check_depth(clip, options["vision_depth"], "vision", "vision_depth")
         n_text = options["n_ctx_text"] if options["text_depth"] else 0
-        first = text_context_init(clip, n_text, options["ctx_init"], options["init_std"]) if n_text else None
+        first, self.prompt_prefix = text_context_init(clip, n_text, options["ctx_init"], options["init_std"]) if n_text else (None, "")
         self.text_prompts = PromptStack(options["text_depth"], n_text, clip.text_width, first, options["init_std"])
         self.vision_prompts = PromptStack(options["vision_depth"], options["n_ctx_vision"], clip.vision_width, std=options["init_std"])
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx if len(self.text_prompts) else 0)
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx if len(self.text_prompts) else 0, prefix=self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def compute_text_features(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from mugcp.config import ConfigError
 from mugcp.methods.coop import CoOp
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
-from mugcp.methods.templates import resolve_templates
+from mugcp.methods.templates import KGCOOP_DATASET_TEMPLATES, resolve_templates
 
 
 @register_method(
@@ -22,20 +22,22 @@ from mugcp.methods.templates import resolve_templates
         "class_token_position": "end",
         "init_std": 0.02,
         "kg_weight": 8.0,
-        "kg_distance": "squared_l2",
-        "handcrafted_template": "a photo of a {}.",
+        "kg_distance": "cosine",
+        "handcrafted_template": "auto",
     },
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
 )
 class KgCoOp(CoOp):
-    """Loss = CE + ``kg_weight`` · mean over classes of ‖w_c − w_c^clip‖², both L2-normalised, where
-    w^clip are frozen CLIP features of ``handcrafted_template`` (``auto``: the dataset's template).
+    """Loss = CE + ``kg_weight`` · distance between the normalised learned class features w_c and the
+    frozen CLIP features w_c^clip of ``handcrafted_template``, as in the authors' released code:
 
-    ``kg_distance``: ``squared_l2`` (the paper's formula) or ``cosine`` (1 − cos, the form of the
-    authors' released code). On unit vectors ‖a − b‖² = 2·(1 − cos), so at the same weight the
-    released code's regulariser is half as strong.
+    - ``kg_distance``: ``cosine`` (default, the released code: 1 − mean over classes of cos(w_c, w_c^clip))
+      or ``squared_l2`` (the paper's formula: mean over classes of ‖w_c − w_c^clip‖²). On unit vectors
+      ‖a − b‖² = 2·(1 − cos), so at the same weight the paper's form is twice as strong.
+    - ``handcrafted_template``: ``auto`` (default: the dataset's template from the released code's own
+      table, which differs from CoOp's for DTD), or any choice of ``resolve_templates``.
     """
 
     def __init__(self, clip, classnames, options, **kwargs):
@@ -50,7 +52,7 @@ class KgCoOp(CoOp):
     def handcrafted_text_features(self) -> torch.Tensor:
         """Normalised frozen features ``(C, E)`` of the hand-crafted prompt, computed once per class set."""
         if self._handcrafted is None:
-            templates = resolve_templates(self.options["handcrafted_template"], self.dataset)
+            templates = resolve_templates(self.options["handcrafted_template"], self.dataset, KGCOOP_DATASET_TEMPLATES)
             self._handcrafted = template_text_features(self.clip, templates, self.classnames)
         return self._handcrafted
 

@@ -21,7 +21,9 @@ from mugcp.methods.registry import register_method
 class MaPLe(PromptLearner):
     """Text prompts ``P_j`` at layers ``0 .. depth-1`` (``P_0`` from ``ctx_init``); the vision prompt of
     layer ``j`` is ``F_j(P_j)`` with one linear coupling ``F_j: text_width -> vision_width`` per layer,
-    so both encoders are steered by the same learned tokens."""
+    so both encoders are steered by the same learned tokens. As in the released code, the class texts
+    keep the ``ctx_init`` words beyond ``n_ctx`` ("a photo of a", ``n_ctx=2``: ``[ctx, ctx, "of", "a",
+    class, "."]``) and ``F_0(P_0)`` enters the image encoder before ``ln_pre``."""
 
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
@@ -30,13 +32,17 @@ class MaPLe(PromptLearner):
         check_depth(clip, depth, "vision", "depth")
         if depth < 1:
             raise ConfigError("method option 'depth' must be at least 1 for MaPLe (the prompts start at layer 0).")
-        first = text_context_init(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
+        first, self.prompt_prefix = text_context_init(clip, options["n_ctx"], options["ctx_init"], options["init_std"])
         self.text_prompts = PromptStack(depth, options["n_ctx"], clip.text_width, first, options["init_std"])
         self.coupling = nn.ModuleList(nn.Linear(clip.text_width, clip.vision_width) for _ in range(depth))
+        # The released code builds the deeper couplings as copies of one freshly initialised layer, so
+        # they all start equal (the layer-0 coupling is initialised on its own).
+        for layer in range(2, depth):
+            self.coupling[layer].load_state_dict(self.coupling[1].state_dict())
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx)
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx, prefix=self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def vision_prompts(self, text_prompts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,9 @@
 Per image: SCP pools the image's semantic features (MLLM answer or a stand-in) into n_s tokens S⁰;
 the vision encoder runs first, and at every prompted layer j < J AMG lets the visual tokens and S^j
 guide each other, giving the visual conditional prompts VCP^j and S^{j+1}; MPF writes
-``[F^j(ctx_t^j) ; σ(g_v^j)⊙VCP^j]`` after the visual tokens. The text encoder then runs over B×C
+``[F^j(ctx_t^j) ; σ(g_v^j)⊙VCP^j]`` after the visual tokens. Layer 0 works on the tokens before
+``ln_pre`` and its prompts are normalised by ``ln_pre`` with them: the paper follows MaPLe, and this is
+where MaPLe's released code puts its first vision prompts (``ClipBackbone`` does the placement). The text encoder then runs over B×C
 sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``kernels.fuse_prompts``).
 
 Also here, for the data path and the CLIs: :func:`resolve_semantic_source`, :func:`encode_captions`
@@ -89,7 +91,8 @@ class MuGCP(PromptLearner):
         std = options["init_std"]
 
         context = torch.randn(self.depth, self.n_ctx, text_width) * std
-        context[0] = text_context_init(clip, self.n_ctx, options["ctx_init"], std)
+        # Layer-0 context as MaPLe's; the class texts keep only placeholders (DESIGN §2.3), no leftover init words.
+        context[0] = text_context_init(clip, self.n_ctx, options["ctx_init"], std)[0]
         self.text_context = nn.Parameter(context)  # ctx_t^j
         self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(self.depth))  # F^j
         gates = torch.full((self.depth, self.n_semantic), float(options["prompt_gate_init"]))

@@ -11,38 +11,61 @@ from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
 
 
-def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02, rows: int = 1) -> tuple[torch.Tensor, int]:
-    """Initial context vectors ``(rows, n_ctx, width)`` and the (possibly changed) ``n_ctx``.
+def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02, rows: int = 1) -> tuple[torch.Tensor, str]:
+    """CoOp's context initialisation, as its released code does it: ``(vectors (rows, n, width), prompt prefix)``.
 
-    With ``init`` text (``"a photo of a"``) the vectors are that text's token embeddings and ``n_ctx``
-    becomes its token count, as in CoOp; otherwise they are Gaussian with ``std``.
+    With ``init`` text (``"a photo of a"``) the context count becomes the number of *words* of the text
+    and the vectors are the text's first that many token embeddings; the class texts are then
+    ``"{init} {class}."``, so when a word splits into several tokens the tokens beyond the context stay
+    in every class text as fixed tokens (the released CoOp / CoCoOp / KgCoOp behaviour; for
+    one-token words, as in "a photo of a", nothing is left over). Without ``init``: ``n_ctx`` Gaussian
+    vectors with ``std`` and the prefix ``"X X ... X"``.
     """
     if init:
-        ids = clip.tokenize([init.replace("_", " ")])[0]
-        length = int(ids.argmax()) - 1  # tokens between SOS and EOT
+        prefix = init.replace("_", " ")
+        count = len(prefix.split(" "))
+        ids = clip.tokenize([prefix])[0]
         with torch.no_grad():
-            vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + length].float()
-        return vectors.unsqueeze(0).repeat(rows, 1, 1).clone(), length
-    return torch.randn(rows, n_ctx, clip.text_width) * std, n_ctx
+            vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + count].float()
+        return vectors.unsqueeze(0).repeat(rows, 1, 1).clone(), prefix
+    return torch.randn(rows, n_ctx, clip.text_width) * std, placeholder_prefix(n_ctx)
+
+
+def placeholder_prefix(n_ctx: int, placeholder: str = "X") -> str:
+    """``"X X ... X"``: one single-token placeholder word per context slot."""
+    return " ".join([placeholder] * n_ctx)
 
 
 class ClassPrompts(nn.Module):
-    """``[SOS, ctx × n_ctx, class name, '.', EOT]`` for every class, as token ids and frozen embeddings.
+    """``"{prefix} {class name}."`` for every class, as token ids and frozen embeddings, with the
+    first ``n_ctx`` tokens after SOS as context slots: ``[SOS, ctx × n_ctx, rest of prefix, class name, '.', EOT]``.
 
+    ``prefix`` defaults to ``n_ctx`` placeholder words (``"X X X X"``). The released prompt learners
+    pass their initialisation text instead (``"a photo of a"``): its tokens beyond ``n_ctx`` stay as
+    fixed words of every class text (MaPLe with ``n_ctx=2`` reads ``[SOS, ctx, ctx, "of", "a", class, ".", EOT]``).
     ``position`` puts the class name at the ``end`` (default), ``middle`` or ``front`` of the context.
     ``assemble(ctx)`` writes context vectors into the slots and returns embeddings ready for
     ``ClipBackbone.encode_text(self.tokens, embeddings=...)``.
     """
 
-    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end", placeholder: str = "X"):
+    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end", prefix: Optional[str] = None):
         super().__init__()
         if position not in ("end", "middle", "front"):
             raise ConfigError(f"class token position must be end, middle or front, got '{position}'")
         self.n_ctx = n_ctx
         self.position = position
+        prefix = placeholder_prefix(n_ctx) if prefix is None else prefix
+        prefix_tokens = int(clip.tokenize([prefix])[0].argmax()) - 1 if prefix else 0
+        if prefix_tokens < n_ctx:
+            raise ConfigError(f"the prompt prefix '{prefix}' has {prefix_tokens} tokens, fewer than the {n_ctx} context slots it must hold.")
+        if position != "end" and prefix_tokens != n_ctx:
+            raise ConfigError(
+                f"class token position '{position}' needs exactly n_ctx={n_ctx} context tokens before the class name, "
+                f"but the prompt prefix '{prefix}' has {prefix_tokens} tokens; use class_token_position=end or a prefix of one-token words."
+            )
+        self.prefix_text = prefix
         names = [name.replace("_", " ") for name in classnames]
-        prompt_prefix = " ".join([placeholder] * n_ctx)
-        texts = [f"{prompt_prefix} {name}." if n_ctx else f"{name}." for name in names]
+        texts = [f"{prefix} {name}." if prefix else f"{name}." for name in names]
         tokens = clip.tokenize(texts)
         name_tokens = clip.tokenize(names)
         self.name_lengths = [int(row.argmax()) - 1 for row in name_tokens]

@@ -32,7 +32,7 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
         "text_loss_weight": 25.0,
         "image_loss_weight": 10.0,
         "logit_loss_weight": 1.0,
-        "zs_templates": "ensemble",
+        "zs_templates": "imagenet60",
         "gpa": True,
         "gpa_mean": 15.0,
         "gpa_std": 1.0,
@@ -44,7 +44,8 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(IVLP):
     """IVLP prompts trained with three self-regularising terms besides cross-entropy:
 
-    - ``text_loss_weight`` · L1(prompted text features, frozen features averaged over ``zs_templates``),
+    - ``text_loss_weight`` · L1(prompted text features, frozen features averaged over ``zs_templates``;
+      default ``imagenet60``, the released code's 60 ImageNet templates, averaged unnormalised),
     - ``image_loss_weight`` · L1(prompted image features, frozen image features),
     - ``logit_loss_weight`` · KL(zero-shot logits ‖ prompted logits), summed and divided by B·C;
     all features L2-normalised. With ``gpa``, after every epoch the trainable parameters join a

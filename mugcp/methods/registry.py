@@ -122,12 +122,14 @@ def create_model(
     attention: str = "sdpa",
     kernels: str = "reference",
     dataset: Optional[str] = None,
+    quick_gelu: Optional[bool] = None,
     **overrides,
 ):
     """Build a prompt learner: ``create_model("coop", ["cat", "dog"], backbone="ViT-B-32")``.
 
     ``backbone`` is an open_clip model name or an already loaded ``ClipBackbone`` (shared, frozen).
     ``overrides`` are method options (see ``mugcp.methods.get_method(name).defaults``).
+    ``quick_gelu`` (``None`` = auto, see ``load_clip``) applies when ``backbone`` is a name.
     The returned module's ``forward(images)`` gives logits ``(B, len(classnames))``.
     """
     from mugcp.backbones import ClipBackbone, load_clip
@@ -138,6 +140,6 @@ def create_model(
         clip = backbone
         clip.attention_backend = attention
     else:
-        clip = load_clip(backbone, pretrained=pretrained, device=device, attention=attention)
+        clip = load_clip(backbone, pretrained=pretrained, device=device, attention=attention, quick_gelu=quick_gelu)
     model = spec.cls(clip, list(classnames), options, kernels=kernels, dataset=dataset)
     return model.to(clip.device)

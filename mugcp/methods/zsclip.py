@@ -19,7 +19,9 @@ from mugcp.methods.templates import resolve_templates
     option_specs={"templates": Spec("list", item_kind="str")},
 )
 class ZeroShotCLIP(PromptLearner):
-    """``templates``: ``auto`` (the dataset's template), ``ensemble``, a template or a list (averaged)."""
+    """``templates``: ``auto`` (the dataset's template, CoOp's ``ZeroshotCLIP``), ``ensemble`` (CoOp's
+    ``ZeroshotCLIP2``: 7 ImageNet templates plus the dataset's own), ``imagenet60``, a template or a
+    list; several templates' normalised features are averaged."""
 
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
