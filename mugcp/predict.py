@@ -422,8 +422,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_FORMATS)} (it picks the format).")
-    files = collect_images(args.images)
     classnames = read_classes(args)
+    files = collect_images(args.images)
     model, preprocess = load_run(args.checkpoint, classnames, device=args.device, semantic_cache=args.semantic_cache, mllm=args.mllm)
     if model.semantics.needed and model.semantics.cache is None and model.semantics.mllm is None:
         raise ConfigError(model.semantics.missing_message())
