@@ -141,6 +141,14 @@ def _labels(rows: list[dict], keys=("shots", "backbone")) -> dict[int, str]:
     return labels
 
 
+def _in_paper_order(names) -> list[str]:
+    """Datasets in the order the papers' tables list them; other names after them, sorted."""
+    from mugcp.sweep import IMAGENET_VARIANTS, STANDARD_DATASETS
+
+    order = {name: i for i, name in enumerate((*STANDARD_DATASETS, *IMAGENET_VARIANTS))}
+    return sorted(dict.fromkeys(names), key=lambda name: (order.get(name, len(order)), str(name)))
+
+
 def _hm(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
@@ -153,7 +161,7 @@ def base2new_markdown(rows: list[dict]) -> str:
     """
     rows = [r for r in rows if "base" in r and "new" in r]
     labels = _labels(rows)
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    datasets = _in_paper_order(r["dataset"] for r in rows)
     methods = list(dict.fromkeys(labels[id(r)] for r in rows))
     lines = ["## Base-to-novel generalisation", "",
              "Accuracy (%) on the base classes (trained on) and the new classes (never seen), HM = 2·base·new/(base+new); "
@@ -177,7 +185,7 @@ def fewshot_markdown(rows: list[dict]) -> str:
     shots = sorted({r["shots"] for r in rows}, key=lambda k: (k is None, k or 0))
     labels = _labels(rows, keys=("backbone",))  # K is the column, not part of the method label
     methods = list(dict.fromkeys(labels[id(r)] for r in rows))
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    datasets = _in_paper_order(r["dataset"] for r in rows)
     header = "| method | " + " | ".join(f"K={k}" for k in shots) + " |"
     rule = "|---|" + "---|" * len(shots)
     lines = ["## Few-shot learning", "", "Accuracy (%) on all classes with K training images per class; mean ± std over seeds.",
@@ -213,7 +221,7 @@ def aggregate_transfer(evaluations: list[dict]) -> list[dict]:
         if source_values:
             row["source_acc"] = _stat(source_values)
         row["seeds"] = sorted({s.get("seed") for s in sources.values()}, key=lambda x: (x is None, x or 0))
-        for target in dict.fromkeys(m["dataset"] for m in members):
+        for target in _in_paper_order(m["dataset"] for m in members):
             values = [value(m, "all") for m in members if m["dataset"] == target and value(m, "all") is not None]
             if values:
                 row["targets"][target] = _stat(values)
@@ -228,7 +236,7 @@ def _stat(values: list[float]) -> tuple[float, float, int]:
 def transfer_markdown(rows: list[dict], layout: str) -> str:
     """Methods × (source, every target, average of the targets): the cross-dataset / domain-generalisation tables."""
     title = {"cross_dataset": "Cross-dataset transfer", "domain_generalization": "Domain generalisation"}[layout]
-    targets = list(dict.fromkeys(t for r in rows for t in r["targets"]))
+    targets = _in_paper_order(t for r in rows for t in r["targets"])
     labels = _labels(rows)
     lines = [f"## {title}", "",
              "Accuracy (%) on the source dataset the prompts were trained on and on each target dataset (all classes, "
@@ -260,7 +268,7 @@ def transfer_csv(rows: list[dict]) -> str:
 def plot_fewshot(rows: list[dict], path: Path) -> None:
     plt = _pyplot()
     rows = [r for r in rows if "all" in r]
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    datasets = _in_paper_order(r["dataset"] for r in rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     panels = ["Average", *datasets] if len(datasets) > 1 else datasets
     columns = min(4, len(panels))
@@ -283,7 +291,7 @@ def plot_fewshot(rows: list[dict], path: Path) -> None:
 
 def plot_transfer(rows: list[dict], path: Path) -> None:
     plt = _pyplot()
-    targets = list(dict.fromkeys(t for r in rows for t in r["targets"]))
+    targets = _in_paper_order(t for r in rows for t in r["targets"])
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(targets) * max(1, len(rows)) / 2 + 2), 3.5))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
