@@ -179,7 +179,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
                           f"protocols; protocol {protocol} has none.")
     config = data.get("config")
     if config is not None:
-        config_path = resolve_config_path(config if Path(config).is_absolute() else (path.parent / config if (path.parent / config).exists() else config))
+        beside = path.parent / str(config)
+        config_path = beside if beside.is_file() else resolve_config_path(str(config))
         if not config_path.is_file():
             raise ConfigError(f"{where}: config '{config}' not found (a path relative to the sweep file, or a name under configs/).")
         config = str(config_path)
@@ -310,6 +311,16 @@ def device_slots(jobs: int) -> list[dict]:
     return [{"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} for _ in range(jobs)]
 
 
+def _interrupted_message(job: Job) -> str:
+    """What a rerun will do with an interrupted job, from what is on disk (not what we hope is there)."""
+    if job.module != "mugcp.train":
+        return "a rerun evaluates it again"
+    state = job.folder / "checkpoint" / "trainer_state.pt"
+    if state.is_file():
+        return f"its last epoch checkpoint is in {state.parent}; a rerun resumes from it"
+    return "it had no checkpoint yet; a rerun starts it again"
+
+
 def _last_error(log_path: Path) -> str:
     try:
         lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
@@ -367,7 +378,7 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
         if code == 0:
             job.status = "ok"
         elif code in (130, -2):
-            job.status, job.message = "interrupted", "checkpoint kept; rerun the sweep to resume"
+            job.status, job.message = "interrupted", _interrupted_message(job)
             interrupted.set()
         else:
             job.status, job.message = "failed", f"exit {code}: {_last_error(log_path)} (log: {log_path})"

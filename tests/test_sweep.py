@@ -82,7 +82,9 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
     assert sweep_main(argv, launcher=in_process) == 130
     out, err = capsys.readouterr()
-    assert "[7/8] interrupted coop_eurosat_k2_s1" in out and "4 skipped" in err and "1 not started" in err
+    assert (f"[7/8] interrupted coop_eurosat_k2_s1 in" in out
+            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k2_s1' / 'checkpoint'}; a rerun resumes from it" in out)
+    assert "4 skipped" in err and "1 not started" in err
     assert "rerun the same command to continue" in err
     interrupted = root / "coop_eurosat_k2_s1"
     assert (interrupted / "checkpoint" / "trainer_state.pt").is_file() and not (interrupted / "metrics.json").exists()
@@ -166,6 +168,9 @@ def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     ({"protocol": "cross_dataset", "datasets": ["dtd"], "methods": ["coop"]}, "protocol cross_dataset trains on 'source'"),
     ({"datasets": ["dtd"], "methods": ["coop"], "overrides": {"data.root": "$MUGCP_UNSET_VAR/x"}},
      "uses $MUGCP_UNSET_VAR, which is not set; export MUGCP_UNSET_VAR=... before the sweep"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "config": "nowhere.yaml"}, "config 'nowhere.yaml' not found"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "method_overrides": {"maple": {"method.n_ctx": 4}}},
+     "'method_overrides' maps methods of this sweep (coop) to overrides"),
     ({"datasets": ["dtd"], "methods": ["coop"], "overrides": {"semantic.cache": "caches/{datset}"}},
      "uses {datset}; placeholders are {dataset}, {method}, {seed}, {shots}"),
 ])
@@ -174,6 +179,19 @@ def test_sweep_file_errors_name_the_key_and_what_is_allowed(tmp_path, fields, me
     with pytest.raises(ConfigError) as error:
         plan(load_sweep(path), tmp_path / "runs")
     assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  epochs: 3\n")
+    path = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[4], methods=["coop", "maple"], shots=[8], config="base.yaml",
+                       overrides={"data.protocol": "fewshot", "method.n_ctx": 4, "semantic.cache": "caches/{dataset}-{method}-{seed}-{shots}"})
+    jobs = plan(load_sweep(path), tmp_path / "runs")
+    assert [job.command() for job in jobs][1] == [
+        "python", "-m", "mugcp.train", "--config", str(tmp_path / "base.yaml"), "--output", str(tmp_path / "runs" / "maple_dtd_k8_s4"),
+        "method=maple", "data.dataset=dtd", "data.shots=8", "train.seed=4", "data.protocol=fewshot", "method.n_ctx=4",
+        "semantic.cache=caches/dtd-maple-4-8"]
+    (tmp_path / "runs" / "coop_dtd_k8_s4" / "checkpoint").mkdir(parents=True)  # a checkpoint without trainer state
+    assert [job.mode for job in plan(load_sweep(path), tmp_path / "runs")] == ["overwrite", "new"]
 
 
 @pytest.mark.parametrize("name, runs, evaluations", [
