@@ -51,11 +51,11 @@ def metrics_of(root, name):
     return json.loads((root / name / "metrics.json").read_text())
 
 
-@pytest.mark.slow  # nine short training runs: ~50 s on an idle 2-core CPU
+@pytest.mark.slow  # nine short training runs
 def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, shared_clip, monkeypatch, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "tiny.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
-                        methods=["zsclip", "coop"], shots=[2], overrides={"data.root": str(data), **TINY},
+                        methods=["zsclip", "coop"], shots=[1], overrides={"data.root": str(data), **TINY},
                         method_overrides={"coop": {"method.n_ctx": 2}})
     root = tmp_path / "runs"
     argv = [str(sweep), "--root", str(root), "--no-progress"]
@@ -63,10 +63,10 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     # 1. EuroSAT is not there yet: its 4 runs fail, named, and the others still run.
     assert sweep_main(argv, launcher=in_process) == 1
     out, err = capsys.readouterr()
-    assert re.search(r"\[5/8\] failed zsclip_eurosat_k2_s1 in [\d.]+s — exit 2: error: dataset 'eurosat': .*not found", out)
+    assert re.search(r"\[5/8\] failed zsclip_eurosat_k1_s1 in [\d.]+s — exit 2: error: dataset 'eurosat': .*not found", out)
     assert "sweep done: 4 ok, 4 failed" in out and "4 job(s) did not finish" in err
     assert sorted(p.parent.name for p in root.glob("*/metrics.json")) == [
-        "coop_dtd_k2_s1", "coop_dtd_k2_s2", "zsclip_dtd_k2_s1", "zsclip_dtd_k2_s2"]
+        "coop_dtd_k1_s1", "coop_dtd_k1_s2", "zsclip_dtd_k1_s1", "zsclip_dtd_k1_s2"]
 
     # 2. With EuroSAT in place, Ctrl-C arrives after the first epoch of the first CoOp run on it.
     make_coop_dataset(tmp_path, "eurosat", CLASSES)
@@ -75,33 +75,33 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
 
     def save_then_interrupt(folder, *args, **kwargs):
         real_save(folder, *args, **kwargs)
-        if "coop_eurosat_k2_s1" in str(folder):
+        if "coop_eurosat_k1_s1" in str(folder):
             calls["n"] += 1
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
     assert sweep_main(argv, launcher=in_process) == 130
     out, err = capsys.readouterr()
-    assert (f"[7/8] interrupted coop_eurosat_k2_s1 in" in out
-            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k2_s1' / 'checkpoint'}; a rerun resumes from it" in out)
+    assert (f"[7/8] interrupted coop_eurosat_k1_s1 in" in out
+            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k1_s1' / 'checkpoint'}; a rerun resumes from it" in out)
     assert "4 skipped" in err and "1 not started" in err
     assert "rerun the same command to continue" in err
-    interrupted = root / "coop_eurosat_k2_s1"
+    interrupted = root / "coop_eurosat_k1_s1"
     assert (interrupted / "checkpoint" / "trainer_state.pt").is_file() and not (interrupted / "metrics.json").exists()
-    assert not (root / "coop_eurosat_k2_s2" / "checkpoint").exists()  # its folder holds only the failed first try's log
+    assert not (root / "coop_eurosat_k1_s2" / "checkpoint").exists()  # its folder holds only the failed first try's log
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
 
     # 3. The dry run shows what a rerun does; the rerun skips, resumes and finishes.
     assert sweep_main([*argv, "--dry-run"], launcher=in_process) == 0
     listing = capsys.readouterr().out
     assert listing.count(" done ") == 6
-    assert re.search(r"\[7/8\] resume\s+coop_eurosat_k2_s1\n\s+python -m mugcp.train --config methods/coop --resume --output "
+    assert re.search(r"\[7/8\] resume\s+coop_eurosat_k1_s1\n\s+python -m mugcp.train --config methods/coop --resume --output "
                      + re.escape(str(interrupted)), listing)
-    assert re.search(r"\[8/8\] new\s+coop_eurosat_k2_s2", listing)
+    assert re.search(r"\[8/8\] new\s+coop_eurosat_k1_s2", listing)
     assert sweep_main(argv, launcher=in_process) == 0
     out, _ = capsys.readouterr()
-    assert "[7/8] resume coop_eurosat_k2_s1" in out and "sweep done: 2 ok, 6 skipped" in out
-    assert metrics_of(root, "coop_eurosat_k2_s1")["steps"] == metrics_of(root, "coop_eurosat_k2_s2")["steps"] == 4
+    assert "[7/8] resume coop_eurosat_k1_s1" in out and "sweep done: 2 ok, 6 skipped" in out
+    assert metrics_of(root, "coop_eurosat_k1_s1")["steps"] == metrics_of(root, "coop_eurosat_k1_s2")["steps"] == 2
     assert "resumed from" in (interrupted / "log.txt").read_text()
 
     # 4. The table: per dataset and method, base / new / HM mean ± std over the two seeds, and the average.
@@ -110,12 +110,12 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     for dataset in ("dtd", "eurosat"):
         section = table.split(f"### {dataset}\n")[1].split("###")[0]
         for method in ("zsclip", "coop"):
-            runs = [metrics_of(root, f"{method}_{dataset}_k2_s{seed}") for seed in (1, 2)]
+            runs = [metrics_of(root, f"{method}_{dataset}_k1_s{seed}") for seed in (1, 2)]
             cells = [f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" for v in (
                 [r["base"]["accuracy"] for r in runs], [r["new"]["accuracy"] for r in runs], [r["hm"] for r in runs])]
             assert f"| {method} (random weights) | {cells[0]} | {cells[1]} | {cells[2]} | 1,2 |" in section
     for method in ("zsclip", "coop"):
-        runs = [metrics_of(root, f"{method}_{d}_k2_s{s}") for d in ("dtd", "eurosat") for s in (1, 2)]
+        runs = [metrics_of(root, f"{method}_{d}_k1_s{s}") for d in ("dtd", "eurosat") for s in (1, 2)]
         base = statistics.fmean(statistics.fmean(r["base"]["accuracy"] for r in runs[i:i + 2]) for i in (0, 2))
         new = statistics.fmean(statistics.fmean(r["new"]["accuracy"] for r in runs[i:i + 2]) for i in (0, 2))
         hm = 2 * base * new / (base + new) if base + new else 0.0
