@@ -147,10 +147,15 @@ class SemanticInputs:
         from mugcp.semantics.extraction import resolve_dtype
         from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
 
+        from mugcp.semantics.mllm import MLLMError, resolve_model_name
+
         manifest = self.run_cache_manifest() or {}
-        # Ask what the run's cache asked, so answers look like the ones the prompts were trained on.
-        mllm = MLLM(name, prompt=manifest.get("prompt", DEFAULT_PROMPT), layer=manifest.get("layer", -1),
-                    max_new_tokens=manifest.get("max_new_tokens", 64), dtype=resolve_dtype("auto", device), device=device)
+        try:
+            # Ask what the run's cache asked, so answers look like the ones the prompts were trained on.
+            mllm = MLLM(resolve_model_name(name), prompt=manifest.get("prompt", DEFAULT_PROMPT), layer=manifest.get("layer", -1),
+                        max_new_tokens=manifest.get("max_new_tokens", 64), dtype=resolve_dtype("auto", device), device=device)
+        except MLLMError as err:
+            raise ConfigError(str(err)) from None
         if self.kind == "hidden" and mllm.hidden_dim != self.dim:
             raise ConfigError(
                 f"--mllm {name} has {mllm.hidden_dim}-d hidden states but checkpoint {self.run.checkpoint} was trained "
@@ -469,7 +474,8 @@ def predict_files(model: TrainedModel, preprocess: Preprocess, files: Sequence[I
                 skipped.append((f.path, bad_image_reason(err)))
         if len(unreadable) < len(missing):
             raise ConfigError(semantics.missing_keys_message([f.path for f in missing if f.path not in unreadable], len(files)))
-        items = [item for item in items if item.key not in set(unreadable)]
+        unreadable_set = set(unreadable)
+        items = [item for item in items if item.key not in unreadable_set]
     loader = build_loader(ImageDataset(items, dataset, preprocess, on_bad_image="skip"), batch_size, train=False, seed=0)
     predictions: list[Prediction] = []
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)

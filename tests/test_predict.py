@@ -195,6 +195,8 @@ def test_mugcp_without_semantics_says_exactly_what_to_do(tmp_path, mugcp_run, da
         "semantic_features=hidden), so every image needs its MLLM answer: pass --semantic-cache DIR, made first with "
         "`python -m mugcp.extract --mllm test-mllm --images IMAGE_DIR --out DIR` (its keys are paths relative to IMAGE_DIR), "
         "or --mllm test-mllm to run the MLLM on these images now.")
+    code, _, err = cli(["--checkpoint", mugcp_run, "--mllm", tmp_path / "no_model", data_root / "test"], capsys)
+    assert code == 2 and err.startswith(f"error: --mllm {tmp_path / 'no_model'}: no such directory.")
     model, preprocess = mugcp.load_run(mugcp_run)
     with pytest.raises(ConfigError, match=r"pass semantic_cache=DIR .* or mllm='test-mllm' to mugcp.load_run"):
         model.predict([Image.new("RGB", (8, 8))])
