@@ -476,7 +476,10 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     if finished:
         from mugcp.report import write_report
 
-        write_report([root], root / "report", layout=sweep.protocol if sweep.protocol != "grid" else "groups")
+        try:
+            write_report([root], root / "report", layout=sweep.protocol if sweep.protocol != "grid" else "groups")
+        except FileNotFoundError as err:  # e.g. every evaluation of a transfer sweep failed: the runs stay, say why
+            print(f"no report: {err}", file=sys.stderr)
     failed = counts.get("failed", 0) + counts.get("blocked", 0)
     if failed:
         print(f"{failed} job(s) did not finish; their logs are under {root / 'logs'}. Fix the cause and rerun the same command.",
