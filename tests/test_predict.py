@@ -202,7 +202,6 @@ def test_mugcp_without_semantics_says_exactly_what_to_do(tmp_path, mugcp_run, da
         model.predict([Image.new("RGB", (8, 8))])
 
 
-@pytest.mark.slow
 def test_mugcp_runs_the_mllm_on_the_fly_like_its_cache(tmp_path, data_root, shared_clip):
     """Captions from ``--mllm`` now equal captions extracted into a cache first (tiny random LLaVA)."""
     from mugcp.extract import main as extract_main

@@ -51,7 +51,6 @@ def metrics_of(root, name):
     return json.loads((root / name / "metrics.json").read_text())
 
 
-@pytest.mark.slow  # nine short training runs
 def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, shared_clip, monkeypatch, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "tiny.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
@@ -139,7 +138,6 @@ def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, 
             f"{target['all']['accuracy']:.2f} |") in table
 
 
-@pytest.mark.slow
 def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2], methods=["zsclip"], shots=[1],
