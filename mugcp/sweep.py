@@ -318,7 +318,7 @@ def _interrupted_message(job: Job) -> str:
     state = job.folder / "checkpoint" / "trainer_state.pt"
     if state.is_file():
         return f"its last epoch checkpoint is in {state.parent}; a rerun resumes from it"
-    return "it had no checkpoint yet; a rerun starts it again"
+    return "nothing to resume from yet; a rerun starts it again"
 
 
 def _last_error(log_path: Path) -> str:
@@ -375,7 +375,8 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write(f"error: {type(err).__name__}: {err}\n")
         job.seconds = time.time() - started
-        if code == 0:
+        finished = (job.folder / METRICS_FILE).is_file()
+        if code == 0 or (code in (130, -2) and finished):  # Ctrl-C while it was exiting: its results are complete
             job.status = "ok"
         elif code in (130, -2):
             job.status, job.message = "interrupted", _interrupted_message(job)

@@ -207,3 +207,35 @@ def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, r
     if evaluations:
         targets = {a.split("=")[1] for j in jobs if j.module == "mugcp.evaluate" for a in j.args if a.startswith("data.dataset=")}
         assert targets == set(sweep.targets) and "imagenet" not in targets
+
+
+@pytest.mark.slow  # four subprocess runs, ~28 s
+def test_ctrl_c_stops_a_subprocess_sweep_and_the_same_command_continues_it(tmp_path):
+    import signal
+    import time
+
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2, 3], methods=["zsclip"], shots=[1],
+                        overrides={"data.root": str(data), "data.protocol": "all", **TINY})
+    root = tmp_path / "runs"
+    command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    # Its own session, so the signal reaches the sweep and its runs like a terminal's Ctrl-C, and nothing else.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (root / "logs" / "zsclip_dtd_k1_s2.txt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the second run is importing torch or loading its model
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, out + err
+    assert "[1/3] ok zsclip_dtd_k1_s1" in out and "[2/3] interrupted zsclip_dtd_k1_s2" in out
+    assert "rerun the same command to continue" in err and "1 ok" in err and "1 not started" in err
+    assert "[2/3] interrupted zsclip_dtd_k1_s2 in" in out and "nothing to resume from yet; a rerun starts it again" in out
+    assert not (root / "zsclip_dtd_k1_s2" / "metrics.json").exists()
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "sweep done: 2 ok, 1 skipped" in again.stdout
+    assert all((root / f"zsclip_dtd_k1_s{seed}" / "metrics.json").is_file() for seed in (1, 2, 3))
