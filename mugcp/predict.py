@@ -170,6 +170,9 @@ class SemanticInputs:
     def answers(self, keys: Sequence[Sequence[str]], images) -> _Answers:
         """Answers for a batch; ``keys[i]`` lists cache-key candidates of image i, ``images()`` opens the PIL images."""
         if self.cache is not None:
+            if any(candidates == [""] for candidates in keys):
+                raise ConfigError("images without a name cannot be looked up in the semantic cache: pass image paths, or "
+                                  "keys=[the cache key of each image] to model.predict.")
             found = [self.cache_key(candidates) for candidates in keys]
             missing = [candidates[0] for candidates, key in zip(keys, found) if key is None]
             if missing:

@@ -181,6 +181,12 @@ def test_mugcp_reads_semantics_from_a_cache_keyed_like_extract_images(tmp_path, 
         logits = model(preprocess(Image.open(images / key))[None], semantic=hidden, semantic_mask=torch.ones(hidden.shape[:2], dtype=torch.bool))
         assert rows[str(images / key)]["probs"] == pytest.approx(logits.softmax(-1)[0].sort(descending=True).values.tolist(), abs=1e-5)
 
+    with_cache, _ = mugcp.load_run(mugcp_run, semantic_cache=tmp_path / "cache")
+    image = Image.open(images / "x.png")
+    assert with_cache.predict([image], keys=["x.png"])[0].probs == rows[str(images / "x.png")]["probs"][:4]
+    with pytest.raises(ConfigError, match=r"pass image paths, or keys=\[the cache key of each image\] to model.predict"):
+        with_cache.predict([image])
+
     write_image(images / "new.png", 2, 2)  # not in the cache
     code, _, err = cli(["--checkpoint", mugcp_run, "--semantic-cache", tmp_path / "cache", images], capsys)
     assert code == 2 and f"1 of 3 images have no entry in semantic cache {tmp_path / 'cache'}: {images / 'new.png'}." in err
