@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from mugcp.engine.checkpoint import check_compatible, read_checkpoint
     from mugcp.engine.evaluation import evaluate_subsets
     from mugcp.engine.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
+    from mugcp.engine.trained_run import apply_checkpoint_settings
     from mugcp.engine.runtime import peak_memory_mb, resolve_device, resolve_precision
     from mugcp.backbones import normalize_model_name
     from mugcp.data import build_protocol
@@ -62,9 +63,7 @@ def main(argv=None) -> int:
     ckpt_config, tensors, ckpt_path = read_checkpoint(args.checkpoint)
     cfg = evaluation_config(ckpt_config.get("run_config", {}), args.config, args.overrides, ckpt_config["method_options"])
     check_compatible(ckpt_config, cfg["method"]["name"], normalize_model_name(cfg["model"]["backbone"]), ckpt_path)
-    cfg["method"] = {"name": ckpt_config["method"], **ckpt_config["method_options"]}
-    if cfg["model"]["pretrained"] == "auto" and ckpt_config.get("pretrained") is None:
-        cfg["model"]["pretrained"] = "none"  # evaluate on the weights it was trained with
+    apply_checkpoint_settings(cfg, ckpt_config)  # evaluate the checkpoint's model, on the weights it was trained with
     check_run_config(cfg)
 
     output = Path(args.output) if args.output else ckpt_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"

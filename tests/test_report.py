@@ -42,3 +42,51 @@ def test_repeated_seeds_are_warned_about(tmp_path, capsys):
     write_run(tmp_path / "runs" / "b", 1, 82.0, 62.0)
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert "several runs with the same seed ([1, 1])" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the papers' layouts
+def write_metrics(folder, **fields):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"backbone": "ViT-B-16", "pretrained": True, **fields}))
+
+
+def test_base2new_layout_has_a_block_per_dataset_and_the_average(tmp_path):
+    for seed, (b, n) in enumerate([(80.0, 60.0), (82.0, 62.0)], 1):
+        write_run(tmp_path / "runs" / f"dtd{seed}", seed, b, n)
+    write_metrics(tmp_path / "runs" / "pets1", method="coop", dataset="oxford_pets", protocol="base2new", shots=16, seed=1,
+                  base={"accuracy": 90.0}, new={"accuracy": 70.0}, hm=78.75)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "base2new"]) == 0
+    table = (tmp_path / "report" / "results.md").read_text()
+    average = table.split("### Average over 2 datasets\n")[1].split("###")[0]
+    # mean of the per-dataset means (81, 90) and (61, 70); HM of those averages
+    assert "| coop | 85.50 | 65.50 | 74.18 | 2 of 2 |" in average
+    assert "### dtd\n\n| method | base | new | HM | seeds |\n|---|---|---|---|---|\n| coop | 81.00 ± 1.41 | 61.00 ± 1.41 | 69.59 ± 1.44 | 1,2 |" in table
+
+
+def test_fewshot_layout_has_a_column_per_k(tmp_path):
+    for k, acc in ((1, 50.0), (2, 55.0), (4, 60.0)):
+        for seed in (1, 2):
+            write_metrics(tmp_path / "runs" / f"k{k}s{seed}", method="coop", dataset="dtd", protocol="all", shots=k, seed=seed,
+                          all={"accuracy": acc + seed})
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "fewshot"])
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| method | K=1 | K=2 | K=4 |" in table
+    assert "| coop | 51.50 ± 0.71 | 56.50 ± 0.71 | 61.50 ± 0.71 |" in table
+    assert (tmp_path / "report" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_domain_generalization_layout_reads_the_evaluations_of_each_run(tmp_path):
+    for seed, (source_acc, shift) in enumerate([(70.0, 0.0), (72.0, 2.0)], 1):
+        run = tmp_path / "runs" / f"maple_s{seed}"
+        write_metrics(run, method="maple", dataset="imagenet", protocol="all", shots=16, seed=seed, all={"accuracy": source_acc})
+        for target, acc in (("imagenet_v2", 64.0), ("imagenet_a", 50.0)):
+            write_metrics(run / f"eval_{target}", method="maple", dataset=target, protocol="all", seed=seed,
+                          checkpoint=str(run / "checkpoint"), all={"accuracy": acc + shift})
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "domain_generalization"])
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "## Domain generalisation" in table
+    assert "| method | source: imagenet | imagenet_v2 | imagenet_a | Average |" in table
+    assert "| maple | 71.00 ± 1.41 | 65.00 ± 1.41 | 51.00 ± 1.41 | 58.00 |" in table
+    rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert [(r["dataset"], r["role"], r["mean"]) for r in rows] == [("imagenet", "source", "71.0"), ("imagenet_v2", "target", "65.0"),
+                                                                     ("imagenet_a", "target", "51.0")]

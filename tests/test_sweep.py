@@ -1,0 +1,241 @@
+"""The protocol runner: a tiny base-to-novel sweep end to end (a failure, an interrupt, a resume), the
+paper-layout tables it ends with, transfer evaluations, parallel subprocess runs and sweep-file errors."""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures import make_coop_dataset
+from mugcp.cli import user_errors
+from mugcp.config import ConfigError
+from mugcp.engine import run_setup, trainer
+from mugcp.sweep import load_sweep, main as sweep_main, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]
+TINY = {"model.pretrained": "none", "model.backbone": "ViT-B-32", "data.batch_size": 2, "data.eval_batch_size": 8, "data.max_eval_per_class": 1,
+        "optim.epochs": 2, "optim.warmup_epochs": 0, "train.progress": False, "train.tensorboard": False}
+
+
+@pytest.fixture
+def shared_clip(vit_b32, monkeypatch):
+    monkeypatch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
+    return vit_b32
+
+
+def in_process(job, env, log_path):
+    """Runs a job's exact command line in this process (sharing the test's backbone) instead of a subprocess."""
+    from mugcp.evaluate import main as evaluate_main
+    from mugcp.train import main as train_main
+
+    argv = job.command()[3:]
+    try:
+        return {"mugcp.train": train_main, "mugcp.evaluate": evaluate_main}[job.module](argv) or 0
+    except user_errors() as err:
+        log_path.write_text(f"error: {err}\n")
+        return 2
+
+
+def write_sweep(path, **fields):
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+def metrics_of(root, name):
+    return json.loads((root / name / "metrics.json").read_text())
+
+
+def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, shared_clip, monkeypatch, capsys):
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    sweep = write_sweep(tmp_path / "tiny.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
+                        methods=["zsclip", "coop"], shots=[1], overrides={"data.root": str(data), **TINY},
+                        method_overrides={"coop": {"method.n_ctx": 2}})
+    root = tmp_path / "runs"
+    argv = [str(sweep), "--root", str(root), "--no-progress"]
+
+    # 1. EuroSAT is not there yet: its 4 runs fail, named, and the others still run.
+    assert sweep_main(argv, launcher=in_process) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"\[5/8\] failed zsclip_eurosat_k1_s1 in [\d.]+s — exit 2: error: dataset 'eurosat': .*not found", out)
+    assert "sweep done: 4 ok, 4 failed" in out and "4 job(s) did not finish" in err
+    assert sorted(p.parent.name for p in root.glob("*/metrics.json")) == [
+        "coop_dtd_k1_s1", "coop_dtd_k1_s2", "zsclip_dtd_k1_s1", "zsclip_dtd_k1_s2"]
+
+    # 2. With EuroSAT in place, Ctrl-C arrives after the first epoch of the first CoOp run on it.
+    make_coop_dataset(tmp_path, "eurosat", CLASSES)
+    real_save = trainer.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_interrupt(folder, *args, **kwargs):
+        real_save(folder, *args, **kwargs)
+        if "coop_eurosat_k1_s1" in str(folder):
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
+    assert sweep_main(argv, launcher=in_process) == 130
+    out, err = capsys.readouterr()
+    assert (f"[7/8] interrupted coop_eurosat_k1_s1 in" in out
+            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k1_s1' / 'checkpoint'}; a rerun resumes from it" in out)
+    assert "4 skipped" in err and "1 not started" in err
+    assert "rerun the same command to continue" in err
+    interrupted = root / "coop_eurosat_k1_s1"
+    assert (interrupted / "checkpoint" / "trainer_state.pt").is_file() and not (interrupted / "metrics.json").exists()
+    assert not (root / "coop_eurosat_k1_s2" / "checkpoint").exists()  # its folder holds only the failed first try's log
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+
+    # 3. The dry run shows what a rerun does; the rerun skips, resumes and finishes.
+    assert sweep_main([*argv, "--dry-run"], launcher=in_process) == 0
+    listing = capsys.readouterr().out
+    assert listing.count(" done ") == 6
+    assert re.search(r"\[7/8\] resume\s+coop_eurosat_k1_s1\n\s+python -m mugcp.train --config methods/coop --resume --output "
+                     + re.escape(str(interrupted)), listing)
+    assert re.search(r"\[8/8\] new\s+coop_eurosat_k1_s2", listing)
+    assert sweep_main(argv, launcher=in_process) == 0
+    out, _ = capsys.readouterr()
+    assert "[7/8] resume coop_eurosat_k1_s1" in out and "sweep done: 2 ok, 6 skipped" in out
+    assert metrics_of(root, "coop_eurosat_k1_s1")["steps"] == metrics_of(root, "coop_eurosat_k1_s2")["steps"] == 2
+    assert "resumed from" in (interrupted / "log.txt").read_text()
+
+    # 4. The table: per dataset and method, base / new / HM mean ± std over the two seeds, and the average.
+    table = (root / "report" / "results.md").read_text()
+    assert (root / "report" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    for dataset in ("dtd", "eurosat"):
+        section = table.split(f"### {dataset}\n")[1].split("###")[0]
+        for method in ("zsclip", "coop"):
+            runs = [metrics_of(root, f"{method}_{dataset}_k1_s{seed}") for seed in (1, 2)]
+            cells = [f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" for v in (
+                [r["base"]["accuracy"] for r in runs], [r["new"]["accuracy"] for r in runs], [r["hm"] for r in runs])]
+            assert f"| {method} (random weights) | {cells[0]} | {cells[1]} | {cells[2]} | 1,2 |" in section
+    for method in ("zsclip", "coop"):
+        runs = [metrics_of(root, f"{method}_{d}_k1_s{s}") for d in ("dtd", "eurosat") for s in (1, 2)]
+        base = statistics.fmean(statistics.fmean(r["base"]["accuracy"] for r in runs[i:i + 2]) for i in (0, 2))
+        new = statistics.fmean(statistics.fmean(r["new"]["accuracy"] for r in runs[i:i + 2]) for i in (0, 2))
+        hm = 2 * base * new / (base + new) if base + new else 0.0
+        average = table.split("### Average over 2 datasets\n")[1].split("###")[0]
+        assert f"| {method} (random weights) | {base:.2f} | {new:.2f} | {hm:.2f} | 2 of 2 |" in average
+
+
+def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, shared_clip, capsys):
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
+    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
+                        methods=["coop"], shots=[1], overrides={"data.root": str(data), "method.n_ctx": 2, **TINY, "optim.epochs": 1})
+    root = tmp_path / "runs"
+    assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=in_process) == 0
+    source = metrics_of(root, "coop_dtd_k1_s1")
+    target = metrics_of(root, "coop_dtd_k1_s1/eval_eurosat")
+    assert source["protocol"] == "all" and target["dataset"] == "eurosat" and target["all"]["classes"] == 3
+    table = (root / "report" / "results.md").read_text()
+    assert "| method | source: dtd | eurosat | Average |" in table
+    assert (f"| coop (random weights) | {source['all']['accuracy']:.2f} ± 0.00 | {target['all']['accuracy']:.2f} ± 0.00 | "
+            f"{target['all']['accuracy']:.2f} |") in table
+
+
+def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2], methods=["zsclip"], shots=[1],
+                        overrides={"data.root": str(data), "data.protocol": "all", **TINY})
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(tmp_path / "runs"), "--jobs", "2"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for seed in (1, 2):
+        assert re.search(rf"\d\d:\d\d:\d\d \[{seed}/2\] start zsclip_dtd_k1_s{seed}", result.stdout)
+        assert re.search(rf"\[{seed}/2\] ok zsclip_dtd_k1_s{seed} in [\d.]+s", result.stdout)
+        assert "WARNING" in (tmp_path / "runs" / "logs" / f"zsclip_dtd_k1_s{seed}.txt").read_text()  # the child's console
+    assert "sweep done: 2 ok" in result.stdout
+    accuracies = [metrics_of(tmp_path / "runs", f"zsclip_dtd_k1_s{seed}")["all"]["accuracy"] for seed in (1, 2)]
+    cell = f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"
+    assert f"| dtd | zsclip (random weights) | all | 1 | ViT-B-32 | 1,2 | {cell} |" in (tmp_path / "runs" / "report" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"protocol": "base2novel", "methods": ["coop"]}, "protocol 'base2novel' is not one of base2new, fewshot, cross_dataset"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "seed": [1]}, "unknown sweep key(s) seed; allowed:"),
+    ({"datasets": ["dtdd"], "methods": ["coop"]}, "unknown dataset 'dtdd'; known: imagenet,"),
+    ({"datasets": ["dtd"], "methods": ["coopp"]}, "unknown method 'coopp'; known:"),
+    ({"datasets": ["dtd"]}, "'methods' is missing"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "seeds": [1, 1]}, "'seeds' must be a non-empty list without repeats, got [1, 1]"),
+    ({"protocol": "cross_dataset", "datasets": ["dtd"], "methods": ["coop"]}, "protocol cross_dataset trains on 'source'"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "overrides": {"data.root": "$MUGCP_UNSET_VAR/x"}},
+     "uses $MUGCP_UNSET_VAR, which is not set; export MUGCP_UNSET_VAR=... before the sweep"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "config": "nowhere.yaml"}, "config 'nowhere.yaml' not found"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "method_overrides": {"maple": {"method.n_ctx": 4}}},
+     "'method_overrides' maps methods of this sweep (coop) to overrides"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "overrides": {"semantic.cache": "caches/{datset}"}},
+     "uses {datset}; placeholders are {dataset}, {method}, {seed}, {shots}"),
+])
+def test_sweep_file_errors_name_the_key_and_what_is_allowed(tmp_path, fields, message):
+    path = write_sweep(tmp_path / "bad.yaml", **fields)
+    with pytest.raises(ConfigError) as error:
+        plan(load_sweep(path), tmp_path / "runs")
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  epochs: 3\n")
+    path = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[4], methods=["coop", "maple"], shots=[8], config="base.yaml",
+                       overrides={"data.protocol": "fewshot", "method.n_ctx": 4, "semantic.cache": "caches/{dataset}-{method}-{seed}-{shots}"})
+    jobs = plan(load_sweep(path), tmp_path / "runs")
+    assert [job.command() for job in jobs][1] == [
+        "python", "-m", "mugcp.train", "--config", str(tmp_path / "base.yaml"), "--output", str(tmp_path / "runs" / "maple_dtd_k8_s4"),
+        "method=maple", "data.dataset=dtd", "data.shots=8", "train.seed=4", "data.protocol=fewshot", "method.n_ctx=4",
+        "semantic.cache=caches/dtd-maple-4-8"]
+    (tmp_path / "runs" / "coop_dtd_k8_s4" / "checkpoint").mkdir(parents=True)  # a checkpoint without trainer state
+    assert [job.mode for job in plan(load_sweep(path), tmp_path / "runs")] == ["overwrite", "new"]
+
+
+@pytest.mark.parametrize("name, runs, evaluations", [
+    ("base2new", 8 * 11 * 3, 0), ("fewshot", 6 * 11 * 5 * 3, 0), ("cross_dataset", 6 * 3, 6 * 3 * 10), ("domain_generalization", 6 * 3, 6 * 3 * 4),
+])
+def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, runs, evaluations):
+    monkeypatch.setenv("DATA", "/datasets")
+    sweep = load_sweep(name)
+    jobs = plan(sweep, tmp_path)
+    assert sum(j.module == "mugcp.train" for j in jobs) == runs and sum(j.module == "mugcp.evaluate" for j in jobs) == evaluations
+    assert len({j.folder for j in jobs}) == len(jobs)  # every run its own folder
+    assert sweep.seeds == [1, 2, 3] and all("data.root=/datasets" in j.args for j in jobs if j.module == "mugcp.train")
+    mugcp = next(j for j in jobs if j.name.startswith("mugcp_") and j.module == "mugcp.train")
+    assert f"semantic.cache=caches/{mugcp.name.split('_')[1]}" in mugcp.args
+    if evaluations:
+        targets = {a.split("=")[1] for j in jobs if j.module == "mugcp.evaluate" for a in j.args if a.startswith("data.dataset=")}
+        assert targets == set(sweep.targets) and "imagenet" not in targets
+
+
+@pytest.mark.slow  # four subprocess runs, ~28 s
+def test_ctrl_c_stops_a_subprocess_sweep_and_the_same_command_continues_it(tmp_path):
+    import signal
+    import time
+
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2, 3], methods=["zsclip"], shots=[1],
+                        overrides={"data.root": str(data), "data.protocol": "all", **TINY})
+    root = tmp_path / "runs"
+    command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    # Its own session, so the signal reaches the sweep and its runs like a terminal's Ctrl-C, and nothing else.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (root / "logs" / "zsclip_dtd_k1_s2.txt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the second run is importing torch or loading its model
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, out + err
+    assert "[1/3] ok zsclip_dtd_k1_s1" in out and "[2/3] interrupted zsclip_dtd_k1_s2" in out
+    assert "rerun the same command to continue" in err and "1 ok" in err and "1 not started" in err
+    assert "[2/3] interrupted zsclip_dtd_k1_s2 in" in out and "nothing to resume from yet; a rerun starts it again" in out
+    assert not (root / "zsclip_dtd_k1_s2" / "metrics.json").exists()
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "sweep done: 2 ok, 1 skipped" in again.stdout
+    assert all((root / f"zsclip_dtd_k1_s{seed}" / "metrics.json").is_file() for seed in (1, 2, 3))
