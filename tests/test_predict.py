@@ -138,6 +138,7 @@ def test_class_specific_prompts_refuse_new_class_names(tmp_path, data_root, shar
     train(small_config(data_root, "method.class_specific=true", "optim.epochs=1", "optim.max_steps=1"), out)
     model, _ = mugcp.load_run(out)  # its own classes work
     assert model.classnames == BASE
+    capsys.readouterr()  # the training's log lines
     code, _, err = cli(["--checkpoint", out, "--classes", "cat,dog", data_root / "test"], capsys)
     assert code == 2
     assert err.strip() == (

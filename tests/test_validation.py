@@ -245,7 +245,7 @@ def test_interrupt_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, datase
     monkeypatch.setattr(CoOp, "training_step", interrupt)
     status, stderr = cli(train_main, ["--config", str(config), "--output", str(out)], capsys)
     assert status == 130
-    assert stderr == (f"run interrupted. No checkpoint was saved yet, so nothing can be resumed; python -m mugcp.train --output {out} "
+    assert stderr.splitlines()[-1] == (f"run interrupted. No checkpoint was saved yet, so nothing can be resumed; python -m mugcp.train --output {out} "
                       f"--resume starts the training over. The log, with the traceback, is {out / 'log.txt'}.")
     assert not (out / "checkpoint").exists() and "KeyboardInterrupt" in (out / "log.txt").read_text()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,26 @@ def check_resume_folder(output: Path) -> None:
         )
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written.
+
+    A plain ``StreamHandler`` keeps the stream it was created with; in a process that runs several
+    commands (a notebook, a test session capturing output) that stream may since have been replaced
+    and closed, and every later line would fail.
+    """
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
 def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logging.Handler:
     """Create the run folder and send the ``mugcp`` log there (``log.txt``) as well as to the console."""
     if output.exists() and not resume and not overwrite and any((output / name).exists() for name in ("checkpoint", "metrics.json")):
@@ -68,8 +89,8 @@ def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logg
     logger = logging.getLogger("mugcp")
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the console handler below already prints; avoid doubled lines via the root logger
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
-        console = logging.StreamHandler()
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        console = ConsoleHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     handler = logging.FileHandler(output / "log.txt", mode="a" if resume else "w", encoding="utf-8")
