@@ -54,7 +54,13 @@ class CoCoOp(PromptLearner):
         features = []
         for start in range(0, contexts.shape[0], group):
             chunk = contexts[start : start + group]
-            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble_per_image(chunk))
+            if self.clip.text_bucketing:
+                def embeddings(rows: torch.Tensor, length: int, chunk: torch.Tensor = chunk) -> torch.Tensor:
+                    # built per bucket/chunk inside its own (maybe recomputed) pass: no B×C tensor outlives it
+                    return self.prompts.assemble_per_image(chunk, rows, length)
+            else:
+                embeddings = self.prompts.assemble_per_image(chunk)
+            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings)
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 
