@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": "auto",
         "attention": "sdpa",
         "kernels": "reference",
+        # Text encoder: length buckets + EOT-only last block + budgeted chunks (exact); false: one pass cut
+        # at the batch's last EOT (the path before issue 9).
+        "text_bucketing": True,
     },
     "method": {"name": "coop"},
     "data": {
@@ -93,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
         "tensorboard": True,
         "deterministic": True,
         "progress": True,
+        # Memory budget (MiB) of the text encoder's (image, class) sequences in training and evaluation;
+        # "auto": a quarter of the memory free at the first text pass. Chunks over it are recomputed in backward.
+        "text_memory_mb": "auto",
     },
 }
 

@@ -27,18 +27,18 @@ from kernels.attention import attention
 if TYPE_CHECKING:  # pragma: no cover
     from mugcp.backbones.clip import ClipBackbone, DeepPrompts, TextEmbeddings
 
-# A separate pass per group costs a fixed time (per-op dispatch and allocation in every block, forward
-# and backward) on top of the time per token. Measured on the 2-core CPU here (ViT-B text tower,
-# width 512, fp32, forward+backward; `python benchmarks/text_scaling.py --calibrate`), a pass of
-# n sequences of length L took about a + b·n·L with a/b ≈ 40 tokens, so merging two lengths pays
-# when the padding it adds is under ~40 tokens.
-GROUP_OVERHEAD_TOKENS = 40
+# A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
+# weights in every block, forward and backward) on top of its time per token. Measured on the 2-core
+# CPU here (text tower of ViT-B, width 512, fp32, forward+backward, n sequences of 12 positions;
+# `python benchmarks/text_scaling.py --calibrate`): about 55-65 ms + 0.87 ms per token, so a pass is
+# worth ~64 tokens, and merging two lengths pays when the padding it adds is fewer tokens than that.
+GROUP_OVERHEAD_TOKENS = 64
 
-# Bytes per token per layer, in units of (width × element size), measured with the torch profiler's
-# allocation events (benchmarks/text_scaling.py --calibrate): what a block keeps for backward (its
-# input, LayerNorm outputs, q/k/v, attention output and statistics, MLP hidden before and after GELU)
-# and the forward working set of one block without a graph.
-GRAPH_WIDTHS_PER_TOKEN_LAYER = 18
+# Memory per token, in units of (width × element size), measured with the torch profiler's allocation
+# events (same calibration): a block keeps ~9.5 per token for backward (its input, LayerNorm outputs,
+# q/k/v, attention output and statistics, MLP hidden before and after GELU); a forward without graph
+# peaks at ~16 per token (the MLP hidden and the block's temporaries).
+GRAPH_WIDTHS_PER_TOKEN_LAYER = 10
 FORWARD_WIDTHS_PER_TOKEN = 16
 
 

@@ -104,9 +104,24 @@ def method_options(cfg: dict, semantic: SemanticContext) -> dict:
     return options
 
 
+def configure_text_path(clip, bucketing, memory_mb) -> None:
+    """Apply ``model.text_bucketing`` and ``train.text_memory_mb`` to the backbone, refusing bad values."""
+    if not isinstance(bucketing, bool):
+        raise ConfigError(f"model.text_bucketing must be true or false, got {bucketing!r}.")
+    if memory_mb == "auto" or memory_mb is None:
+        memory_mb = None
+    elif isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float)) or not memory_mb > 0:
+        raise ConfigError(
+            f"train.text_memory_mb must be 'auto' or a positive number of MiB (e.g. 4096), got {memory_mb!r}."
+        )
+    clip.text_bucketing = bucketing
+    clip.text_memory_mb = memory_mb
+
+
 def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext, dataset_name: Optional[str] = None):
     model_cfg = cfg["model"]
     clip = load_clip(model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"])
+    configure_text_path(clip, model_cfg["text_bucketing"], cfg["train"]["text_memory_mb"])
     semantic.clip = clip
     return create_model(
         cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"], kernels=model_cfg["kernels"],
