@@ -127,6 +127,7 @@ class ClipBackbone(nn.Module):
         embeddings: TextEmbeddings = None,
         normalize: bool = False,
         return_tokens: bool = False,
+        shared_prefix: int = 0,
     ):
         """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
         ``(N, L', width)`` with ``L'`` the truncated length).
@@ -144,11 +145,18 @@ class ClipBackbone(nn.Module):
         computes only the EOT rows. Otherwise (and always with ``return_tokens``) every sequence is cut
         after the last EOT of the batch. Both are exact: the causal mask makes later positions invisible
         to every EOT, and only the EOT row of the last block reaches the features.
+
+        ``shared_prefix`` ``P`` is the caller's promise that the first ``P`` positions are the same in every
+        sequence of one copy ``n`` (e.g. ``[SOS, context]`` of CoOp, or the per-image prompts of CoCoOp and
+        MuGCP, shared by all classes) at layer 0 and after every prompt, and that prompts touch only those
+        positions. The bucketed path then runs them once per copy and every sequence attends to their
+        keys and values (exact, by the causal mask); hooks are then called with the ``(copies, P, width)``
+        prefix only.
         """
         if self.text_bucketing and not return_tokens:
             from mugcp.backbones.text_buckets import encode_text_bucketed
 
-            features = encode_text_bucketed(self, tokens, deep_prompts, embeddings)
+            features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix)
             return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
         length = int(eot.max()) + 1

@@ -142,29 +142,57 @@ def _rows_of(prompt: torch.Tensor, rows: torch.Tensor, copies: int, total_rows: 
     return prompt.unflatten(0, (copies, total_rows))[:, rows].flatten(0, 1)
 
 
-def eot_block(clip: "ClipBackbone", block, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """The last text block at the EOT rows only: ``(n, L, width)`` in, ``(n, width)`` out.
+def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+               eot: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A causal text block over ``x`` ``(n, S, width)`` that may follow a shared prefix and may keep only the EOT rows.
 
-    Keys and values come from every position (a causal row sees positions ``<= eot``); queries, the
-    attention output, out-projection, MLP and residual only from the EOT rows.
+    ``prefix``: keys and values ``(n, heads, P, head_dim)`` of ``P`` earlier positions (``x`` then holds
+    positions ``P .. P+S-1``); queries see the prefix and the causal part of ``x``. ``eot``: ``(n,)``
+    positions within ``x``; the block then computes queries, attention output, out-projection, MLP and
+    residual at those rows only and returns ``(n, width)`` (keys and values still cover every position).
+    Without either it is ``ClipBackbone._block``.
     """
     mha = block.attn
     batch, length, width = x.shape
-    heads = mha.num_heads
-    rows = torch.arange(batch, device=x.device)
-    normed = block.ln_1(x)
+    heads, head_dim = mha.num_heads, width // mha.num_heads
     weight, bias = mha.in_proj_weight, mha.in_proj_bias
-    query = F.linear(normed[rows, eot], weight[:width], None if bias is None else bias[:width])
-    kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
-    k, v = kv.view(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
-    q = query.view(batch, heads, 1, width // heads)
-    if bool((eot == length - 1).all()):  # every EOT is the group's last position: it sees all keys
-        out = attention(q, k, v, causal=False, backend=clip.attention_backend)
+    normed = block.ln_1(x)
+    if eot is None:
+        qkv = F.linear(normed, weight, bias).view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        residual = x
     else:
-        visible = torch.arange(length, device=x.device)[None, :] <= eot[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
-    y = x[rows, eot] + block.ls_1(F.linear(out.reshape(batch, width), mha.out_proj.weight, mha.out_proj.bias))
+        rows = torch.arange(batch, device=x.device)
+        q = F.linear(normed[rows, eot], weight[:width], None if bias is None else bias[:width]).view(batch, heads, 1, head_dim)
+        kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
+        k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        residual = x[rows, eot]
+    offset = 0
+    if prefix is not None:
+        offset = prefix[0].shape[2]
+        k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+    keys = torch.arange(offset + length, device=x.device)
+    if eot is None:
+        if offset == 0:
+            out = attention(q, k, v, causal=True, backend=clip.attention_backend)
+        else:  # causal, aligned to the last key: position offset + i sees keys 0 .. offset + i
+            visible = keys[None, :] <= torch.arange(offset, offset + length, device=x.device)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+    else:
+        if bool((eot == length - 1).all()):  # every EOT is the last position: it sees every key
+            out = attention(q, k, v, causal=False, backend=clip.attention_backend)
+        else:
+            visible = keys[None, :] <= (eot + offset)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+        out = out.reshape(batch, width)
+    y = residual + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
     return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def eot_block(clip: "ClipBackbone", block, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """The last text block at the EOT rows only: ``(n, L, width)`` in, ``(n, width)`` out."""
+    return text_block(clip, block, x, eot=eot)
 
 
 def _group_embeddings(clip: "ClipBackbone", tokens: torch.Tensor, embeddings: "TextEmbeddings", rows: torch.Tensor, length: int) -> torch.Tensor:
@@ -176,37 +204,81 @@ def _group_embeddings(clip: "ClipBackbone", tokens: torch.Tensor, embeddings: "T
     return embeddings.unflatten(0, (copies, tokens.shape[0]))[:, rows, :length].flatten(0, 1)
 
 
+def _apply_prompts(clip: "ClipBackbone", prompts: "DeepPrompts", layer: int, x: torch.Tensor) -> torch.Tensor:
+    if callable(prompts):
+        return prompts(layer, x)
+    if prompts is not None and layer < len(prompts) and prompts[layer] is not None:
+        return clip._insert_prompts(x, prompts[layer], True, 1)
+    return x
+
+
+def prefix_keys_values(
+    clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings", prefix: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values ``(copies, heads, prefix, head_dim)`` of the shared first ``prefix`` positions at
+    every layer, computed once from token row 0 (every row has the same prefix, see ``encode_text``)."""
+    x = _group_embeddings(clip, tokens, embeddings, tokens.new_zeros(1), prefix)
+    x = x + clip.model.positional_embedding[:prefix].to(x.dtype)
+    blocks = clip.model.transformer.resblocks
+    states = []
+    for layer, block in enumerate(blocks):
+        x = _apply_prompts(clip, deep_prompts, layer, x)
+        mha = block.attn
+        width = x.shape[-1]
+        bias = mha.in_proj_bias
+        kv = F.linear(block.ln_1(x), mha.in_proj_weight[width:], None if bias is None else bias[width:])
+        k, v = kv.view(x.shape[0], prefix, 2, mha.num_heads, width // mha.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        states.append((k, v))
+        if layer < len(blocks) - 1:
+            x = clip._block(block, x, True)
+    return states
+
+
 def encode_group(
     clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings",
-    rows: torch.Tensor, length: int, copies: int,
+    rows: torch.Tensor, length: int, copies: int, prefix_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """Projected EOT features ``(copies, len(rows), embed_dim)`` of the token rows ``rows`` cut to ``length``."""
+    """Projected EOT features ``(copies, len(rows), embed_dim)`` of the token rows ``rows`` cut to ``length``.
+
+    With ``prefix_states`` (``prefix_keys_values``) only the positions after the shared prefix run here,
+    attending to the prefix's keys and values; prompts then touch the prefix only and are not applied.
+    """
     x = _group_embeddings(clip, tokens, embeddings, rows, length)
     if x.shape[0] != copies * rows.numel():
         raise ValueError(f"text embeddings for {rows.numel()} token rows have {x.shape[0]} sequences; expected {copies * rows.numel()}.")
-    x = x + clip.model.positional_embedding[:length].to(x.dtype)
     blocks = clip.model.transformer.resblocks
     last = len(blocks) - 1
-    prompts = deep_prompts
-    if deep_prompts is not None and not callable(deep_prompts):
-        prompts = [None if p is None else _rows_of(p, rows, copies, tokens.shape[0]) for p in deep_prompts]
-    x = clip._run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1)
-    if callable(prompts):
-        x = prompts(last, x)
-    elif prompts is not None and last < len(prompts) and prompts[last] is not None:
-        x = clip._insert_prompts(x, prompts[last], True, 1)
     eot = (tokens[rows].argmax(dim=-1)).repeat(copies)
-    if clip.activation_checkpointing and torch.is_grad_enabled():
-        x = checkpoint(eot_block, clip, blocks[last], x, eot, use_reentrant=False)
+    checkpointing = clip.activation_checkpointing and torch.is_grad_enabled()
+    if prefix_states is None:
+        x = x + clip.model.positional_embedding[:length].to(x.dtype)
+        prompts = deep_prompts
+        if deep_prompts is not None and not callable(deep_prompts):
+            prompts = [None if p is None else _rows_of(p, rows, copies, tokens.shape[0]) for p in deep_prompts]
+        x = clip._run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1)
+        x = _apply_prompts(clip, prompts, last, x)
+        x = checkpoint(eot_block, clip, blocks[last], x, eot, use_reentrant=False) if checkpointing else eot_block(clip, blocks[last], x, eot)
     else:
-        x = eot_block(clip, blocks[last], x, eot)
+        offset = prefix_states[0][0].shape[2]
+        x = x[:, offset:] + clip.model.positional_embedding[offset:length].to(x.dtype)
+        for layer, block in enumerate(blocks):
+            # every sequence of image n attends to image n's prefix: (copies, ...) -> (copies · rows, ...)
+            shared = tuple(t.unsqueeze(1).expand(-1, rows.numel(), -1, -1, -1).flatten(0, 1) for t in prefix_states[layer])
+            at_eot = eot - offset if layer == last else None
+            if checkpointing:
+                x = checkpoint(text_block, clip, block, x, shared, at_eot, use_reentrant=False)
+            else:
+                x = text_block(clip, block, x, shared, at_eot)
     x = clip._project(clip.model.ln_final(x), clip.model.text_projection)
     return x.view(copies, rows.numel(), -1)
 
 
-def encode_text_bucketed(clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings") -> torch.Tensor:
-    """``ClipBackbone.encode_text`` with length buckets, budgeted chunks and an EOT-only last block:
-    features ``(copies · T, embed_dim)`` in the order ``[n · T + t]`` of the plain path."""
+def encode_text_bucketed(
+    clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings", shared_prefix: int = 0,
+) -> torch.Tensor:
+    """``ClipBackbone.encode_text`` with length buckets, budgeted chunks, an EOT-only last block and, with
+    ``shared_prefix``, the shared first positions computed once: features ``(copies · T, embed_dim)`` in
+    the order ``[n · T + t]`` of the plain path."""
     total_rows = tokens.shape[0]
     if isinstance(embeddings, torch.Tensor):
         if embeddings.shape[0] % total_rows:
@@ -220,20 +292,33 @@ def encode_text_bucketed(clip: "ClipBackbone", tokens: torch.Tensor, deep_prompt
     width, layers = clip.text_width, clip.text_layers
     with_graph = torch.is_grad_enabled()
 
-    def run(rows: torch.Tensor, length: int, count: int) -> torch.Tensor:
-        return encode_group(clip, tokens, deep_prompts, embeddings, rows, length, count)
-
     if copies is None:
         # A builder's sequence count per token row shows once it ran: build row 0 alone (small) to see it.
         with torch.no_grad():
             copies = embeddings(eot.new_zeros(1), int(eot[0]) + 1).shape[0]
+    prefix_states = None
+    if shared_prefix > 0 and int(eot.min()) >= shared_prefix:  # every EOT lies after the prefix
+        if deep_prompts is not None and not callable(deep_prompts):
+            for layer, prompt in enumerate(deep_prompts):
+                if prompt is not None and (1 + prompt.shape[-2] > shared_prefix or (prompt.dim() == 3 and prompt.shape[0] > 1)):
+                    raise ValueError(
+                        f"the text prompt of layer {layer} ({tuple(prompt.shape)}) is not shared by every sequence's first "
+                        f"{shared_prefix} positions; pass shared_prefix=0."
+                    )
+        prefix_states = prefix_keys_values(clip, tokens, deep_prompts, embeddings, shared_prefix)
+    offset = 0 if prefix_states is None else shared_prefix
+
+    def run(rows: torch.Tensor, length: int, count: int) -> torch.Tensor:
+        return encode_group(clip, tokens, deep_prompts, embeddings, rows, length, count, prefix_states)
+
     groups = text_groups(eot, copies)
     chunks = plan_chunks(
-        groups, copies, GRAPH_WIDTHS_PER_TOKEN_LAYER * width * layers * element, FORWARD_WIDTHS_PER_TOKEN * width * element,
-        text_memory_budget_bytes(clip), with_graph,
+        [(rows, length - offset) for rows, length in groups], copies, GRAPH_WIDTHS_PER_TOKEN_LAYER * width * layers * element,
+        FORWARD_WIDTHS_PER_TOKEN * width * element, text_memory_budget_bytes(clip), with_graph,
     )
     parts, order = [], []
-    for rows, length, recompute in chunks:
+    for rows, computed, recompute in chunks:
+        length = computed + offset
         if recompute:
             parts.append(checkpoint(run, rows, length, copies, use_reentrant=False))
         else:

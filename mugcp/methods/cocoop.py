@@ -60,7 +60,8 @@ class CoCoOp(PromptLearner):
                     return self.prompts.assemble_per_image(chunk, rows, length)
             else:
                 embeddings = self.prompts.assemble_per_image(chunk)
-            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings)
+            # [SOS, ctx + π(x)] is per image and shared by every class: the backbone runs it once per image.
+            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings, shared_prefix=1 + self.n_ctx)
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 

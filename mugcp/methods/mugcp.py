@@ -253,7 +253,10 @@ class MuGCP(PromptLearner):
                 )
                 return fused.view(batch * part.shape[0], cut, -1)
 
-            encoded = self.clip.encode_text(tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build)
+            # [SOS, ctx_t, S] are per image and shared by every class: the backbone runs them once per image.
+            encoded = self.clip.encode_text(
+                tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build, shared_prefix=1 + self.n_ctx + self.n_semantic,
+            )
             features.append(encoded.view(batch, chunk.shape[0], -1))
         return torch.cat(features, dim=1)
 

@@ -53,6 +53,12 @@ class ClassPrompts(nn.Module):
         self.register_buffer("prefix", embedding[:, :1], persistent=False)
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :], persistent=False)
 
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions that are the same for every class with a shared context: ``[SOS, ctx]`` when
+        the class name is at the end, else ``[SOS]`` (see ``ClipBackbone.encode_text``)."""
+        return 1 + self.n_ctx if self.position == "end" else 1
+
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
         """Embeddings for context ``ctx``.
 
