@@ -13,8 +13,9 @@ the path before issue 9) and ``bucketed`` (length buckets, EOT-only last block, 
 ``train.text_memory_mb`` budget recomputed in backward; budget ``auto`` unless ``--memory-mb``).
 Every (method, C, path) runs in a fresh process: median s/step of ``--steps`` steps after one
 warm-up, and the process's peak resident set size (``ru_maxrss``: building included). A process
-whose resident memory passes ``--max-rss-gb`` is stopped and reported as not fitting; its row is
-then extrapolated linearly from the two smaller C of the same method and path, and marked so.
+whose resident memory passes ``--max-rss-gb`` is stopped and reported as not fitting, and one whose
+peak RSS, extrapolated linearly in C from the two smaller C of the same method and path, would pass
+it is not started; their rows hold that extrapolation, marked so.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def markdown_table(rows: list[dict]) -> str:
         if r.get("median_step_s") is None:
             return f"> {r['limit_gb']:.0f} GB" if key == "peak_rss_mb" else "did not fit"
         value = f"{r[key] / scale:.{digits}f}"
-        return f"~{value} (extrapolated; stopped at {r['limit_gb']:.0f} GB)" if r.get("extrapolated") else value
+        return f"~{value} (extrapolated: over {r['limit_gb']:.0f} GB)" if r.get("extrapolated") else value
 
     for r in rows:
         ratios = ["", ""]
@@ -183,7 +184,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def profile(method: str, classes: int, memory_mb: float | None, rows: int) -> None:
+def profile(method: str, classes: int, memory_mb: float | None, rows: int, paths: list[str]) -> None:
     """Per-op time of one step on each path (torch.profiler), the step's FLOPs (FlopCounterMode) and
     the achieved fraction of the measured fp32 matmul peak."""
     import torch
@@ -194,7 +195,7 @@ def profile(method: str, classes: int, memory_mb: float | None, rows: int) -> No
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak (2048², best of 5): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads; {describe_cpu()}; "
           f"load average {os.getloadavg()[0]:.1f}")
-    for path in PATHS:
+    for path in paths:
         model, step = build_step(method, classes, path, memory_mb)
         step()
         counter = FlopCounterMode(display=False)
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
         calibrate()
         return 0
     if args.profile:
-        profile(args.methods[0], args.profile, args.memory_mb, args.profile_rows)
+        profile(args.methods[0], args.profile, args.memory_mb, args.profile_rows, args.paths)
         return 0
     if args.one:
         method, classes, path = args.one
@@ -310,6 +311,14 @@ def main(argv=None) -> int:
                 if args.memory_mb is not None:
                     command += ["--memory-mb", str(args.memory_mb)]
                 row = {"method": method, "classes": classes, "path": path, "limit_gb": args.max_rss_gb}
+                predicted = dict(row)
+                extrapolate(rows, predicted)
+                if predicted.get("extrapolated") and predicted["peak_rss_mb"] > args.max_rss_gb * 1024:
+                    # Never start what would pass the limit on a shared machine: report the extrapolation.
+                    row.update(predicted, stopped=f"predicted {predicted['peak_rss_mb'] / 1024:.1f} GB > {args.max_rss_gb:.0f} GB: not run")
+                    rows.append(row)
+                    print(f"{method} C={classes} {path}: {row['stopped']} (extrapolated {row['median_step_s']:.1f} s/step)", file=sys.stderr, flush=True)
+                    continue
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout_s)
                 except subprocess.TimeoutExpired:

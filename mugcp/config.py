@@ -97,7 +97,7 @@ DEFAULTS: dict[str, Any] = {
         "deterministic": True,
         "progress": True,
         # Memory budget (MiB) of the text encoder's (image, class) sequences in training and evaluation;
-        # "auto": a quarter of the memory free at the first text pass. Chunks over it are recomputed in backward.
+        # "auto": a sixth of the memory free at the first text pass. Chunks over it are recomputed in backward.
         "text_memory_mb": "auto",
     },
 }

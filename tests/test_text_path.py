@@ -1,7 +1,8 @@
 """The bucketed text path (issue 9) computes what the single-pass path computes.
 
 Length buckets == one pass cut at the last EOT; the EOT-only last block == the full block at the EOT
-rows; chunks recomputed in backward give the same gradients, for plain, deep-list and hook prompts
+rows; a shared prefix run once per copy == running it in every sequence; chunks recomputed in
+backward give the same gradients, for plain, deep-list and hook prompts
 and for the B×C methods (CoCoOp, MuGCP). Tolerances: 1e-5 on features (fp32), gradients to 1e-5 of
 their scale.
 """
@@ -186,6 +187,52 @@ def test_gradients_through_recomputed_chunks_equal_the_single_pass(vit_b32):
         assert_close(got, expected)
     # Each chunk ran twice: once in forward, once more in backward, since its graph was not kept.
     assert calls.count(0) == 2 * len(NAMES)
+
+
+def test_shared_prefix_runs_once_per_copy_with_the_same_features_and_gradients(vit_b32):
+    tokens = vit_b32.tokenize([f"X X {name}." for name in NAMES])
+    copies, width = 3, vit_b32.text_width
+    torch.manual_seed(7)
+    base = vit_b32.embed_tokens(tokens).repeat(copies, 1, 1)
+    context = torch.randn(copies, 2, width, requires_grad=True)  # per copy (image), shared by its classes
+    deep = torch.randn(copies, 2, width, requires_grad=True)
+    target = torch.randn(copies * len(NAMES), vit_b32.embed_dim)
+    shapes = []
+
+    def hook(layer, x):
+        shapes.append(tuple(x.shape))
+        if layer in (5, vit_b32.text_layers - 1):  # prompts up to the last layer, per copy
+            per_copy = deep.repeat_interleave(x.shape[0] // copies, dim=0)
+            x = torch.cat([x[:, :1], per_copy, x[:, 3:]], dim=1)
+        return x
+
+    def run(bucketing, memory_mb, shared_prefix):
+        context.grad = deep.grad = None
+        per_sequence = context.repeat_interleave(len(NAMES), dim=0)
+        embeddings = torch.cat([base[:, :1], per_sequence, base[:, 3:]], dim=1)
+        with text_path(vit_b32, bucketing, memory_mb):
+            features = vit_b32.encode_text(tokens, deep_prompts=hook, embeddings=embeddings, shared_prefix=shared_prefix)
+        (features * target).sum().backward()
+        return features.detach(), context.grad.clone(), deep.grad.clone()
+
+    plain = run(False, None, 3)  # the single pass ignores shared_prefix
+    shapes.clear()
+    for memory_mb in (None, 0.3):
+        for got, expected in zip(run(True, memory_mb, 3), plain):
+            assert_close(got, expected)
+    # Hooks saw only the prefix, once per copy: (copies, 3, width) at every layer.
+    assert set(shapes) == {(copies, 3, width)}
+
+
+def test_shared_prefix_refuses_prompts_that_are_not_shared(vit_b32):
+    tokens = vit_b32.tokenize([f"X X {name}." for name in NAMES[:3]])
+    per_sequence = [None, torch.randn(3, 2, vit_b32.text_width)]
+    too_long = [None, torch.randn(4, vit_b32.text_width)]
+    with text_path(vit_b32), torch.no_grad():
+        with pytest.raises(ValueError, match=r"the text prompt of layer 1 \(\(3, 2, 512\)\) is not shared .* first 3 positions; pass shared_prefix=0"):
+            vit_b32.encode_text(tokens, deep_prompts=per_sequence, shared_prefix=3)
+        with pytest.raises(ValueError, match=r"layer 1 \(\(4, 512\)\) is not shared"):
+            vit_b32.encode_text(tokens, deep_prompts=too_long, shared_prefix=3)
 
 
 # ----------------------------------------------------------------- the methods

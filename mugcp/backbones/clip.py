@@ -60,7 +60,7 @@ class ClipBackbone(nn.Module):
         # Text path (config model.text_bucketing, train.text_memory_mb): length buckets, EOT-only last
         # block and budgeted chunks; False keeps the single pass cut at the batch's last EOT.
         self.text_bucketing = True
-        self.text_memory_mb: float | None = None  # None: a quarter of the memory free at first use
+        self.text_memory_mb: float | None = None  # None: a sixth of the memory free at first use
         model.requires_grad_(False)
         model.eval()
         check_attention_backend(attention_backend)

@@ -1,6 +1,6 @@
 """The bucketed text path of ``ClipBackbone.encode_text`` (DESIGN.md §4, issue 9).
 
-Three exact cuts, for every method that encodes class texts:
+Four exact cuts, for every method that encodes class texts:
 
 - **Length buckets.** Sequences are grouped by EOT position and every group runs cut to its own
   length, so a short class name no longer pays for the batch's longest one. Neighbouring lengths
@@ -8,8 +8,10 @@ Three exact cuts, for every method that encodes class texts:
 - **EOT-only last block.** Only the EOT row of the final block reaches the features, so that block
   computes queries, attention output, out-projection, MLP and residual at the EOT rows alone; keys
   and values still cover every position.
+- **Shared prefix.** Positions every class shares (``[SOS, context]``; CoCoOp's and MuGCP's per-image
+  prompts) run once per image, and the class-specific positions attend to their keys and values.
 - **Budgeted chunks.** Each group is split into chunks by a memory budget (``text_memory_mb`` on the
-  backbone, config ``train.text_memory_mb``; by default a quarter of the memory free at first use).
+  backbone, config ``train.text_memory_mb``; by default a sixth of the memory free at first use).
   With gradients, chunks whose graphs would not fit in the budget run under
   ``torch.utils.checkpoint`` and are recomputed in backward; the gradients are the same.
 """
@@ -93,13 +95,14 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def text_memory_budget_bytes(clip: "ClipBackbone") -> int:
-    """The text path's memory budget: ``clip.text_memory_mb`` or, when it is None, a quarter of the
-    memory free when first asked (then fixed, so the chunking does not change from step to step)."""
+    """The text path's memory budget: ``clip.text_memory_mb`` or, when it is None, a sixth of the memory
+    free when first asked (then fixed, so the chunking does not change from step to step). A sixth leaves
+    the rest of the step (image tower, optimiser, the allocator's slack) and other processes room."""
     if clip.text_memory_mb is not None:
         return int(float(clip.text_memory_mb) * 2**20)
     auto = getattr(clip, "_auto_text_memory_bytes", None)
     if auto is None:
-        auto = free_memory_bytes(clip.device) // 4
+        auto = free_memory_bytes(clip.device) // 6
         clip._auto_text_memory_bytes = auto
     return auto
 
@@ -311,14 +314,17 @@ def encode_text_bucketed(
     def run(rows: torch.Tensor, length: int, count: int) -> torch.Tensor:
         return encode_group(clip, tokens, deep_prompts, embeddings, rows, length, count, prefix_states)
 
-    groups = text_groups(eot, copies)
+    # Sizes for the memory plan, in tokens: the positions a pass computes, plus the prefix keys and values
+    # every sequence's attention keeps (2 widths per prefix position, GRAPH_WIDTHS_PER_TOKEN_LAYER per token).
+    prefix_tokens = -(-2 * offset // GRAPH_WIDTHS_PER_TOKEN_LAYER)
     chunks = plan_chunks(
-        [(rows, length - offset) for rows, length in groups], copies, GRAPH_WIDTHS_PER_TOKEN_LAYER * width * layers * element,
-        FORWARD_WIDTHS_PER_TOKEN * width * element, text_memory_budget_bytes(clip), with_graph,
+        [(rows, length - offset + prefix_tokens) for rows, length in text_groups(eot, copies)], copies,
+        GRAPH_WIDTHS_PER_TOKEN_LAYER * width * layers * element, FORWARD_WIDTHS_PER_TOKEN * width * element,
+        text_memory_budget_bytes(clip), with_graph,
     )
     parts, order = [], []
-    for rows, computed, recompute in chunks:
-        length = computed + offset
+    for rows, _, recompute in chunks:
+        length = int(eot[rows].max()) + 1  # a group's length is its longest EOT + 1 (text_groups)
         if recompute:
             parts.append(checkpoint(run, rows, length, copies, use_reentrant=False))
         else:
