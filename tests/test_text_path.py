@@ -287,3 +287,26 @@ def test_config_keys_reach_the_backbone_and_bad_values_are_named(vit_b32):
             configure_text_path(vit_b32, True, -1)
         with pytest.raises(ConfigError, match=r"^model.text_bucketing must be true or false, got 'yes'.$"):
             configure_text_path(vit_b32, "yes", "auto")
+
+
+def test_memory_of_the_bxc_text_pass_follows_the_budget_in_training_and_evaluation(vit_b32):
+    from benchmarks.conftest import peak_memory_bytes  # the profiler's allocation peak, as the benchmarks measure it
+
+    torch.manual_seed(0)
+    names = [f"class number {i}" + " extra" * (i % 5) for i in range(64)]
+    model = create_model("cocoop", names, backbone=vit_b32)
+    contexts = torch.randn(2, 4, vit_b32.text_width, requires_grad=True)  # 2 images × 64 classes
+
+    def train():
+        model.per_image_text_features(contexts).square().sum().backward()
+
+    def evaluate():
+        with torch.no_grad():
+            model.per_image_text_features(contexts)
+
+    peaks = {}
+    for bucketing, memory_mb in ((False, None), (True, 40)):
+        with text_path(vit_b32, bucketing, memory_mb):
+            peaks[bucketing] = [peak_memory_bytes(run, torch.device("cpu")) / 2**20 for run in (train, evaluate)]
+    assert max(peaks[True]) <= 40, peaks
+    assert peaks[False][0] > 8 * 40, peaks  # the single pass keeps every graph: the budget is what bounds it

@@ -149,8 +149,9 @@ def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tu
                eot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A causal text block over ``x`` ``(n, S, width)`` that may follow a shared prefix and may keep only the EOT rows.
 
-    ``prefix``: keys and values ``(n, heads, P, head_dim)`` of ``P`` earlier positions (``x`` then holds
-    positions ``P .. P+S-1``); queries see the prefix and the causal part of ``x``. ``eot``: ``(n,)``
+    ``prefix``: keys and values ``(copies, heads, P, head_dim)`` of ``P`` earlier positions, shared by the
+    ``n / copies`` consecutive sequences of each copy (``x`` then holds positions ``P .. P+S-1``);
+    queries see the prefix and the causal part of ``x``. ``eot``: ``(n,)``
     positions within ``x``; the block then computes queries, attention output, out-projection, MLP and
     residual at those rows only and returns ``(n, width)`` (keys and values still cover every position).
     Without either it is ``ClipBackbone._block``.
@@ -172,8 +173,15 @@ def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tu
         residual = x[rows, eot]
     offset = 0
     if prefix is not None:
-        offset = prefix[0].shape[2]
-        k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        # (copies, heads, P, head_dim) shared by the batch // copies sequences of each copy: one copy into
+        # the joined keys/values, never a per-sequence expansion first.
+        offset, copies = prefix[0].shape[2], prefix[0].shape[0]
+
+        def join(shared: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+            group = batch // copies
+            return torch.cat([shared.unsqueeze(1).expand(-1, group, -1, -1, -1), own.unflatten(0, (copies, group))], dim=3).flatten(0, 1)
+
+        k, v = join(prefix[0], k), join(prefix[1], v)
     keys = torch.arange(offset + length, device=x.device)
     if eot is None:
         if offset == 0:
@@ -265,8 +273,7 @@ def encode_group(
         offset = prefix_states[0][0].shape[2]
         x = x[:, offset:] + clip.model.positional_embedding[offset:length].to(x.dtype)
         for layer, block in enumerate(blocks):
-            # every sequence of image n attends to image n's prefix: (copies, ...) -> (copies · rows, ...)
-            shared = tuple(t.unsqueeze(1).expand(-1, rows.numel(), -1, -1, -1).flatten(0, 1) for t in prefix_states[layer])
+            shared = prefix_states[layer]  # every sequence of copy n attends to copy n's prefix
             at_eot = eot - offset if layer == last else None
             if checkpointing:
                 x = checkpoint(text_block, clip, block, x, shared, at_eot, use_reentrant=False)
@@ -295,10 +302,6 @@ def encode_text_bucketed(
     width, layers = clip.text_width, clip.text_layers
     with_graph = torch.is_grad_enabled()
 
-    if copies is None:
-        # A builder's sequence count per token row shows once it ran: build row 0 alone (small) to see it.
-        with torch.no_grad():
-            copies = embeddings(eot.new_zeros(1), int(eot[0]) + 1).shape[0]
     prefix_states = None
     if shared_prefix > 0 and int(eot.min()) >= shared_prefix:  # every EOT lies after the prefix
         if deep_prompts is not None and not callable(deep_prompts):
@@ -309,6 +312,11 @@ def encode_text_bucketed(
                         f"{shared_prefix} positions; pass shared_prefix=0."
                     )
         prefix_states = prefix_keys_values(clip, tokens, deep_prompts, embeddings, shared_prefix)
+        copies = prefix_states[0][0].shape[0]
+    elif copies is None:
+        # A builder's sequence count per token row shows once it ran: build row 0 alone (small) to see it.
+        with torch.no_grad():
+            copies = embeddings(eot.new_zeros(1), int(eot[0]) + 1).shape[0]
     offset = 0 if prefix_states is None else shared_prefix
 
     def run(rows: torch.Tensor, length: int, count: int) -> torch.Tensor:
