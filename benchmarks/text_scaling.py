@@ -164,7 +164,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    figure.suptitle(title, fontsize=9)
+    import textwrap
+
+    axes[1].plot([], [], "x", color="k", markersize=9, label="extrapolated (over the RSS limit, not run)")
+    axes[1].legend(fontsize=7)
+    figure.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
 
@@ -287,8 +291,17 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, metavar="C", help="profile one step of --methods[0] at C classes on both paths")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--calibrate", action="store_true", help="measure the constants of mugcp/backbones/text_buckets.py")
+    parser.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a --json file of an earlier run")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: method classes path
     args = parser.parse_args(argv)
+
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+        print(f"\n{saved['header']}\n")
+        print(markdown_table(saved["rows"]))
+        if args.plot.lower() != "none":
+            plot(saved["rows"], args.plot, saved["header"])
+        return 0
 
     if args.calibrate:
         calibrate()
