@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
 # weights in every block, forward and backward) on top of its time per token. Measured on the 2-core
 # CPU here (text tower of ViT-B, width 512, fp32, forward+backward, n sequences of 12 positions;
-# `python benchmarks/text_scaling.py --calibrate`): about 55-65 ms + 0.87 ms per token, so a pass is
-# worth ~64 tokens, and merging two lengths pays when the padding it adds is fewer tokens than that.
+# `python benchmarks/text_scaling.py --calibrate`): 55-66 ms + 0.83-0.87 ms per token in two runs, so a
+# pass is worth 64-80 tokens, and merging two lengths pays when the padding it adds is fewer than that.
 GROUP_OVERHEAD_TOKENS = 64
 
 # Memory per token, in units of (width × element size), measured with the torch profiler's allocation
