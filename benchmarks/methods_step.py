@@ -38,17 +38,29 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class PeakRss:
-    """Samples this process's resident set size in a thread while the ``with`` block runs."""
+# Exit status of a process that ``PeakRss(limit_mb=...)`` stopped for growing past its memory limit.
+RSS_LIMIT_EXIT = 75
 
-    def __init__(self, interval_s: float = 0.002):
+
+class PeakRss:
+    """Samples this process's resident set size in a thread while the ``with`` block runs.
+
+    With ``limit_mb`` the process exits with ``RSS_LIMIT_EXIT`` as soon as a sample exceeds it, so a
+    configuration that does not fit stops before it can push a shared machine into swap.
+    """
+
+    def __init__(self, interval_s: float = 0.002, limit_mb: float | None = None):
         self.interval_s = interval_s
+        self.limit_mb = limit_mb
         self.peak = 0.0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_mb())
+            if self.limit_mb is not None and self.peak > self.limit_mb:
+                print(f"resident memory {self.peak:.0f} MB passed the limit of {self.limit_mb:.0f} MB: stopped", file=sys.stderr, flush=True)
+                os._exit(RSS_LIMIT_EXIT)
             time.sleep(self.interval_s)
 
     def __enter__(self):

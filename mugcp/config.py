@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
         "attention": "sdpa",
         "kernels": "reference",
         "quick_gelu": "auto",  # auto | true | false: the MLP activation (OpenAI's CLIP weights need QuickGELU)
+        # Text encoder: length buckets + EOT-only last block + budgeted chunks (exact); false: one pass cut
+        # at the batch's last EOT (the path before issue 9).
+        "text_bucketing": True,
     },
     "method": {"name": "coop"},
     "data": {
@@ -94,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
         "tensorboard": True,
         "deterministic": True,
         "progress": True,
+        # Memory budget (MiB) of the text encoder's (image, class) sequences in training and evaluation;
+        # "auto": a sixth of the memory free at the first text pass. Chunks over it are recomputed in backward.
+        "text_memory_mb": "auto",
     },
 }
 

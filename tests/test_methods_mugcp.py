@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
+from mugcp.backbones.text_buckets import text_groups
 from mugcp.config import ConfigError, load_config
 from mugcp.methods import create_model, get_method, resolve_options
 from mugcp.methods.mugcp import CaptionFeatures, encode_captions, resolve_semantic_source
@@ -90,7 +91,8 @@ def assert_clip_unchanged(clip, snapshot):
 
 
 # ----------------------------------------------------------------- build, kernels, logits
-def test_default_build_calls_both_kernels_once_per_prompted_layer(clip, one_image, monkeypatch):
+@pytest.mark.parametrize("bucketing", [False, True], ids=["single_pass", "bucketed"])
+def test_default_build_calls_both_kernels_once_per_prompted_layer(clip, one_image, monkeypatch, bucketing):
     calls = {"mutual_attention": [], "fuse_prompts": []}
     for name in calls:
         original = getattr(kernels, name)
@@ -105,11 +107,15 @@ def test_default_build_calls_both_kernels_once_per_prompted_layer(clip, one_imag
     assert (model.depth, model.n_ctx, model.n_semantic) == (9, 2, 4)
     assert model.conditional and model.batch_inputs == ("semantic", "semantic_mask")
     image, (features, mask) = one_image
+    monkeypatch.setattr(clip, "text_bucketing", bucketing)
     logits = eval_logits(model, image, features, mask)
     assert logits.shape == (1, len(CLASSES)) and torch.isfinite(logits).all()
-    # AMG in every prompted vision layer, the B×C text write in every prompted text layer.
+    # AMG in every prompted vision layer, the B×C text write in every prompted text layer. The
+    # bucketed path writes layers 1-8 into the per-image prefix once, and layer 0 once for the prefix
+    # and once per length bucket (text_path tests: the same features as the single pass).
     assert calls["mutual_attention"] == ["reference"] * 9
-    assert calls["fuse_prompts"] == ["reference"] * 9
+    buckets = len(text_groups(model.class_prompts.tokens.argmax(-1))) if bucketing else 0
+    assert calls["fuse_prompts"] == ["reference"] * (9 + buckets)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and not any(name.startswith("clip.") for name in trainable)
     # The last prompted layer's S^J would reach no text layer, so it has no update weights.

@@ -19,6 +19,8 @@ from kernels.attention import attention, check_attention_backend
 # A layer hook gets (layer index, token sequence entering that layer) and returns the sequence to use.
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 DeepPrompts = Optional[Union[Sequence[torch.Tensor], LayerHook]]
+# Text embeddings: a tensor (N, L, width), or a builder (token rows, length) -> (n * len(rows), length, width).
+TextEmbeddings = Optional[Union[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,6 +66,10 @@ class ClipBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.attention_backend = attention_backend
         self.activation_checkpointing = False
+        # Text path (config model.text_bucketing, train.text_memory_mb): length buckets, EOT-only last
+        # block and budgeted chunks; False keeps the single pass cut at the batch's last EOT.
+        self.text_bucketing = True
+        self.text_memory_mb: float | None = None  # None: a sixth of the memory free at first use
         model.requires_grad_(False)
         model.eval()
         check_attention_backend(attention_backend)
@@ -127,21 +133,48 @@ class ClipBackbone(nn.Module):
         self,
         tokens: torch.Tensor,
         deep_prompts: DeepPrompts = None,
-        embeddings: torch.Tensor | None = None,
+        embeddings: TextEmbeddings = None,
         normalize: bool = False,
         return_tokens: bool = False,
+        shared_prefix: int = 0,
     ):
         """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
         ``(N, L', width)`` with ``L'`` the truncated length).
 
-        ``tokens`` ``(T, L)`` give the EOT positions; ``embeddings`` ``(N, L, width)`` (N a multiple of T,
-        sequences ordered ``[n * T + t]``) replace the token embeddings, which is how learned context
-        enters. Sequences are cut after the last EOT of the batch: the causal mask makes later
-        positions invisible to every EOT, so the features are unchanged.
+        ``tokens`` ``(T, L)`` give the EOT positions; ``embeddings`` replace the token embeddings, which is
+        how learned context enters: a tensor ``(N, L, width)`` (N a multiple of T, sequences ordered
+        ``[n * T + t]``) or a callable ``embeddings(rows, length)`` that builds the sequences of the token
+        rows ``rows`` cut to ``length`` positions, ``(n * len(rows), length, width)`` ordered
+        ``[n * len(rows) + i]``; the callable lets the B×C methods build each chunk inside its own
+        (recomputed) pass instead of holding all B×C sequences.
+
+        With ``text_bucketing`` (the default) the sequences are grouped by EOT position and every group
+        runs cut to its own length (``text_groups``), split into chunks by the memory budget
+        (``text_memory_mb``; recomputed in backward when the graphs would not fit), and the last block
+        computes only the EOT rows. Otherwise (and always with ``return_tokens``) every sequence is cut
+        after the last EOT of the batch. Both are exact: the causal mask makes later positions invisible
+        to every EOT, and only the EOT row of the last block reaches the features.
+
+        ``shared_prefix`` ``P`` is the caller's promise that the first ``P`` positions are the same in every
+        sequence of one copy ``n`` (e.g. ``[SOS, context]`` of CoOp, or the per-image prompts of CoCoOp and
+        MuGCP, shared by all classes) at layer 0 and after every prompt, and that prompts touch only those
+        positions. The bucketed path then runs them once per copy and every sequence attends to their
+        keys and values (exact, by the causal mask); hooks are then called with the ``(copies, P, width)``
+        prefix only.
         """
+        if self.text_bucketing and not return_tokens:
+            from mugcp.backbones.text_buckets import encode_text_bucketed
+
+            features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix)
+            return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
         length = int(eot.max()) + 1
-        x = self.embed_tokens(tokens[:, :length]) if embeddings is None else embeddings[:, :length]
+        if embeddings is None:
+            x = self.embed_tokens(tokens[:, :length])
+        elif callable(embeddings):
+            x = embeddings(torch.arange(tokens.shape[0], device=tokens.device), length)
+        else:
+            x = embeddings[:, :length]
         if x.shape[0] != eot.shape[0]:
             if x.shape[0] % eot.shape[0]:
                 raise ValueError(f"{x.shape[0]} text sequences are not a multiple of the {eot.shape[0]} token rows.")

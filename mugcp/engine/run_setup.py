@@ -225,12 +225,19 @@ def method_options(cfg: dict, semantic: SemanticContext) -> dict:
     return options
 
 
+def configure_text_path(clip, bucketing: bool, memory_mb) -> None:
+    """Apply ``model.text_bucketing`` and ``train.text_memory_mb`` (their values checked by the schema) to the backbone."""
+    clip.text_bucketing = bool(bucketing)
+    clip.text_memory_mb = None if memory_mb in (None, "auto") else float(memory_mb)
+
+
 def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext, dataset_name: Optional[str] = None):
     model_cfg = cfg["model"]
     clip = load_clip(
         model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"],
         quick_gelu=quick_gelu_setting(model_cfg.get("quick_gelu", "auto")),
     )
+    configure_text_path(clip, model_cfg["text_bucketing"], cfg["train"]["text_memory_mb"])
     semantic.clip = clip
     return create_model(
         cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"], kernels=model_cfg["kernels"],

@@ -55,7 +55,14 @@ class CoCoOp(PromptLearner):
         features = []
         for start in range(0, contexts.shape[0], group):
             chunk = contexts[start : start + group]
-            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble_per_image(chunk))
+            if self.clip.text_bucketing:
+                def embeddings(rows: torch.Tensor, length: int, chunk: torch.Tensor = chunk) -> torch.Tensor:
+                    # built per bucket/chunk inside its own (maybe recomputed) pass: no B×C tensor outlives it
+                    return self.prompts.assemble_per_image(chunk, rows, length)
+            else:
+                embeddings = self.prompts.assemble_per_image(chunk)
+            # [SOS, ctx + π(x)] is per image and shared by every class: the backbone runs it once per image.
+            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings, shared_prefix=1 + self.n_ctx)
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 

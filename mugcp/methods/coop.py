@@ -41,7 +41,9 @@ class CoOp(PromptLearner):
         self.prompts.to(self.clip.device)
 
     def compute_text_features(self) -> torch.Tensor:
-        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx))
+        # Class-specific context differs per class: then only SOS is shared.
+        shared = 1 if self.options["class_specific"] else self.prompts.shared_prefix
+        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx), shared_prefix=shared)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.clip.encode_image(images), self.text_features())

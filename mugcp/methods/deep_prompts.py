@@ -104,7 +104,9 @@ def encode_prompted_text(clip: ClipBackbone, class_prompts: ClassPrompts, text_p
         return clip.encode_text(class_prompts.tokens)
     deeper: list[Optional[torch.Tensor]] = [None, *text_prompts[1:]]
     embeddings = class_prompts.assemble(text_prompts[0])
-    return clip.encode_text(class_prompts.tokens, deep_prompts=deeper if len(deeper) > 1 else None, embeddings=embeddings)
+    return clip.encode_text(
+        class_prompts.tokens, deep_prompts=deeper if len(deeper) > 1 else None, embeddings=embeddings, shared_prefix=class_prompts.shared_prefix,
+    )
 
 
 def encode_prompted_image(clip: ClipBackbone, images: torch.Tensor, vision_prompts: Sequence[torch.Tensor]) -> torch.Tensor:

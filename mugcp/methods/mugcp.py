@@ -214,17 +214,19 @@ class MuGCP(PromptLearner):
 
         return hook
 
-    def _text_hook(self, semantic_layers: list[torch.Tensor], batch: int, classes: int):
+    def _text_hook(self, semantic_layers: list[torch.Tensor], batch: int):
         def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
             # Layer 0's prompts are written into the embeddings, where they get positional embeddings.
             if layer == 0 or layer >= self.depth:
                 return x
+            # The backbone may pass any subset of the classes (a length bucket or a chunk of one),
+            # always as ``[image, class]`` rows.
             length, width = x.shape[1:]
             fused = kernels.fuse_prompts(
-                x.view(batch, classes, length, width), self.text_context[layer].to(x.dtype),
+                x.view(batch, x.shape[0] // batch, length, width), self.text_context[layer].to(x.dtype),
                 semantic_layers[layer].to(x.dtype), self.text_gates[layer], start=1, backend=self.kernels,
             )
-            return fused.view(batch * classes, length, width)
+            return fused.view(x.shape[0], length, width)
 
         return hook
 
@@ -239,19 +241,26 @@ class MuGCP(PromptLearner):
         batch, classes = semantic_layers[0].shape[0], tokens.shape[0]
         limit = self.options["max_text_sequences"]
         per_call = classes if not limit else max(1, limit // batch)
+        hook = self._text_hook(semantic_layers, batch)
         features = []
         for first in range(0, classes, per_call):
             chunk = class_embeddings[first : first + per_call]
-            count = chunk.shape[0]
-            embeddings = kernels.fuse_prompts(
-                chunk.unsqueeze(0).expand(batch, -1, -1, -1), self.text_context[0].to(chunk.dtype),
-                semantic_layers[0].to(chunk.dtype), self.text_gates[0], start=1, backend=self.kernels,
-            )
+
+            def build(rows: torch.Tensor, cut: int, chunk: torch.Tensor = chunk) -> torch.Tensor:
+                """Layer-0 sequences ``(B·len(rows), cut, width)`` of these classes, built per bucket/chunk
+                so that no B×C tensor outlives its chunk's pass."""
+                part = chunk[rows, :cut] if rows.numel() != chunk.shape[0] or cut != chunk.shape[1] else chunk
+                fused = kernels.fuse_prompts(
+                    part.unsqueeze(0).expand(batch, -1, -1, -1), self.text_context[0].to(part.dtype),
+                    semantic_layers[0].to(part.dtype), self.text_gates[0], start=1, backend=self.kernels,
+                )
+                return fused.view(batch * part.shape[0], cut, -1)
+
+            # [SOS, ctx_t, S] are per image and shared by every class: the backbone runs them once per image.
             encoded = self.clip.encode_text(
-                tokens[first : first + count], deep_prompts=self._text_hook(semantic_layers, batch, count),
-                embeddings=embeddings.view(batch * count, length, -1),
+                tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build, shared_prefix=1 + self.n_ctx + self.n_semantic,
             )
-            features.append(encoded.view(batch, count, -1))
+            features.append(encoded.view(batch, chunk.shape[0], -1))
         return torch.cat(features, dim=1)
 
     def encode(

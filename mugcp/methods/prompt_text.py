@@ -76,6 +76,12 @@ class ClassPrompts(nn.Module):
         self.register_buffer("prefix", embedding[:, :1], persistent=False)
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :], persistent=False)
 
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions that are the same for every class with a shared context: ``[SOS, ctx]`` when
+        the class name is at the end, else ``[SOS]`` (see ``ClipBackbone.encode_text``)."""
+        return 1 + self.n_ctx if self.position == "end" else 1
+
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
         """Embeddings for context ``ctx``.
 
@@ -101,13 +107,18 @@ class ClassPrompts(nn.Module):
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows, dim=0)
 
-    def assemble_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Per-image context ``(B, n_ctx, D)`` → embeddings ``(B·C, L, D)``, ordered ``[b·C + c]``."""
-        batch, classes = ctx.shape[0], self.prefix.shape[0]
-        length, width = self.tokens.shape[1], self.prefix.shape[-1]
-        out = torch.empty(batch, classes, length, width, dtype=self.prefix.dtype, device=ctx.device)
-        out[:, :, :1] = self.prefix
-        out[:, :, 1 + self.n_ctx :] = self.suffix
+    def assemble_per_image(self, ctx: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None) -> torch.Tensor:
+        """Per-image context ``(B, n_ctx, D)`` → embeddings ``(B·C', L', D)``, ordered ``[b·C' + c]``:
+        every class (``C' = C``) at the full length by default, or the classes ``rows`` cut to ``length``."""
+        prefix, suffix = self.prefix, self.suffix
+        if rows is not None:
+            prefix, suffix = prefix[rows], suffix[rows]
+        batch, classes = ctx.shape[0], prefix.shape[0]
+        length = self.tokens.shape[1] if length is None else length
+        width = prefix.shape[-1]
+        out = torch.empty(batch, classes, length, width, dtype=prefix.dtype, device=ctx.device)
+        out[:, :, :1] = prefix
+        out[:, :, 1 + self.n_ctx :] = suffix[:, : length - 1 - self.n_ctx]
         out[:, :, 1 : 1 + self.n_ctx] = ctx.to(out.dtype).unsqueeze(1)
         return out.view(batch * classes, length, width)
 
