@@ -27,3 +27,8 @@ python3 -m pytest -q -p no:cacheprovider tests/test_backbone.py -k "open_clip or
 # Benchmarks: reference vs Triton, attention backends, the training step (bf16 autocast on CUDA).
 TRITON_INTERPRET=0 timeout 420 python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_kernels.py \
     benchmarks/test_bench_model.py --benchmark-only --benchmark-json="$OUT/bench.json" 2>&1 | tail -60 | tee "$OUT/bench.log"
+# Last, as they are the first to drop when time runs short: the bucketed text path (buckets, shared
+# prefix, EOT-only block, recomputed chunks) equals the single pass on CUDA, and its benchmark.
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_text_path.py 2>&1 | tail -20 | tee "$OUT/tests_text_path.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_text.py --benchmark-only \
+    --benchmark-json="$OUT/bench_text.json" 2>&1 | tail -30 | tee "$OUT/bench_text.log"

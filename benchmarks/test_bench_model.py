@@ -63,6 +63,8 @@ def test_text_encoder_over_bxc_sequences(run_benchmark, clip, device, backend, t
                 return x[torch.arange(x.shape[0]), tokens.argmax(-1).repeat(BATCH)] @ model.text_projection
     else:
         clip.attention_backend = backend
+        # "truncated" is the single pass cut at the last EOT; the bucketed path is benchmarks/test_bench_text.py's.
+        clip.text_bucketing = False
 
         def run():
             with torch.no_grad(), autocast(device):
@@ -73,6 +75,7 @@ def test_text_encoder_over_bxc_sequences(run_benchmark, clip, device, backend, t
                       attention=backend, truncated=truncate, length=int(tokens.argmax(-1).max()) + 1 if truncate else 77)
     finally:
         clip.attention_backend = "sdpa"
+        clip.text_bucketing = True
 
 
 def kernel_backends():
