@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -235,7 +235,7 @@ def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, 
     model_cfg = cfg["model"]
     clip = load_clip(
         model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"],
-        quick_gelu=quick_gelu_setting(model_cfg.get("quick_gelu", "auto")),
+        quick_gelu=quick_gelu_setting(model_cfg["quick_gelu"]),
     )
     configure_text_path(clip, model_cfg["text_bucketing"], cfg["train"]["text_memory_mb"])
     semantic.clip = clip
