@@ -12,11 +12,13 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from .errors import KernelError
+
 ATTENTION_BACKENDS = ("naive", "sdpa", "flash_attn", "xformers")
 
 
-class AttentionBackendError(RuntimeError):
-    pass
+class AttentionBackendError(KernelError, RuntimeError):
+    """An unknown attention backend, or one that is not installed or cannot run on these tensors."""
 
 
 def _naive(q, k, v, causal: bool):

@@ -16,11 +16,13 @@ from typing import Iterator
 
 import torch
 
+from .errors import KernelError
+
 BACKENDS = ("reference", "triton")
 ENV_VAR = "MUGCP_KERNELS"
 
 
-class KernelBackendError(RuntimeError):
+class KernelBackendError(KernelError, RuntimeError):
     """A kernel backend was asked for that does not exist or cannot run here; the message says how to fix it."""
 
 

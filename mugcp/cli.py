@@ -1,4 +1,9 @@
-"""What the command-line tools share: argument parsing and turning known errors into one clear line."""
+"""What the command-line tools share: argument parsing and turning bad input into one clear line.
+
+The runner knows one error type, :class:`mugcp.errors.UserError`, which every layer's input errors
+derive from, and the kernels' own base (``kernels.errors.KernelError``), recognised only when the
+kernels were imported at all; so importing this module imports no layer and no torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,21 +11,15 @@ import logging
 import sys
 from typing import Callable
 
+from mugcp.errors import UserError
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: printed as one line, no traceback, exit status 2."""
-    from mugcp.backbones import PretrainedLoadError
-    from mugcp.config import ConfigError
-    from mugcp.engine.checkpoint import CheckpointError
-    from mugcp.engine.trainer import TrainingDiverged
-    from mugcp.semantics.cache import CacheError
-
-    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, CacheError, FileNotFoundError]
-    try:
-        from kernels.attention import AttentionBackendError
-
-        errors.append(AttentionBackendError)
-    except ImportError:  # pragma: no cover
-        pass
+    errors: list[type[BaseException]] = [UserError, FileNotFoundError]
+    kernel_errors = sys.modules.get("kernels.errors")
+    if kernel_errors is not None:  # an error of the kernels can only come after they were imported
+        errors.append(kernel_errors.KernelError)
     return tuple(errors)
 
 
@@ -34,11 +33,13 @@ def run_cli(main: Callable[[], int]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = main()
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt as err:
         # A run's RunInterrupted says what it kept; a bare Ctrl-C elsewhere kept nothing worth naming.
         print(str(err) or "interrupted.", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)

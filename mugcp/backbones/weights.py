@@ -16,13 +16,15 @@ from typing import Optional
 
 import torch
 
+from mugcp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
 RANDOM_WEIGHTS_SEED = 0
 
 
-class PretrainedLoadError(RuntimeError):
+class PretrainedLoadError(UserError, RuntimeError):
     pass
 
 

@@ -21,12 +21,13 @@ from mugcp.engine.evaluation import evaluate_subsets
 from mugcp.engine.optim import build_optimizer, build_scheduler
 from mugcp.engine.run_setup import RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
+from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, seed_everything
 
 log = logging.getLogger("mugcp")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     pass
 
 

@@ -36,6 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mugcp.errors import UserError
+
 from mugcp.utils import atomic_write, atomic_write_json, atomic_write_text
 
 FORMAT = "mugcp-semantic-cache"
@@ -59,7 +61,7 @@ EXTRACT_HINT = (
 )
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A semantic cache that cannot be read or written as asked; the message says how to fix it."""
 
 
@@ -67,7 +69,7 @@ class CacheMismatchError(CacheError):
     """The cache on disk was made with a different MLLM, prompt, layer, ... than the one requested."""
 
 
-class MissingKeyError(KeyError):
+class MissingKeyError(UserError, KeyError):
     """A key that is not in the cache. ``str()`` shows the message itself, not its repr."""
 
     def __str__(self) -> str:

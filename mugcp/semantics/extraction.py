@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mugcp.errors import UserError
+
 from mugcp.semantics.cache import (
     STORED_DTYPE,
     CacheWriter,
@@ -44,7 +46,7 @@ from mugcp.semantics.sources import ImageSource, UnreadableImageError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """The job cannot go on (e.g. one image alone does not fit in memory); the message says why."""
 
 

@@ -19,13 +19,15 @@ from typing import Sequence
 
 import torch
 
+from mugcp.errors import UserError
+
 DEFAULT_PROMPT = (
     "Describe the salient visual attributes of the main object in this image: its colour, shape, "
     "texture, parts and material. Answer in one sentence."
 )
 
 
-class MLLMError(RuntimeError):
+class MLLMError(UserError, RuntimeError):
     """The MLLM cannot be loaded or used as asked; the message names the model and the fix."""
 
 

@@ -11,11 +11,13 @@ from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 
+from mugcp.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 ALL_SPLITS = ("train", "val", "test")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The image source cannot be listed (missing folder, empty dataset, unknown split)."""
 
 
