@@ -89,7 +89,7 @@ def measure_one(method: str, classes: int, path: str, steps: int, memory_mb: flo
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    budget = getattr(model.clip, "_auto_text_memory_bytes", None)
+    budget = model.clip.auto_text_memory_bytes
     return {
         "method": method, "classes": classes, "path": path, "batch": BATCH, "backbone": BACKBONE,
         "median_step_s": statistics.median(times), "step_times_s": times,

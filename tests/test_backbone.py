@@ -77,18 +77,18 @@ def test_unknown_attention_backend_is_named():
 def layer_inputs(backbone):
     """Record the sequence entering every transformer block while the ``with`` body runs."""
     seen = []
-    original_block = backbone._block
+    original_block = backbone.block
 
     def recording_block(block, x, causal):
         seen.append(x.detach().clone())
         return original_block(block, x, causal)
 
-    backbone._block = recording_block
+    backbone.block = recording_block
     try:
         with torch.no_grad():
             yield seen
     finally:
-        del backbone._block
+        del backbone.block
 
 
 def test_text_prompts_replace_positions_after_sos(vit_b32):

@@ -205,18 +205,18 @@ def test_mugcp_first_vision_prompts_enter_before_ln_pre_like_maple(clip, images)
     model = build(clip, "mugcp", depth=2, semantic_source="none", n_semantic=2, amg_dim=16, amg_heads=2, pool_dim=16, pool_heads=2)
     seen = []
     first_block = clip.model.visual.transformer.resblocks[0]
-    original = clip._block
+    original = clip.block
 
     def record(block, x, causal):
         if block is first_block:
             seen.append(x.detach().clone())
         return original(block, x, causal)
 
-    clip._block = record
+    clip.block = record
     try:
         ours(model, images)
     finally:
-        del clip._block
+        del clip.block
     patches = (32 // 8) ** 2 + 1
     context_rows = seen[0][:, patches : patches + model.n_ctx]
     with torch.no_grad():

@@ -102,7 +102,7 @@ def test_eot_only_last_block_equals_the_full_block_at_the_eot_rows(vit_b32):
     x = torch.randn(5, 9, vit_b32.text_width)
     rows = torch.arange(5)
     with torch.no_grad():
-        full = vit_b32._block(block, x, True)
+        full = vit_b32.block(block, x, True)
         for eot in (torch.full((5,), 8), torch.tensor([8, 3, 0, 5, 8])):  # all at the end; mixed (masked keys)
             assert_close(eot_block(vit_b32, block, x, eot), full[rows, eot])
         vit_b32.attention_backend = "naive"

@@ -7,20 +7,15 @@ With no prompts it computes exactly ``model.encode_text`` / ``model.encode_image
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention, check_attention_backend
-
-# A layer hook gets (layer index, token sequence entering that layer) and returns the sequence to use.
-LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
-DeepPrompts = Optional[Union[Sequence[torch.Tensor], LayerHook]]
-# Text embeddings: a tensor (N, L, width), or a builder (token rows, length) -> (n * len(rows), length, width).
-TextEmbeddings = Optional[Union[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]
+from kernels.attention import check_attention_backend
+from mugcp.backbones.blocks import DeepPrompts, LayerHook, TextEmbeddings, insert_prompts, project, residual_block, run_blocks
+from mugcp.backbones.text_buckets import encode_text_bucketed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,6 +65,7 @@ class ClipBackbone(nn.Module):
         # block and budgeted chunks; False keeps the single pass cut at the batch's last EOT.
         self.text_bucketing = True
         self.text_memory_mb: float | None = None  # None: a sixth of the memory free at first use
+        self.auto_text_memory_bytes: int | None = None  # that sixth, fixed once measured
         model.requires_grad_(False)
         model.eval()
         check_attention_backend(attention_backend)
@@ -163,8 +159,6 @@ class ClipBackbone(nn.Module):
         prefix only.
         """
         if self.text_bucketing and not return_tokens:
-            from mugcp.backbones.text_buckets import encode_text_bucketed
-
             features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix)
             return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
@@ -180,10 +174,10 @@ class ClipBackbone(nn.Module):
                 raise ValueError(f"{x.shape[0]} text sequences are not a multiple of the {eot.shape[0]} token rows.")
             eot = eot.repeat(x.shape[0] // eot.shape[0])
         x = x + self.model.positional_embedding[:length].to(x.dtype)
-        x = self._run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1)
+        x = self.run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1)
         tokens_out = self.model.ln_final(x)
         x = tokens_out[torch.arange(x.shape[0], device=x.device), eot]
-        x = self._project(x, self.model.text_projection)
+        x = project(x, self.model.text_projection)
         x = F.normalize(x, dim=-1) if normalize else x
         return (x, tokens_out) if return_tokens else x
 
@@ -219,53 +213,23 @@ class ClipBackbone(nn.Module):
             x = deep_prompts(0, x)
             deep_prompts = _skip_first_layer(deep_prompts)
         elif deep_prompts is not None and len(deep_prompts) and deep_prompts[0] is not None:
-            x = self._insert_prompts(x, deep_prompts[0], appended=False, replace_at=None)
+            x = insert_prompts(x, deep_prompts[0], appended=False, replace_at=None)
             deep_prompts, appended = [None, *deep_prompts[1:]], True
         x = visual.ln_pre(x)
-        x = self._run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None, appended=appended)
+        x = self.run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None, appended=appended)
         pooled, _ = visual._pool(x)
-        pooled = self._project(pooled, visual.proj)
+        pooled = project(pooled, visual.proj)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         return (pooled, x) if return_tokens else pooled
 
     # ----------------------------------------------------------------- blocks
-    @staticmethod
-    def _project(x: torch.Tensor, proj) -> torch.Tensor:
-        if proj is None:
-            return x
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    def block(self, block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """One residual block of either tower with this backbone's attention backend; every full block of
+        both towers runs through here (the one place to observe a layer's input)."""
+        return residual_block(block, x, causal, self.attention_backend)
 
-    def _insert_prompts(self, x: torch.Tensor, prompts: torch.Tensor, appended: bool, replace_at: int | None) -> torch.Tensor:
-        count = prompts.shape[-2]
-        prompts = prompts.to(x.dtype).expand(x.shape[0], count, x.shape[-1])
-        if replace_at is not None:  # text: overwrite the placeholder positions
-            return torch.cat([x[:, :replace_at], prompts, x[:, replace_at + count:]], dim=1)
-        if not appended:  # vision: the first prompted layer appends, later ones replace
-            return torch.cat([x, prompts], dim=1)
-        return torch.cat([x[:, :-count], prompts], dim=1)
-
-    def _run_blocks(self, blocks, x, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None, appended: bool = False):
-        """``appended``: vision prompts are already in ``x`` (layer-0 prompts added before ``ln_pre``)."""
-        for index, block in enumerate(blocks):
-            if callable(deep_prompts):
-                x = deep_prompts(index, x)
-            elif deep_prompts is not None and index < len(deep_prompts) and deep_prompts[index] is not None:
-                x = self._insert_prompts(x, deep_prompts[index], appended, replace_at)
-                appended = True
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._block, block, x, causal, use_reentrant=False)
-            else:
-                x = self._block(block, x, causal)
-        return x
-
-    def _block(self, block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        """open_clip's ResidualAttentionBlock, with the attention core swapped for ``kernels.attention``."""
-        mha = block.attn
-        batch, length, width = x.shape
-        heads = mha.num_heads
-        qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, causal=causal, backend=self.attention_backend)
-        out = out.transpose(1, 2).reshape(batch, length, width)
-        x = x + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    def run_blocks(self, blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None,
+                   appended: bool = False) -> torch.Tensor:
+        """``blocks.run_blocks`` with this backbone's block and activation checkpointing."""
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
+        return run_blocks(blocks, x, deep_prompts, causal, replace_at, self.block, checkpointing, appended)

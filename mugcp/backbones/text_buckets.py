@@ -18,16 +18,15 @@ Four exact cuts, for every method that encodes class texts:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mugcp.backbones.clip import ClipBackbone, DeepPrompts, TextEmbeddings
+from mugcp.backbones.blocks import DeepPrompts, TextEmbeddings, insert_prompts, project
 
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
 # weights in every block, forward and backward) on top of its time per token. Measured on the 2-core
@@ -94,17 +93,15 @@ def free_memory_bytes(device: torch.device) -> int:
         return 4 * 2**30
 
 
-def text_memory_budget_bytes(clip: "ClipBackbone") -> int:
+def text_memory_budget_bytes(clip: nn.Module) -> int:
     """The text path's memory budget: ``clip.text_memory_mb`` or, when it is None, a sixth of the memory
     free when first asked (then fixed, so the chunking does not change from step to step). A sixth leaves
     the rest of the step (image tower, optimiser, the allocator's slack) and other processes room."""
     if clip.text_memory_mb is not None:
         return int(float(clip.text_memory_mb) * 2**20)
-    auto = getattr(clip, "_auto_text_memory_bytes", None)
-    if auto is None:
-        auto = free_memory_bytes(clip.device) // 6
-        clip._auto_text_memory_bytes = auto
-    return auto
+    if clip.auto_text_memory_bytes is None:
+        clip.auto_text_memory_bytes = free_memory_bytes(clip.device) // 6
+    return clip.auto_text_memory_bytes
 
 
 def plan_chunks(
@@ -145,7 +142,7 @@ def _rows_of(prompt: torch.Tensor, rows: torch.Tensor, copies: int, total_rows: 
     return prompt.unflatten(0, (copies, total_rows))[:, rows].flatten(0, 1)
 
 
-def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                eot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A causal text block over ``x`` ``(n, S, width)`` that may follow a shared prefix and may keep only the EOT rows.
 
@@ -154,7 +151,7 @@ def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tu
     queries see the prefix and the causal part of ``x``. ``eot``: ``(n,)``
     positions within ``x``; the block then computes queries, attention output, out-projection, MLP and
     residual at those rows only and returns ``(n, width)`` (keys and values still cover every position).
-    Without either it is ``ClipBackbone._block``.
+    Without either it is ``blocks.residual_block``.
     """
     mha = block.attn
     batch, length, width = x.shape
@@ -201,12 +198,12 @@ def text_block(clip: "ClipBackbone", block, x: torch.Tensor, prefix: Optional[tu
     return y + block.ls_2(block.mlp(block.ln_2(y)))
 
 
-def eot_block(clip: "ClipBackbone", block, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
     """The last text block at the EOT rows only: ``(n, L, width)`` in, ``(n, width)`` out."""
     return text_block(clip, block, x, eot=eot)
 
 
-def _group_embeddings(clip: "ClipBackbone", tokens: torch.Tensor, embeddings: "TextEmbeddings", rows: torch.Tensor, length: int) -> torch.Tensor:
+def _group_embeddings(clip: nn.Module, tokens: torch.Tensor, embeddings: TextEmbeddings, rows: torch.Tensor, length: int) -> torch.Tensor:
     if embeddings is None:
         return clip.embed_tokens(tokens[rows, :length])
     if callable(embeddings):
@@ -215,16 +212,16 @@ def _group_embeddings(clip: "ClipBackbone", tokens: torch.Tensor, embeddings: "T
     return embeddings.unflatten(0, (copies, tokens.shape[0]))[:, rows, :length].flatten(0, 1)
 
 
-def _apply_prompts(clip: "ClipBackbone", prompts: "DeepPrompts", layer: int, x: torch.Tensor) -> torch.Tensor:
+def _apply_prompts(clip: nn.Module, prompts: DeepPrompts, layer: int, x: torch.Tensor) -> torch.Tensor:
     if callable(prompts):
         return prompts(layer, x)
     if prompts is not None and layer < len(prompts) and prompts[layer] is not None:
-        return clip._insert_prompts(x, prompts[layer], True, 1)
+        return insert_prompts(x, prompts[layer], True, 1)
     return x
 
 
 def prefix_keys_values(
-    clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings", prefix: int,
+    clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings, prefix: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values ``(copies, heads, prefix, head_dim)`` of the shared first ``prefix`` positions at
     every layer, computed once from token row 0 (every row has the same prefix, see ``encode_text``)."""
@@ -241,12 +238,12 @@ def prefix_keys_values(
         k, v = kv.view(x.shape[0], prefix, 2, mha.num_heads, width // mha.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         states.append((k, v))
         if layer < len(blocks) - 1:
-            x = clip._block(block, x, True)
+            x = clip.block(block, x, True)
     return states
 
 
 def encode_group(
-    clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings",
+    clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings,
     rows: torch.Tensor, length: int, copies: int, prefix_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Projected EOT features ``(copies, len(rows), embed_dim)`` of the token rows ``rows`` cut to ``length``.
@@ -266,7 +263,7 @@ def encode_group(
         prompts = deep_prompts
         if deep_prompts is not None and not callable(deep_prompts):
             prompts = [None if p is None else _rows_of(p, rows, copies, tokens.shape[0]) for p in deep_prompts]
-        x = clip._run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1)
+        x = clip.run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1)
         x = _apply_prompts(clip, prompts, last, x)
         x = checkpoint(eot_block, clip, blocks[last], x, eot, use_reentrant=False) if checkpointing else eot_block(clip, blocks[last], x, eot)
     else:
@@ -279,12 +276,12 @@ def encode_group(
                 x = checkpoint(text_block, clip, block, x, shared, at_eot, use_reentrant=False)
             else:
                 x = text_block(clip, block, x, shared, at_eot)
-    x = clip._project(clip.model.ln_final(x), clip.model.text_projection)
+    x = project(clip.model.ln_final(x), clip.model.text_projection)
     return x.view(copies, rows.numel(), -1)
 
 
 def encode_text_bucketed(
-    clip: "ClipBackbone", tokens: torch.Tensor, deep_prompts: "DeepPrompts", embeddings: "TextEmbeddings", shared_prefix: int = 0,
+    clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings, shared_prefix: int = 0,
 ) -> torch.Tensor:
     """``ClipBackbone.encode_text`` with length buckets, budgeted chunks, an EOT-only last block and, with
     ``shared_prefix``, the shared first positions computed once: features ``(copies · T, embed_dim)`` in

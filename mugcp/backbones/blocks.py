@@ -1,0 +1,79 @@
+"""Block-level primitives of the prompted CLIP towers, shared by the plain and the bucketed text paths.
+
+``ClipBackbone`` (clip.py) and the bucketed text path (text_buckets.py) both build on these: one
+residual block with the attention core swapped for ``kernels.attention``, writing prompt tokens into a
+layer's input, running a stack of blocks with per-layer prompts, and the output projections.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels.attention import attention
+
+# A layer hook gets (layer index, token sequence entering that layer) and returns the sequence to use.
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+DeepPrompts = Optional[Union[Sequence[torch.Tensor], LayerHook]]
+# Text embeddings: a tensor (N, L, width), or a builder (token rows, length) -> (n * len(rows), length, width).
+TextEmbeddings = Optional[Union[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]
+# One residual block applied to a sequence: (block module, x, causal) -> x.
+BlockFn = Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]
+
+
+def project(x: torch.Tensor, proj) -> torch.Tensor:
+    """open_clip keeps a tower's output projection as a matrix or as an ``nn.Linear``; None means none."""
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, appended: bool, replace_at: int | None) -> torch.Tensor:
+    """Write ``prompts`` ``(…, P, width)`` into the sequence ``x``.
+
+    Text (``replace_at`` set): they overwrite the P placeholder positions from ``replace_at``. Vision:
+    the first prompted layer appends them after the patch tokens, later ones replace those last P.
+    """
+    count = prompts.shape[-2]
+    prompts = prompts.to(x.dtype).expand(x.shape[0], count, x.shape[-1])
+    if replace_at is not None:
+        return torch.cat([x[:, :replace_at], prompts, x[:, replace_at + count:]], dim=1)
+    if not appended:
+        return torch.cat([x, prompts], dim=1)
+    return torch.cat([x[:, :-count], prompts], dim=1)
+
+
+def residual_block(block: nn.Module, x: torch.Tensor, causal: bool, attention_backend: str) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock, with the attention core swapped for ``kernels.attention``."""
+    mha = block.attn
+    batch, length, width = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    out = attention(q, k, v, causal=causal, backend=attention_backend)
+    out = out.transpose(1, 2).reshape(batch, length, width)
+    x = x + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def run_blocks(blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None, block_fn: BlockFn,
+               checkpointing: bool = False, appended: bool = False) -> torch.Tensor:
+    """Run ``blocks`` over ``x``, writing each layer's prompts (a list entry or a hook's result) first.
+
+    ``appended``: vision prompts are already in ``x`` (layer-0 prompts added before ``ln_pre``).
+    ``checkpointing``: every block is recomputed in backward instead of keeping its activations.
+    """
+    for index, block in enumerate(blocks):
+        if callable(deep_prompts):
+            x = deep_prompts(index, x)
+        elif deep_prompts is not None and index < len(deep_prompts) and deep_prompts[index] is not None:
+            x = insert_prompts(x, deep_prompts[index], appended, replace_at)
+            appended = True
+        if checkpointing:
+            x = checkpoint(block_fn, block, x, causal, use_reentrant=False)
+        else:
+            x = block_fn(block, x, causal)
+    return x
