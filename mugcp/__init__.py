@@ -6,16 +6,32 @@
 
     model, preprocess = mugcp.load_run("runs/my_run", classnames=["cat", "dog"])   # a trained run
     model.predict([PIL.Image.open("cat.jpg")])                                      # top-k classes
+
+The names are imported on first use: ``import mugcp`` alone (as every command's ``--help`` does)
+loads neither torch nor open_clip.
 """
-from mugcp.backbones import get_tokenizer, load_clip
-from mugcp.methods import create_model, get_method, list_methods
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "get_method", "get_tokenizer", "list_methods", "load_clip", "load_run", "__version__"]
+
+_EXPORTS = {
+    "create_model": "mugcp.methods",
+    "get_method": "mugcp.methods",
+    "list_methods": "mugcp.methods",
+    "get_tokenizer": "mugcp.backbones",
+    "load_clip": "mugcp.backbones",
+    "load_run": "mugcp.engine.inference",
+}
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 
-def load_run(run, classnames=None, device="cpu", semantic_cache=None, mllm=None):
-    """``model, preprocess = mugcp.load_run(RUN, classnames=[...])``; see :func:`mugcp.predict.load_run`."""
-    from mugcp.predict import load_run as _load_run
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mugcp' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
-    return _load_run(run, classnames=classnames, device=device, semantic_cache=semantic_cache, mllm=mllm)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -15,7 +15,8 @@ from fixtures import make_coop_dataset
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
 from mugcp.engine import run_setup, trainer
-from mugcp.sweep import load_sweep, main as sweep_main, plan
+from mugcp.experiments import load_sweep, plan
+from mugcp.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]

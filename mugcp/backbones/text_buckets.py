@@ -17,8 +17,7 @@ Four exact cuts, for every method that encodes class texts:
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn

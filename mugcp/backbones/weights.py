@@ -323,6 +323,8 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
             "or use model.pretrained=none for random weights."
         )
     # open_clip itself only warns when a tag trained with QuickGELU (every 'openai' tag) meets a GELU config.
+    from open_clip.pretrained import get_pretrained_cfg
+
     use = choose_quick_gelu(name, quick_gelu, bool(get_pretrained_cfg(name, tag).get("quick_gelu", False)), f"open_clip tag '{tag}'")
     try:
         model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=use)

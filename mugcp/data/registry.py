@@ -41,6 +41,11 @@ def _alias_table() -> dict[str, str]:
 
 ALIASES = _alias_table()
 DATASET_NAMES = tuple(spec.name for spec in COOP_DATASETS) + tuple(OTHER_DATASETS)
+# The papers' tables: the 11 datasets of base-to-novel, few-shot and cross-dataset transfer in their
+# column order, and the ImageNet variants of domain generalisation.
+STANDARD_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft",
+                     "sun397", "dtd", "eurosat", "ucf101")
+IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 def canonical_dataset_name(name: str) -> str:

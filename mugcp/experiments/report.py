@@ -1,0 +1,51 @@
+"""``write_report``: a folder of runs → ``results.md``, ``results.csv`` and ``results.png`` in a layout.
+
+``layout`` picks the table: ``groups`` (one row per group, the default) or a paper's layout:
+``base2new`` (per dataset base / new / HM per method, and the average over datasets), ``fewshot``
+(accuracy per number of shots K), ``cross_dataset`` / ``domain_generalization`` (source accuracy
+and the accuracy on every target dataset evaluated with ``mugcp.evaluate``, and their average).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mugcp.config import ConfigError
+from mugcp.experiments.plots import plot, plot_fewshot, plot_transfer
+from mugcp.experiments.results import aggregate, aggregate_transfer, find_evaluations, find_runs
+from mugcp.experiments.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
+from mugcp.utils import atomic_write_text
+
+
+def write_report(folders, out, layout: str = "groups") -> str:
+    """Write ``results.md``, ``results.csv`` and ``results.png`` in ``layout`` under ``out``; returns the table."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}.")
+    folders = [str(f) for f in folders]
+    runs = find_runs(folders)
+    if not runs:
+        raise FileNotFoundError(f"no training runs (metrics.json) under {', '.join(folders)}")
+    rows = aggregate(runs)
+    for row in rows:
+        if len(set(row["seeds"])) < len(row["seeds"]):
+            print(f"warning: {row['method']} on {row['dataset']} has several runs with the same seed ({row['seeds']}); "
+                  "they are averaged as if independent. Pass only the runs you mean to compare.", file=sys.stderr)
+    out = Path(out)
+    groups = f"{len(runs)} runs in {len(rows)} groups"
+    if layout in ("cross_dataset", "domain_generalization"):
+        transfer = aggregate_transfer(find_evaluations(folders))
+        if not transfer:
+            raise FileNotFoundError(f"no evaluations of trained runs (mugcp.evaluate metrics.json) under {', '.join(folders)}")
+        table, table_csv = transfer_markdown(transfer, layout), transfer_csv(transfer)
+        plot_transfer(transfer, out / "results.png")
+        groups += f", {sum(len(r['targets']) for r in transfer)} target results"
+    else:
+        table = {"groups": markdown, "base2new": base2new_markdown, "fewshot": fewshot_markdown}[layout](rows)
+        table_csv = csv_text(rows)
+        (plot_fewshot if layout == "fewshot" else plot)(rows, out / "results.png")
+    atomic_write_text(out / "results.md", table)
+    atomic_write_text(out / "results.csv", table_csv)
+    print(table)
+    print(f"{groups} → {out}/results.md, results.csv, results.png")
+    return table
+
