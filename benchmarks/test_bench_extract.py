@@ -20,8 +20,10 @@ import torch
 from PIL import Image
 
 from mugcp.semantics import SemanticCache, write_cache
-from mugcp.semantics.cache import CacheWriter, new_manifest, write_manifest
-from mugcp.semantics.extraction import ExtractionSettings, Extractor
+from mugcp.semantics.cache_manifest import new_manifest, write_manifest
+from mugcp.semantics.cache_writer import CacheWriter
+from mugcp.semantics.extraction import Extractor
+from mugcp.semantics.extraction_setup import ExtractionSettings
 from mugcp.semantics.mllm import MLLM
 from mugcp.semantics.sources import image_dir_source
 from tests.tiny_mllm import build_tiny_mllm, one_thread  # noqa: F401  (autouse fixture)

@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mugcp.config import ConfigError
-    from mugcp.semantics.cache import CacheError, merge_cache
-    from mugcp.semantics.extraction import ExtractionError, ExtractionSettings, dry_run, extract
+    from mugcp.semantics.cache_manifest import CacheError
+    from mugcp.semantics.cache_writer import merge_cache
+    from mugcp.semantics.extraction import dry_run, extract
+    from mugcp.semantics.extraction_setup import ExtractionError, ExtractionSettings
     from mugcp.semantics.mllm import MLLMError
     from mugcp.semantics.sources import SourceError
 

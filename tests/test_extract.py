@@ -14,8 +14,10 @@ from PIL import Image
 
 from mugcp.extract import main
 from mugcp.semantics import CacheMismatchError, SemanticCache, read_manifest
-from mugcp.semantics.cache import SHARD_DIR, CacheError, scan_shards
-from mugcp.semantics.extraction import ExtractionError, ExtractionSettings, dry_run, extract
+from mugcp.semantics.cache_manifest import SHARD_DIR, CacheError
+from mugcp.semantics.cache_writer import scan_shards
+from mugcp.semantics.extraction import dry_run, extract
+from mugcp.semantics.extraction_setup import ExtractionError, ExtractionSettings
 from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
 from mugcp.semantics.sources import image_dir_source
 from tests.fixtures import make_imagefolder, write_corrupt_image, write_truncated_image

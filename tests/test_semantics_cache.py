@@ -16,7 +16,8 @@ from mugcp.semantics import (
     read_manifest,
     write_cache,
 )
-from mugcp.semantics.cache import SHARD_DIR, _write_shard, _entry_digest, new_manifest, scan_shards, write_manifest
+from mugcp.semantics.cache_manifest import SHARD_DIR, new_manifest, write_manifest
+from mugcp.semantics.cache_writer import _entry_digest, _write_shard, scan_shards
 
 IDENTITY = {"mllm": "tiny", "prompt": "describe it", "layer": 2, "max_new_tokens": 8, "dtype": "float32",
             "dataset": {"name": "toy"}}

@@ -53,7 +53,7 @@ class SemanticInputs:
     # ---- what the run was trained with
     def run_cache_manifest(self) -> Optional[dict]:
         from mugcp.semantics import read_manifest
-        from mugcp.semantics.cache import CacheError
+        from mugcp.semantics.cache_manifest import CacheError
 
         path = self.run.cfg["semantic"].get("cache")
         try:
@@ -77,7 +77,7 @@ class SemanticInputs:
                 f"semantic_features={self.kind}), so every image needs its MLLM answer: {fix}")
 
     def _load_mllm(self, name: str, device: torch.device):
-        from mugcp.semantics.extraction import resolve_dtype
+        from mugcp.semantics.extraction_setup import resolve_dtype
         from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
 
         from mugcp.semantics.mllm import MLLMError, resolve_model_name

@@ -9,6 +9,24 @@ from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import Mapping, ReleasedNames, require
+
+
+def released_cocoop(state: dict, embed_dim: int) -> Mapping:
+    """Released CoCoOp: ``ctx`` and ``meta_net.linear{1,2}`` (our ``meta_net.{0,2}``); the hidden width tells ``meta_reduction``."""
+    keys = ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias"]
+    require(state, keys)
+    mapping = Mapping()
+    ctx = mapping.take(state, "ctx", "ctx")
+    for released, ours in (("linear1", "0"), ("linear2", "2")):
+        for kind in ("weight", "bias"):
+            mapping.take(state, f"meta_net.{released}.{kind}", f"meta_net.{ours}.{kind}")
+    hidden = state["meta_net.linear1.weight"].shape[0]
+    reduction = max(1, embed_dim // max(hidden, 1))
+    if embed_dim // reduction != hidden:
+        raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a {embed_dim}-wide image feature.")
+    mapping.options = {"n_ctx": ctx.shape[0], "meta_reduction": reduction}
+    return mapping
 
 
 @register_method(
@@ -17,6 +35,7 @@ from mugcp.methods.registry import register_method
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",
+    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix")),
 )
 class CoCoOp(PromptLearner):
     """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.

@@ -8,6 +8,16 @@ from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import Mapping, ReleasedNames, require
+
+
+def released_coop(state: dict) -> Mapping:
+    """Released CoOp: ``ctx`` (n_ctx, width), or (classes, n_ctx, width) when class-specific."""
+    require(state, ["ctx"])
+    mapping = Mapping()
+    ctx = mapping.take(state, "ctx", "ctx")
+    mapping.options = {"n_ctx": ctx.shape[-2], "class_specific": ctx.dim() == 3}
+    return mapping
 
 
 @register_method(
@@ -16,6 +26,7 @@ from mugcp.methods.registry import register_method
     paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
     conditions_on="nothing (one learned context per dataset)",
     config="configs/methods/coop.yaml",
+    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix")),
 )
 class CoOp(PromptLearner):
     """``ctx_init`` text sets the initial vectors and ``n_ctx`` (its word count, as the released code

@@ -6,7 +6,9 @@ import torch
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
 from mugcp.methods.prompt_text import ClassPrompts
+from mugcp.config import ConfigError
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
 
 IVLP_DEFAULTS = {
     "n_ctx_text": 4,
@@ -18,12 +20,35 @@ IVLP_DEFAULTS = {
 }
 
 
+def released_ivlp(state: dict) -> Mapping:
+    """Released IVLP (and PromptSRC): ``prompt_learner.ctx`` plus each deeper layer's ``VPT_shallow`` in both
+    encoders; the first vision prompt is ``image_encoder.VPT`` (absent at vision depth 0)."""
+    require(state, ["prompt_learner.ctx"])
+    mapping = Mapping()
+    ctx = mapping.take(state, "prompt_learner.ctx", "text_prompts.layers.0")
+    text = consecutive(indexed(state, r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow"), 1, "text VPT_shallow prompts")
+    for layer, key in enumerate(text, start=1):
+        mapping.take(state, key, f"text_prompts.layers.{layer}")
+    mapping.options = {"n_ctx_text": ctx.shape[0], "text_depth": 1 + len(text), "vision_depth": 0}
+    vision = indexed(state, r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow")
+    if "image_encoder.VPT" in state:
+        first = mapping.take(state, "image_encoder.VPT", "vision_prompts.layers.0")
+        for layer, key in enumerate(consecutive(vision, 1, "vision VPT_shallow prompts"), start=1):
+            mapping.take(state, key, f"vision_prompts.layers.{layer}")
+        mapping.options.update({"n_ctx_vision": first.shape[0], "vision_depth": 1 + len(vision)})
+    elif vision:
+        raise ConfigError("has deep vision prompts (image_encoder.transformer.resblocks.N.VPT_shallow) but no first-layer image_encoder.VPT")
+    return mapping
+
+
 @register_method(
     "ivlp",
     defaults=IVLP_DEFAULTS,
     paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023), independent V-L prompting baseline",
     conditions_on="nothing (separate learned prompts in both encoders)",
     config="configs/methods/ivlp.yaml",
+    released=ReleasedNames(lambda state, embed_dim: released_ivlp(state), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale"), whole_model=True),
 )
 class IVLP(PromptLearner):
     """Text prompts at layers ``0 .. text_depth-1`` (layer 0 from ``ctx_init``, see ``text_context_init``),

@@ -7,10 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.coop import CoOp
+from mugcp.methods.coop import CoOp, released_coop
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import Mapping, ReleasedNames
 from mugcp.methods.templates import KGCOOP_DATASET_TEMPLATES, resolve_templates
+
+
+def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
+    """Released KgCoOp: CoOp's shared ``ctx``; its ``meta_net`` / ``bias_vectors`` are built but never trained or used."""
+    mapping = released_coop(state)
+    mapping.options.pop("class_specific")
+    if state["ctx"].dim() != 2:
+        raise ConfigError(f"ctx has shape {tuple(state['ctx'].shape)}; KgCoOp learns one shared context (n_ctx, width).")
+    return mapping
 
 
 @register_method(
@@ -28,6 +38,8 @@ from mugcp.methods.templates import KGCOOP_DATASET_TEMPLATES, resolve_templates
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
+    released=ReleasedNames(released_kgcoop,
+                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.bias")),
 )
 class KgCoOp(CoOp):
     """Loss = CE + ``kg_weight`` · distance between the normalised learned class features w_c and the

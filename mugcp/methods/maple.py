@@ -9,6 +9,27 @@ from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
 from mugcp.methods.prompt_text import ClassPrompts
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
+
+
+def released_maple(state: dict) -> Mapping:
+    """Released MaPLe: ``ctx`` + ``proj`` (layer 0's coupling), then per deeper layer a ``compound_prompts_text``
+    and its ``compound_prompt_projections`` (our ``text_prompts.layers.j`` and ``coupling.j``)."""
+    require(state, ["prompt_learner.ctx", "prompt_learner.proj.weight", "prompt_learner.proj.bias"])
+    mapping = Mapping()
+    ctx = mapping.take(state, "prompt_learner.ctx", "text_prompts.layers.0")
+    for kind in ("weight", "bias"):
+        mapping.take(state, f"prompt_learner.proj.{kind}", f"coupling.0.{kind}")
+    deeper = consecutive(indexed(state, r"prompt_learner\.compound_prompts_text\.(\d+)"), 0, "compound_prompts_text")
+    for index, key in enumerate(deeper):
+        mapping.take(state, key, f"text_prompts.layers.{index + 1}")
+        for kind in ("weight", "bias"):
+            released = f"prompt_learner.compound_prompt_projections.{index}.{kind}"
+            if released not in state:
+                raise ConfigError(f"missing ['{released}'] (one projection per compound prompt)")
+            mapping.take(state, released, f"coupling.{index + 1}.{kind}")
+    mapping.options = {"n_ctx": ctx.shape[0], "depth": 1 + len(deeper)}
+    return mapping
 
 
 @register_method(
@@ -17,6 +38,8 @@ from mugcp.methods.registry import register_method
     paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)",
     conditions_on="nothing (text prompts; vision prompts are coupled from them)",
     config="configs/methods/maple.yaml",
+    released=ReleasedNames(lambda state, embed_dim: released_maple(state), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale"), whole_model=True),
 )
 class MaPLe(PromptLearner):
     """Text prompts ``P_j`` at layers ``0 .. depth-1`` (``P_0`` from ``ctx_init``); the vision prompt of

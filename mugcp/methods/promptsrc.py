@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.ivlp import IVLP, IVLP_DEFAULTS
+from mugcp.methods.ivlp import IVLP, IVLP_DEFAULTS, released_ivlp
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
+from mugcp.methods.released import ReleasedNames
 from mugcp.methods.templates import resolve_templates
 
 
@@ -40,6 +41,10 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     paper="Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting (ICCV 2023)",
     conditions_on="nothing (prompts in both encoders, regularised toward frozen CLIP)",
     config="configs/methods/promptsrc.yaml",
+    # PromptSRC's released prompt learner is IVLP's; its file also keeps a frozen zero-shot image encoder.
+    released=ReleasedNames(lambda state, embed_dim: released_ivlp(state), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale", "prompt_learner.ZS_image_encoder."),
+                           whole_model=True),
 )
 class PromptSRC(IVLP):
     """IVLP prompts trained with three self-regularising terms besides cross-entropy:

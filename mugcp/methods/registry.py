@@ -26,19 +26,22 @@ class MethodSpec:
     config: str = ""  # file under configs/methods/ with the published defaults
     # Option name -> Spec, for options whose type the default does not tell (see option_spec).
     option_specs: dict = field(default_factory=dict)
+    # How the released code's checkpoints name this method's tensors (methods/released.py); None: no released checkpoints.
+    released: Any = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _DISCOVERED = False
 
 
-def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = "", option_specs: Optional[dict] = None):
+def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = "", option_specs: Optional[dict] = None,
+                    released=None):
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
         cls.method_name = name
         cls.default_options = copy.deepcopy(defaults)
-        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config, dict(option_specs or {}))
+        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config, dict(option_specs or {}), released)
         return cls
 
     return decorate
