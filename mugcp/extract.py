@@ -65,6 +65,8 @@ def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
         return image_dir_source(args.images)
 
     from mugcp.config import load_config
+    from mugcp.config_schema import check_values
+    from mugcp.data.registry import check_data_config
 
     overrides = list(args.overrides)
     if args.dataset:
@@ -72,6 +74,8 @@ def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
     elif args.root:
         overrides = overrides + [f"data.root={args.root}"]
     cfg = load_config(args.config, overrides)
+    check_values(cfg)  # the same schema as train and evaluate, before a dataset or model is read
+    check_data_config(cfg["data"])
     return dataset_source(cfg["data"], parse_splits(args.splits))
 
 
@@ -79,13 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from mugcp.config import ConfigError
-    from mugcp.semantics.cache_manifest import CacheError
+    from mugcp.errors import UserError
     from mugcp.semantics.cache_writer import merge_cache
     from mugcp.semantics.extraction import dry_run, extract
-    from mugcp.semantics.extraction_setup import ExtractionError, ExtractionSettings
-    from mugcp.semantics.mllm import MLLMError
-    from mugcp.semantics.sources import SourceError
+    from mugcp.semantics.extraction_setup import ExtractionSettings
 
     try:
         if args.merge:
@@ -95,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.mllm:
             parser.error("--mllm PATH_OR_ID is required (a local model directory works offline)")
-        source = build_source(args, parser)
         settings = ExtractionSettings(
             mllm=args.mllm,
             out=Path(args.out),
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             progress=not args.no_progress,
         )
+        settings.check()
+        source = build_source(args, parser)
         if args.dry_run:
             print(dry_run(source, settings).describe())
             return 0
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary.manifest is not None:  # rank 0 (or the only process) reports
             print(summary.describe(settings.out))
         return 0
-    except (CacheError, ConfigError, ExtractionError, MLLMError, SourceError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

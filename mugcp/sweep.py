@@ -42,7 +42,7 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     args = parser.parse_args(argv)
     from mugcp.config import ConfigError
     from mugcp.experiments import describe_counts, load_sweep, plan, run_jobs, write_report
-    from mugcp.experiments.plan import METRICS_FILE
+    from mugcp.experiments.jobs import METRICS_FILE
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}.")

@@ -377,3 +377,22 @@ def test_cuda_extraction_in_reduced_precision(tiny_mllm, image_dir, tmp_path):
     for key in cache.keys():
         rows = cache[key]
         assert rows.dtype == torch.float16 and rows.shape[1] == TINY_TEXT_HIDDEN and torch.isfinite(rows).all()
+
+
+def test_values_are_checked_before_anything_is_loaded(tmp_path, image_dir, capsys):
+    """No MLLM exists at --mllm: a bad value must be reported before it is looked for."""
+    missing_model = str(tmp_path / "no_model")
+    assert main(["--mllm", missing_model, "--images", str(image_dir), "--out", str(tmp_path / "c"), "--batch-size", "0"]) == 2
+    assert "--batch-size=0 is not allowed: expected an integer >= 1" in capsys.readouterr().err
+
+    assert main(["--mllm", missing_model, "--images", str(image_dir), "--out", str(tmp_path / "c"), "--max-new-tokens", "-2"]) == 2
+    assert "--max-new-tokens=-2 is not allowed" in capsys.readouterr().err
+
+    # Config values go through the schema that train and evaluate use, before the dataset is read.
+    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(image_dir), "--out", str(tmp_path / "c"),
+                 "data.image_size=-3"]) == 2
+    assert "data.image_size=-3 is not allowed" in capsys.readouterr().err
+    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "data.root=" in err and "does not exist" in err
+    assert not (tmp_path / "c").exists()

@@ -12,7 +12,7 @@ from mugcp.config_schema import CLASS_SUBSETS, PRECISIONS, PROTOCOLS, SCHEMA, ch
 from mugcp.engine import run_setup, trainer
 from mugcp.engine.checkpoint import CheckpointError, read_trainer_state
 from mugcp.engine.run_setup import RunInterrupted, check_run_config
-from mugcp.evaluate import evaluation_config
+from mugcp.engine.evaluate_checkpoint import evaluation_config
 from mugcp.train import main as train_main
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]

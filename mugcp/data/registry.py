@@ -106,3 +106,14 @@ def _require_root(name: str, root: Path | None) -> Path:
         what = "the tree's root folder" if name == "imagefolder" else "the manifest file or folder"
         raise DatasetError(f"dataset '{name}': data.root is not set; set it to {what}.")
     return root
+
+
+def check_data_config(data_cfg: Mapping) -> None:
+    """The data section's names that need the registry: a known dataset, and a root folder that exists."""
+    dataset = canonical_dataset_name(data_cfg["dataset"])
+    root = data_cfg.get("root")
+    if root is not None and str(root).strip() and not Path(os.path.expandvars(os.path.expanduser(str(root)))).exists():
+        raise DatasetError(
+            f"data.root={str(root)!r} does not exist. Point it at the dataset's folder; "
+            f"python -m mugcp.data check --dataset {dataset} --root ROOT checks a layout."
+        )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from mugcp.backbones import load_clip, quick_gelu_setting
 from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
-from mugcp.data import canonical_dataset_name
+from mugcp.data.registry import check_data_config
 from mugcp.engine.runtime import resolve_device
 from mugcp.methods import create_model, get_method, resolve_options
 
@@ -37,13 +36,7 @@ def check_run_config(cfg: dict) -> None:
     problem = pretrained_problem(model_cfg["backbone"], model_cfg["pretrained"])
     if problem:
         raise ConfigError(f"model.pretrained={model_cfg['pretrained']!r}: {problem}")
-    dataset = canonical_dataset_name(cfg["data"]["dataset"])
-    root = cfg["data"]["root"]
-    if root is not None and str(root).strip() and not Path(os.path.expandvars(os.path.expanduser(str(root)))).exists():
-        raise ConfigError(
-            f"data.root={str(root)!r} does not exist. Point it at the dataset's folder; "
-            f"python -m mugcp.data check --dataset {dataset} --root ROOT checks a layout."
-        )
+    check_data_config(cfg["data"])
     resolve_device(cfg["train"]["device"])
 
 
@@ -182,7 +175,7 @@ class SemanticContext:
             return None
         if self.kind == "hidden":
             return self.cache
-        from mugcp.methods.mugcp import CaptionFeatures
+        from mugcp.methods.mugcp_semantics import CaptionFeatures
 
         keys = sorted({item.key for item in items if item.key in self.cache})
         return CaptionFeatures.from_texts(self.clip, self.cache, keys=keys)
@@ -195,7 +188,7 @@ def resolve_semantics(cfg: dict, dataset=None) -> SemanticContext:
     spec = get_method(cfg["method"]["name"])
     if "semantic" not in getattr(spec.cls, "batch_inputs", ()):
         return SemanticContext()
-    from mugcp.methods.mugcp import resolve_semantic_source
+    from mugcp.methods.mugcp_semantics import resolve_semantic_source
 
     cache_path = cfg["semantic"]["cache"]
     cache = None

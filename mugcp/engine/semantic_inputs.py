@@ -130,7 +130,7 @@ class SemanticInputs:
         answers = self.answers(keys, images)
         order = [str(i) for i in range(len(keys))]
         if self.kind == "caption":
-            from mugcp.methods.mugcp import CaptionFeatures
+            from mugcp.methods.mugcp_semantics import CaptionFeatures
 
             features = CaptionFeatures.from_texts(self.learner.clip, answers, keys=order)
             rows = [features[key] for key in order]

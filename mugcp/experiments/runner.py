@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mugcp.config import ConfigError
-from mugcp.experiments.plan import METRICS_FILE, Job
+from mugcp.experiments.jobs import METRICS_FILE, Job
 
 def subprocess_launcher(python: str = sys.executable) -> Callable:
     """Runs a job as ``python -m MODULE ...``, its console output in ``log_path``; returns the exit status."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mugcp.config_schema import choice, integer, invalid
 from mugcp.errors import UserError
 from mugcp.semantics.cache_manifest import STORED_DTYPE
 from mugcp.semantics.mllm import DEFAULT_PROMPT
@@ -39,6 +40,24 @@ class ExtractionSettings:
     progress: bool = True
     shard_bytes: int = 256 * 2**20
     shard_entries: int = 4096
+
+    def check(self) -> None:
+        """Every value against its spec (the config schema's kinds and bounds), before anything is loaded."""
+        for name, spec in SETTING_SPECS.items():
+            value = getattr(self, name)
+            if not spec.accepts(value):
+                raise invalid(f"--{name.replace('_', '-')}", value, spec.allowed())
+        if not str(self.prompt).strip():
+            raise invalid("--prompt", self.prompt, "a non-empty question")
+
+
+# The command's values, in the same specs as the config keys (mugcp.config_schema).
+SETTING_SPECS = {
+    "max_new_tokens": integer(low=1),
+    "layer": integer(),
+    "batch_size": integer(low=1),
+    "dtype": choice("auto", *DTYPES),
+}
 
 
 @dataclass

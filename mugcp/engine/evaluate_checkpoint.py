@@ -1,0 +1,87 @@
+"""Evaluating a checkpoint on any dataset, split and class subset (``python -m mugcp.evaluate``).
+
+The run's own resolved config (stored in the checkpoint) is the starting point; a config file and
+overrides change the data. Settings an evaluation cannot apply are refused, not ignored.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Optional
+
+from mugcp.backbones import normalize_model_name
+from mugcp.config import DEFAULTS, ConfigError, dump_config, load_yaml_with_bases, merge, parse_overrides
+from mugcp.config_schema import SCHEMA, flatten, show_value
+from mugcp.data import build_protocol
+from mugcp.engine.checkpoint import check_compatible, read_checkpoint
+from mugcp.engine.evaluation import evaluate_subsets
+from mugcp.engine.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
+from mugcp.engine.runtime import peak_memory_mb, resolve_device, resolve_precision
+from mugcp.engine.trained_run import apply_checkpoint_settings
+from mugcp.utils import atomic_write_json
+
+
+def evaluation_config(run_config: dict, config_path, overrides, method_options: Optional[dict] = None) -> dict:
+    """The checkpoint's run config, updated by the user's file and overrides (validated).
+
+    A setting evaluation cannot apply is refused rather than ignored: a training-only key (optimiser,
+    shots, batch size...) or a method option, when it differs from what the checkpoint was trained with.
+    """
+    base = merge(copy.deepcopy(DEFAULTS), run_config or {}, "checkpoint run config", strict=False)
+    update: dict = {}
+    if config_path:
+        update = merge(update, load_yaml_with_bases(config_path), str(config_path), strict=False)
+    update = merge(update, parse_overrides(overrides), "command line", strict=False)
+    merge(copy.deepcopy(DEFAULTS), update, str(config_path or "command line"))  # raises on unknown keys
+    trained = flatten(base)
+    trained.update({f"method.{k}": v for k, v in (method_options or {}).items()})
+    for key, value in flatten(update).items():
+        spec = SCHEMA.get(key)
+        training_only = spec is not None and spec.training_only
+        if (training_only or (key.startswith("method.") and key != "method.name")) and key in trained and value != trained[key]:
+            why = "it only affects training" if training_only else "the prompts were trained with the checkpoint's value"
+            raise ConfigError(
+                f"evaluate cannot apply {key}={show_value(value)}: {why} (the checkpoint has {key}={show_value(trained[key])}). "
+                f"Drop it, or train a new run with it."
+            )
+    return merge(base, update, "evaluation config", strict=False)
+
+
+def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None) -> tuple[dict, Path]:
+    """Evaluate ``checkpoint`` with the run's config updated by ``config_path`` and ``overrides``; writes
+    ``config.yaml`` and ``metrics.json`` in ``output`` (default: ``<run>/eval_<dataset>_<time>``) and
+    returns the metrics and that folder."""
+    started = time.time()
+    ckpt_config, tensors, ckpt_path = read_checkpoint(checkpoint)
+    cfg = evaluation_config(ckpt_config.get("run_config", {}), config_path, overrides, ckpt_config["method_options"])
+    check_compatible(ckpt_config, cfg["method"]["name"], normalize_model_name(cfg["model"]["backbone"]), ckpt_path)
+    apply_checkpoint_settings(cfg, ckpt_config)  # evaluate the checkpoint's model, on the weights it was trained with
+    check_run_config(cfg)
+
+    output = Path(output) if output else ckpt_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    with RunFolder(output, overwrite=True) as folder:
+        device = resolve_device(cfg["train"]["device"])
+        precision = resolve_precision(cfg["train"]["precision"], device)
+        splits = build_protocol(cfg["data"], int(cfg["train"]["seed"]))
+        semantic = resolve_semantics(cfg, splits.dataset)
+        first_classes = next(iter(splits.eval.values()))[1]
+        model = build_run_model(cfg, first_classes, device, semantic, dataset_name=splits.dataset.name)
+        model.load_adapter_state(tensors, source=str(ckpt_path))
+        dump_config(cfg, output / "config.yaml")
+        folder.started = True
+        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic)
+        metrics.update({
+            "checkpoint": str(ckpt_path),
+            "method": model.method_name,
+            "backbone": model.clip.name,
+            "pretrained": model.clip.pretrained is not None,
+            "dataset": splits.dataset.name,
+            "protocol": cfg["data"]["protocol"],
+            "seed": int(cfg["train"]["seed"]),
+            "semantic_source": semantic.source,
+            "wall_time_s": round(time.time() - started, 2),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+        })
+        atomic_write_json(output / "metrics.json", metrics)
+    return metrics, output

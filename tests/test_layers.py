@@ -1,0 +1,157 @@
+"""The house's layering, read from every module's imports (ast): nothing imports a layer above its own,
+no module imports itself back through others, and ``kernels/`` stands alone.
+
+Layers, bottom up: errors/utils → config → backbones and data → methods and semantics → engine →
+experiments and analysis → commands. Every import counts, also one inside a function: a lazy import
+of a higher layer is still a dependency running back up.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = [
+    ("errors/utils", ("mugcp.errors", "mugcp.utils")),
+    ("config", ("mugcp.config", "mugcp.config_schema", "mugcp.recipes")),
+    ("backbones and data", ("mugcp.backbones", "mugcp.data")),
+    ("methods and semantics", ("mugcp.methods", "mugcp.semantics")),
+    ("engine", ("mugcp.engine",)),
+    ("experiments and analysis", ("mugcp.experiments", "mugcp.analysis")),
+]
+COMMANDS = "commands"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(rank, name): a package's ``__main__`` and every top-level ``mugcp.<command>`` are commands."""
+    if module.endswith(".__main__"):
+        return len(LAYERS), COMMANDS
+    for rank, (name, prefixes) in enumerate(LAYERS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return rank, name
+    return len(LAYERS), COMMANDS  # mugcp, mugcp.cli, mugcp.train, mugcp.sweep, ...
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (relative imports resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            # ``from package import submodule`` imports the submodule
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for folder in ("mugcp", "kernels") for p in sorted((ROOT / folder).rglob("*.py"))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imported_modules(path, name):
+            # the deepest project module the import names (``mugcp.data.registry.X`` → ``mugcp.data.registry``)
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                targets.add(".".join(parts))
+        graph[name] = targets
+    return graph
+
+
+def test_layer_test_sees_the_project():
+    graph = import_graph()
+    assert "mugcp.engine.trainer" in graph and "kernels.attention" in graph
+    assert "mugcp.config" in graph["mugcp.engine.trainer"]
+    assert layer_of("mugcp.data.__main__") == (len(LAYERS), COMMANDS)
+    assert layer_of("mugcp.semantics.cache")[1] == "methods and semantics"
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for module, targets in import_graph().items():
+        if module.startswith("kernels"):
+            continue
+        rank, name = layer_of(module)
+        for target in sorted(targets):
+            if target.startswith("kernels"):
+                continue  # the kernels stand alone below every layer
+            target_rank, target_name = layer_of(target)
+            if target_rank > rank:
+                upward.append(f"{module} ({name}) imports {target} ({target_name})")
+    assert not upward, "imports running back up the layers:\n" + "\n".join(upward)
+
+
+def test_kernels_import_nothing_from_mugcp():
+    offending = [f"{module} imports {target}" for module, targets in import_graph().items() if module.startswith("kernels")
+                 for target in sorted(targets) if target.startswith("mugcp")]
+    assert not offending, "\n".join(offending)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of the graph as a list of modules (first == last), or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+@pytest.mark.parametrize("package", ["mugcp", "kernels"])
+def test_no_import_cycles(package):
+    # A package's __init__ hands on its modules' names (its face); a module reaching its own package's
+    # face (e.g. the method registry listing the methods package) is not a loop between modules.
+    faces = {module for module, path in project_modules().items() if path.name == "__init__.py"}
+    graph = {module: {t for t in targets if t not in faces} for module, targets in import_graph().items()
+             if module.startswith(package) and module not in faces}
+    assert find_cycle(graph) == []
+
+
+def test_no_file_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in project_modules().values() if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, f"files over 400 lines (split them along a real seam): {long}"
