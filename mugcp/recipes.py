@@ -209,6 +209,10 @@ def recipe_for(method: str, protocol: str, dataset: Optional[str] = None, shots:
     per_dataset[dataset]. A recipe the authors did not release for this dataset or K is returned
     with ``released=False`` and a note saying what is used instead.
     """
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise ConfigError(f"recipe for {method}, {protocol}: shots={shots!r} must be a positive integer or None.")
+    if dataset is not None and not isinstance(dataset, str):
+        raise ConfigError(f"recipe for {method}, {protocol}: dataset={dataset!r} must be a dataset name or None.")
     data = _resolved_file(method, protocol)
     overrides = copy.deepcopy(data["config"])
     if shots is not None and shots in data["per_shots"]:

@@ -232,3 +232,9 @@ def test_readme_recipe_example_runs_and_shows_what_it_returns():
     shown = re.search(r"recipe\.dotted\(\)\s+# (\{.*?), \.\.\.\}", block).group(1) + "}"
     assert eval(shown) == {key: namespace["recipe"].dotted()[key] for key in eval(shown)}
     assert namespace["recipe"].sources[:2] == ("KaiyangZhou/CoOp:scripts/coop/main.sh", "KaiyangZhou/CoOp:COOP.md")
+
+
+@pytest.mark.parametrize("shots", [0, "16", True])
+def test_shots_must_be_a_positive_integer(shots):
+    with pytest.raises(ConfigError, match=r"recipe for coop, fewshot: shots=.* must be a positive integer or None"):
+        recipe_for("coop", "fewshot", "dtd", shots)
