@@ -74,8 +74,10 @@ def test_schema_choices_match_the_code_that_reads_them():
 def test_every_shipped_config_passes_the_schema():
     from mugcp.config import CONFIG_DIR
 
-    # configs/sweeps/ holds sweep files, not run configs: tests/test_sweep.py loads those.
-    run_configs = [path for path in sorted(CONFIG_DIR.rglob("*.yaml")) if "sweeps" not in path.relative_to(CONFIG_DIR).parts]
+    # configs/sweeps/ holds sweep files and configs/recipes/ released recipes, not run configs:
+    # tests/test_sweep.py and tests/test_recipes.py load those.
+    not_run_configs = {"sweeps", "recipes"}
+    run_configs = [path for path in sorted(CONFIG_DIR.rglob("*.yaml")) if not not_run_configs & set(path.relative_to(CONFIG_DIR).parts)]
     assert len(run_configs) >= 9
     for path in run_configs:
         check_run_config(load_config(path))
