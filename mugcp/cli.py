@@ -12,9 +12,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mugcp.config import ConfigError
     from mugcp.engine.checkpoint import CheckpointError
     from mugcp.engine.trainer import TrainingDiverged
+    from mugcp.errors import UserError
     from mugcp.semantics.cache import CacheError
 
-    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, CacheError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, PretrainedLoadError, CheckpointError, TrainingDiverged, CacheError, FileNotFoundError, UserError]
     try:
         from kernels.attention import AttentionBackendError
 

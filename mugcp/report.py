@@ -81,6 +81,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
             values = [v for v in (value(m, name) for m in members) if v is not None]
             if values:
                 row[name] = _stat(values)
+        if "base" in row and "new" in row:
+            # As the papers' tables: the HM of the seed-averaged base and new accuracies (not the mean of
+            # per-seed HMs); the ± stays the spread of the per-seed HMs.
+            spread = row["hm"][1] if "hm" in row else 0.0
+            row["hm"] = (_hm(row["base"][0], row["new"][0]), spread, min(row["base"][2], row["new"][2]))
         rows.append(row)
     return rows
 
