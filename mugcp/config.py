@@ -73,6 +73,12 @@ DEFAULTS: dict[str, Any] = {
         # with a seed of their own so every run's few shots come from the same train pool.
         "val_fraction": 0.2,
         "val_seed": 0,
+        # A class with fewer than data.shots training images: keep (as it is, no draw: Dassl's rule) or pad
+        # (all its images, then random repeats up to data.shots).
+        "fewshot_short_classes": "keep",
+        # The released code's few-shot cache (CoOp's split_fewshot/shot_K-seed_S.pkl): auto uses it when the
+        # dataset folder holds it, none never, or a path to one such file.
+        "fewshot_file": "auto",
     },
     "semantic": {
         "source": "auto",
@@ -86,7 +92,9 @@ DEFAULTS: dict[str, Any] = {
         "betas": [0.9, 0.999],
         "epochs": 5,
         "max_steps": None,
-        "scheduler": "cosine",
+        # released: Dassl's schedule as the released trainers use it (constant warm-up epochs, then one rate per
+        # epoch on a cosine over optim.epochs); cosine_per_step: a cosine over the steps after warm-up; constant.
+        "scheduler": "released",
         "warmup_epochs": 1,
         "warmup_lr": 1.0e-5,
         "grad_clip": None,
@@ -222,7 +230,12 @@ def method_section(name: str) -> dict:
     return section
 
 
+def config_text(cfg: Mapping) -> str:
+    """A config as YAML, exactly as a run's config.yaml holds it."""
+    return yaml.safe_dump(dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:
     from mugcp.utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))
+    atomic_write_text(path, config_text(cfg))

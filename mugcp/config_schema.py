@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 PROTOCOLS = ("base2new", "fewshot", "all", "cross_dataset", "domain_generalization")
 CLASS_SUBSETS = ("base", "new", "all")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "constant")
+SCHEDULERS = ("released", "cosine_per_step", "constant")
 SEMANTIC_SOURCES = ("auto", "mllm", "clip", "none")
 
 
@@ -181,6 +181,8 @@ SCHEMA: dict[str, Spec] = {
     "data.image_size": integer(1, nullable=True, null_means="the backbone's"),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.val_seed": integer(0),
+    "data.fewshot_short_classes": choice("keep", "pad", training_only=True),
+    "data.fewshot_file": text(nullable=True, null_means="none", training_only=True),
     "semantic.source": choice(*SEMANTIC_SOURCES, nullable=True, null_means="the method takes no semantic input; runs record this"),
     "semantic.cache": text(nullable=True, null_means="no cache"),
     "optim.name": choice(*OPTIMIZERS, training_only=True),
@@ -191,7 +193,7 @@ SCHEMA: dict[str, Spec] = {
     "optim.epochs": integer(1, training_only=True),
     "optim.max_steps": integer(1, nullable=True, null_means="epochs decide", training_only=True),
     "optim.scheduler": choice(*SCHEDULERS, training_only=True),
-    "optim.warmup_epochs": number(0, training_only=True),
+    "optim.warmup_epochs": integer(0, training_only=True),
     "optim.warmup_lr": number(0, low_open=True, training_only=True),
     "optim.grad_clip": number(0, low_open=True, nullable=True, null_means="no clipping", training_only=True),
     "train.seed": integer(0),

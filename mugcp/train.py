@@ -1,7 +1,8 @@
-"""``python -m mugcp.train [--config FILE] [--output DIR] [--resume] [key=value ...]``
+"""``python -m mugcp.train [--config FILE] [--output DIR] [--resume] [--print-config] [key=value ...]``
 
 With no arguments it runs the built-in demo (configs/demo.yaml): base-to-novel prompt learning on
-Fashion-MNIST with ViT-B-32, a few minutes on a laptop CPU.
+Fashion-MNIST with ViT-B-32, a few minutes on a laptop CPU. ``--print-config`` prints the resolved
+config (what the run's config.yaml would hold) and exits without creating anything.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="run folder (default: runs/<method>_<dataset>_seed<k>_<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the run's config.yaml) and exit; creates nothing")
     args = parser.parse_args(argv)
 
     if args.resume and not args.output:
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
         parser.error("under torchrun, pass --output: every process must write to the same run folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
-    from mugcp.engine.run_setup import check_resume_folder, check_run_config
+    from mugcp.engine.run_setup import check_resume_folder, check_run_config, run_config_text
 
     config = args.config or DEMO_CONFIG
     if args.resume:
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
         if not args.config:
             config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
     cfg = load_config(config, args.overrides)
+    if args.print_config:
+        print(run_config_text(cfg), end="")
+        return 0
     check_run_config(cfg)  # before --overwrite deletes anything and before any data or model is loaded
     output = Path(args.output) if args.output else default_output(cfg)
 

@@ -73,11 +73,17 @@ def test_few_shot_follows_coop_sampling_order():
     assert few_shot(items, 3, seed=7) == expected
 
 
-def test_few_shot_repeats_when_a_class_is_short():
-    chosen = few_shot(ITEMS, 5, seed=1)
+def test_few_shot_pads_a_short_class_with_repeats_when_asked():
+    chosen = few_shot(ITEMS, 5, seed=1, short_classes="pad")
     short = [item for item in chosen if item.label == 3]
     assert len(short) == 5
     assert set(keys(short)) == {"c3/000.jpg", "c3/001.jpg"}  # both real images, then repeats
+
+
+def test_few_shot_keeps_a_short_class_whole_by_default():
+    chosen = few_shot(ITEMS, 5, seed=1)
+    assert keys(item for item in chosen if item.label == 3) == ["c3/000.jpg", "c3/001.jpg"]
+    assert Counter(item.label for item in chosen) == {0: 5, 1: 5, 2: 5, 3: 2}
 
 
 @pytest.mark.parametrize("shots", [None, 0, -1])
@@ -130,8 +136,14 @@ def test_base2new_protocol(pets_root):
     assert splits.dataset.name == "oxford_pets" and splits.seed == 1 and splits.shots == 2
 
 
-def test_protocol_val_is_min_k_4_and_shots_repeat(pets_root):
+def test_protocol_keeps_short_classes_whole(pets_root):
     splits = build_protocol(pets_cfg(pets_root, shots=8, train_classes="all"), seed=1)
+    assert sorted(keys(splits.train)) == sorted(keys(splits.dataset.train))  # 6 < 8 images: every one, once
+    assert Counter(item.label for item in splits.val) == {label: 4 for label in range(5)}
+
+
+def test_protocol_val_is_min_k_4_and_shots_repeat(pets_root):
+    splits = build_protocol(pets_cfg(pets_root, shots=8, train_classes="all", fewshot_short_classes="pad"), seed=1)
     assert Counter(item.label for item in splits.train) == {label: 8 for label in range(5)}
     for label in range(5):
         train_keys = [item.key for item in splits.train if item.label == label]

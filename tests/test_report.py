@@ -90,3 +90,15 @@ def test_domain_generalization_layout_reads_the_evaluations_of_each_run(tmp_path
     rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
     assert [(r["dataset"], r["role"], r["mean"]) for r in rows] == [("imagenet", "source", "71.0"), ("imagenet_v2", "target", "65.0"),
                                                                      ("imagenet_a", "target", "51.0")]
+
+
+def test_a_datasets_hm_is_the_hm_of_its_seed_averaged_base_and_new(tmp_path):
+    # Per-seed HMs are 18 and 18; the papers' HM of the averages (50, 50) is 50.
+    write_run(tmp_path / "runs" / "a", 1, 90.0, 10.0)
+    write_run(tmp_path / "runs" / "b", 2, 10.0, 90.0)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "base2new"]) == 0
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| coop | 50.00 ± 56.57 | 50.00 ± 56.57 | 50.00 ± 0.00 | 1,2 |" in table
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "groups")]) == 0
+    coop = next(csv.DictReader(open(tmp_path / "groups" / "results.csv")))
+    assert float(coop["hm_mean"]) == pytest.approx(50.0) and float(coop["hm_std"]) == pytest.approx(0.0)

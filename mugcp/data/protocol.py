@@ -1,13 +1,16 @@
 """Evaluation protocols: few-shot sampling by seed, base/new class splits, and their JSON record.
 
-Few-shot sampling follows CoOp/Dassl: one ``random.Random(seed)``, classes in order of first
-appearance, ``sample(items, K)`` per class; the train split is drawn first, then val with min(K, 4).
-Where CoOp would keep a class with fewer than K images as it is, this fills it up to K with
-repeats (all its images once, then random extra copies), so every class weighs the same.
+Few-shot sampling is Dassl's ``generate_fewshot_dataset``: one ``random.Random(seed)`` (the same
+stream as ``random.seed(seed)``), classes in order of first appearance, ``sample(items, K)`` per
+class; the train split is drawn first, then val with min(K, 4). A class with fewer than K images is
+kept whole and draws nothing (``data.fewshot_short_classes: keep``); ``pad`` instead fills it up to
+K with repeats (all its images once, then random extra copies), so every class weighs the same.
+Where the released code's cache of the draw is present (``data.fewshot_file``), its images are used.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections import defaultdict
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from mugcp.data.dataset import DatasetError, DatasetSplits, Datum
+from mugcp.data.fewshot_file import find_fewshot_file, load_released_fewshot
 from mugcp.utils import atomic_write_json
 
 SUBSETS = ("all", "base", "new")
@@ -24,6 +28,9 @@ BASE2NEW = "base2new"
 ALL_CLASS_PROTOCOLS = ("fewshot", "all", "cross_dataset", "domain_generalization")
 SPLITS_FORMAT = "mugcp.splits/1"
 EVAL_SAMPLE_SEED = "max_eval_per_class"
+SHORT_CLASS_RULES = ("keep", "pad")
+
+log = logging.getLogger("mugcp")
 
 
 def _group_by_label(items: Iterable[Datum]) -> dict[int, list[Datum]]:
@@ -33,21 +40,25 @@ def _group_by_label(items: Iterable[Datum]) -> dict[int, list[Datum]]:
     return groups
 
 
-def few_shot_with_rng(items: Sequence[Datum], shots: int | None, rng: random.Random) -> list[Datum]:
+def few_shot_with_rng(items: Sequence[Datum], shots: int | None, rng: random.Random, short_classes: str = "keep") -> list[Datum]:
+    if short_classes not in SHORT_CLASS_RULES:
+        raise DatasetError(f"data.fewshot_short_classes must be keep or pad, got '{short_classes}'.")
     if shots is None or shots <= 0:
         return list(items)
     out: list[Datum] = []
     for group in _group_by_label(items).values():
         if len(group) >= shots:
             out.extend(rng.sample(group, shots))
-        else:
+        elif short_classes == "pad":
             out.extend(group + rng.choices(group, k=shots - len(group)))
+        else:
+            out.extend(group)
     return out
 
 
-def few_shot(items: Sequence[Datum], shots: int | None, seed: int) -> list[Datum]:
+def few_shot(items: Sequence[Datum], shots: int | None, seed: int, short_classes: str = "keep") -> list[Datum]:
     """``shots`` items per class chosen by ``seed``; ``shots`` None or <= 0 keeps everything."""
-    return few_shot_with_rng(items, shots, random.Random(seed))
+    return few_shot_with_rng(items, shots, random.Random(seed), short_classes)
 
 
 def class_subset(n_classes: int, which: str) -> list[int]:
@@ -187,8 +198,16 @@ def build_protocol(data_cfg: Mapping, seed: int, dataset: DatasetSplits | None =
     train_classes, eval_subsets = _protocol_subsets(data_cfg)
 
     rng = random.Random(sample_seed)
-    train_all = few_shot_with_rng(dataset.train, shots, rng)
-    val_all = few_shot_with_rng(dataset.val, None if shots is None else min(shots, 4), rng)
+    short_classes = str(data_cfg.get("fewshot_short_classes", "keep"))
+    train_all = few_shot_with_rng(dataset.train, shots, rng, short_classes)
+    val_all = few_shot_with_rng(dataset.val, None if shots is None else min(shots, 4), rng, short_classes)
+    released_file = find_fewshot_file(data_cfg.get("fewshot_file", "auto"), dataset, shots, sample_seed)
+    if released_file is not None:
+        released = load_released_fewshot(released_file, dataset)
+        train_all = released.train
+        val_all = released.val if released.val is not None else val_all
+        log.info("few-shot subset: the released code's %s (%d train%s images), not drawn here",
+                 released_file, len(train_all), "" if released.val is None else f", {len(val_all)} val")
     train, train_classnames = subsample_classes(train_all, dataset.classnames, train_classes)
     val, _ = subsample_classes(val_all, dataset.classnames, train_classes)
 

@@ -1,4 +1,22 @@
-"""Optimiser and learning-rate schedule built from the ``optim`` config section."""
+"""Optimiser and learning-rate schedule built from the ``optim`` config section.
+
+``optim.scheduler``:
+
+- ``released`` (default): the schedule of the released CoOp/CoCoOp/MaPLe/KgCoOp/PromptSRC trainers,
+  Dassl's ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=MAX_EPOCH)`` stepped once per
+  epoch (after the epoch's last optimiser step). Every step of epoch ``e`` (0-based) uses one rate:
+  ``warmup_lr`` while ``e < warmup_epochs``, then ``lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2``.
+  The cosine's period counts the warm-up epochs too, so the last epoch's rate is above zero.
+- ``cosine_per_step``: warm-up as above, then a cosine over the remaining optimiser steps to zero.
+- ``constant``: warm-up as above, then ``lr``.
+
+The schedule's epoch: a run of ``total_steps`` optimiser steps over ``optim.epochs`` epochs gives
+step ``k`` (0-based) the epoch ``k * epochs // total_steps``. With ``optim.max_steps`` unset (or not
+below ``epochs`` x batches per epoch) that is the data epoch, as in the released code; when
+``max_steps`` cuts the run short, the whole schedule (warm-up, cosine) is compressed into it, each
+epoch lasting ``max_steps / epochs`` steps. A resumed run's schedule is a function of the step count
+alone, so it continues exactly, mid-epoch included.
+"""
 from __future__ import annotations
 
 import math
@@ -6,6 +24,8 @@ import math
 import torch
 
 from mugcp.config import ConfigError
+
+SCHEDULES = ("released", "cosine_per_step", "constant")
 
 
 def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
@@ -20,25 +40,37 @@ def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
     raise ConfigError(f"optim.name must be sgd or adamw, got '{optim_cfg['name']}'.")
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float, kind: str) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based).
+def run_length(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:
+    """Optimiser steps of the whole run: every epoch, or ``max_steps`` when that is fewer."""
+    total = int(epochs) * int(steps_per_epoch)
+    return min(total, int(max_steps)) if max_steps else total
 
-    Warm-up holds ``warmup_lr`` constant (CoOp's recipe); afterwards ``cosine`` anneals from the base
-    rate to zero over the remaining steps, ``constant`` keeps it.
-    """
-    if step < warmup_steps:
-        return warmup_lr / base_lr
+
+def schedule_epoch(step: int, total_steps: int, epochs: int) -> int:
+    """The (0-based) epoch of the schedule that step ``step`` (0-based) belongs to."""
+    return min(int(epochs) - 1, step * int(epochs) // max(1, int(total_steps)))
+
+
+def learning_rate(step: int, total_steps: int, optim_cfg: dict) -> float:
+    """The rate the optimiser step ``step`` (0-based) uses, for a run of ``total_steps`` steps."""
+    kind, base_lr, epochs = optim_cfg["scheduler"], float(optim_cfg["lr"]), int(optim_cfg["epochs"])
+    warmup_epochs, warmup_lr = int(optim_cfg["warmup_epochs"]), float(optim_cfg["warmup_lr"])
+    if kind not in SCHEDULES:
+        raise ConfigError(f"optim.scheduler must be one of {', '.join(SCHEDULES)}, got '{kind}'.")
+    epoch = schedule_epoch(step, total_steps, epochs)
+    if epoch < warmup_epochs:
+        return warmup_lr
     if kind == "constant":
-        return 1.0
-    if kind != "cosine":
-        raise ConfigError(f"optim.scheduler must be cosine or constant, got '{kind}'.")
+        return base_lr
+    if kind == "released":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+    warmup_steps = -(-warmup_epochs * total_steps // epochs)  # the first step whose epoch is >= warmup_epochs
     span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict, total_steps: int, steps_per_epoch: int):
-    warmup = int(optim_cfg["warmup_epochs"] * steps_per_epoch)
-    base_lr, warmup_lr, kind = optim_cfg["lr"], optim_cfg["warmup_lr"], optim_cfg["scheduler"]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, base_lr, warmup_lr, kind)
-    )
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict, total_steps: int):
+    """A scheduler stepped after every optimiser step; its state is the step count (saved for ``--resume``)."""
+    base_lr = float(optim_cfg["lr"])
+    learning_rate(0, total_steps, optim_cfg)  # a bad optim.scheduler fails here, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, total_steps, optim_cfg) / base_lr)

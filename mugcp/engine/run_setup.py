@@ -209,6 +209,19 @@ def resolve_semantics(cfg: dict, dataset=None) -> SemanticContext:
     return SemanticContext(source=source, cache=cache if source == "mllm" else None, kind=kind)
 
 
+def resolved_run_config(cfg: dict, semantic: SemanticContext) -> dict:
+    """The config a run writes to its config.yaml: ``cfg`` with ``semantic.source`` as resolved."""
+    return dict(cfg, semantic=dict(cfg["semantic"], source=semantic.source))
+
+
+def run_config_text(cfg: dict) -> str:
+    """What a training run with ``cfg`` would write to its config.yaml, found without reading data or writing files."""
+    from mugcp.config import config_text
+
+    check_run_config(cfg)
+    return config_text(resolved_run_config(cfg, resolve_semantics(cfg)))
+
+
 def method_options(cfg: dict, semantic: SemanticContext) -> dict:
     options = {k: v for k, v in cfg["method"].items() if k != "name"}
     if semantic.source is not None:

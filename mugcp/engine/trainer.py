@@ -1,7 +1,8 @@
 """The training loop: one run = config → splits → model → epochs → checkpoint → evaluation → metrics.
 
 Determinism: epoch ``e`` reseeds every RNG from ``(seed, e)`` and builds its data order from the same
-pair, so a run resumed from the checkpoint of epoch ``e`` replays epochs ``e+1...`` bit for bit.
+pair, so a run resumed from the checkpoint of epoch ``e`` replays epochs ``e+1...`` bit for bit. A run that
+``optim.max_steps`` stopped inside an epoch resumes at that epoch's next batch (same order, same augmentation).
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from tqdm.auto import tqdm
 
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
+from mugcp.data.loader import set_loader_epoch
 from mugcp.engine.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.engine.distributed import Distributed
 from mugcp.engine.evaluation import evaluate_subsets
-from mugcp.engine.optim import build_optimizer, build_scheduler
-from mugcp.engine.run_setup import RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics
+from mugcp.engine.optim import build_optimizer, build_scheduler, run_length
+from mugcp.engine.run_setup import (
+    RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
+)
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
 from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, seed_everything
@@ -90,7 +94,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
 
     semantic = resolve_semantics(cfg, splits.dataset)
     model = build_run_model(cfg, splits.train_classnames, device, semantic, dataset_name=splits.dataset.name)
-    cfg = dict(cfg, semantic=dict(cfg["semantic"], source=semantic.source))
+    cfg = resolved_run_config(cfg, semantic)
     if main:
         dump_config(cfg, output / "config.yaml")
     folder.started = True
@@ -106,19 +110,17 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     )
     steps_per_epoch = len(build_loader(train_set, data_cfg["batch_size"], train=True, seed=seed))
     epochs = int(optim_cfg["epochs"])
-    total_steps = epochs * steps_per_epoch
-    if optim_cfg["max_steps"]:
-        total_steps = min(total_steps, int(optim_cfg["max_steps"]))
+    total_steps = run_length(epochs, steps_per_epoch, optim_cfg["max_steps"])
     optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps, steps_per_epoch) if optimizer else None
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps) if optimizer else None
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
 
     start_epoch, step = 0, 0
     checkpoint_dir = output / "checkpoint"
     if resume and checkpoint_dir.exists():
-        start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
-        log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
+        start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir, steps_per_epoch)
+        log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch + 1, step)
     elif resume:
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
 
@@ -129,8 +131,10 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         if optimizer is None or step >= total_steps:
             break
         seed_everything(epoch_seed(seed, epoch))
-        loader = distributed.shard(build_loader(
-            train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"]))
+        loader = build_loader(train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
+        # A run stopped by optim.max_steps inside an epoch continues with that epoch's next batch.
+        set_loader_epoch(loader, 0, start_batch=step - epoch * steps_per_epoch)
+        loader = distributed.shard(loader)
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
         for batch in bar:
@@ -153,11 +157,11 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
             if optim_cfg["grad_clip"]:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses: logged at its own step number
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
             if writer is not None:
                 writer.add_scalar("train/loss", float(loss), step)
@@ -172,8 +176,9 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         if epoch + 1 == epochs or step >= total_steps:
             model.on_train_end()
         if main:
+            # "epoch": the epochs completed; a run cut inside an epoch resumes at its batch step - epoch * steps_per_epoch.
             save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
-                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": step // steps_per_epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict(),
             })
         distributed.barrier()
@@ -214,17 +219,24 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     return metrics
 
 
-def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path) -> tuple[int, int]:
+def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path, steps_per_epoch: int) -> tuple[int, int]:
     state = read_trainer_state(checkpoint_dir)
     if state is None:
         raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no trainer_state.pt to resume from.")
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if not 0 <= step - epoch * steps_per_epoch < steps_per_epoch:
+        raise CheckpointError(
+            f"--resume: {checkpoint_dir} stopped at step {step} after {epoch} epochs, which does not fit "
+            f"{steps_per_epoch} batches per epoch: the training data or data.batch_size changed since. "
+            "Resume with the run's own data settings, or start a new run."
+        )
     _, tensors, path = read_checkpoint(checkpoint_dir)
     model.load_adapter_state(tensors, source=str(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    return int(state["epoch"]), int(state["step"])
+    return epoch, step
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

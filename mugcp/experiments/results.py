@@ -73,6 +73,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
             values = [v for v in (value(m, name) for m in members) if v is not None]
             if values:
                 row[name] = _stat(values)
+        if "base" in row and "new" in row:
+            # As the papers' tables: the HM of the seed-averaged base and new accuracies (not the mean of
+            # per-seed HMs); the ± stays the spread of the per-seed HMs.
+            spread = row["hm"][1] if "hm" in row else 0.0
+            row["hm"] = (harmonic_mean(row["base"][0], row["new"][0]), spread, min(row["base"][2], row["new"][2]))
         rows.append(row)
     return rows
 
@@ -115,3 +120,7 @@ def in_paper_order(names) -> list[str]:
 
     order = {name: i for i, name in enumerate((*STANDARD_DATASETS, *IMAGENET_VARIANTS))}
     return sorted(dict.fromkeys(names), key=lambda name: (order.get(name, len(order)), str(name)))
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
-from mugcp.experiments.results import GROUP_KEYS, METRICS, mean, in_paper_order
+from mugcp.experiments.results import GROUP_KEYS, METRICS, harmonic_mean, in_paper_order, mean
 
 LAYOUTS = ("groups", "base2new", "fewshot", "cross_dataset", "domain_generalization")
 
@@ -52,10 +52,6 @@ def _labels(rows: list[dict], keys=("shots", "backbone")) -> dict[int, str]:
     return labels
 
 
-def _hm(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def base2new_markdown(rows: list[dict]) -> str:
     """Per dataset: methods × base / new / HM (mean ± std over seeds); first, the average over datasets.
 
@@ -73,7 +69,7 @@ def base2new_markdown(rows: list[dict]) -> str:
     for method in methods:
         mine = [r for r in rows if labels[id(r)] == method]
         base, new = mean([r["base"][0] for r in mine]), mean([r["new"][0] for r in mine])
-        lines.append(f"| {method} | {base:.2f} | {new:.2f} | {_hm(base, new):.2f} | {len(mine)} of {len(datasets)} |")
+        lines.append(f"| {method} | {base:.2f} | {new:.2f} | {harmonic_mean(base, new):.2f} | {len(mine)} of {len(datasets)} |")
     for dataset in datasets:
         lines += ["", f"### {dataset}", "", "| method | base | new | HM | seeds |", "|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
