@@ -9,6 +9,9 @@ class texts, ``class_token_position``) come from the method's published config u
 sets them. The released buffers ``token_prefix`` / ``token_suffix`` (class-name embeddings) and any
 frozen CLIP weights in the file are dropped: the CLIP weights are the ones ``--pretrained`` names.
 A file that is not a Dassl checkpoint of the method is refused, naming the keys that do not fit.
+Files in torch's older format (``torch.save(..., _use_new_zipfile_serialization=False)``) are read
+too, weights-only like the rest: nothing in a file runs. An existing ``--out`` checkpoint folder is
+replaced only with ``--overwrite``; any other existing ``--out`` (a file, a run folder) is refused.
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ def main(argv=None) -> int:
     parser.add_argument("--method", required=True, help="coop, cocoop, kgcoop, ivlp, maple or promptsrc")
     parser.add_argument("--backbone", required=True, help="open_clip model the prompts were trained on, e.g. ViT-B-16")
     parser.add_argument("--pretrained", default="openai", help="CLIP weights to evaluate with (recorded in the checkpoint; default openai)")
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (a new or empty folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint folder --out if it exists")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option the file cannot tell, e.g. ctx_init='a photo of a'")
     args = parser.parse_args(argv)
     from mugcp.engine.released_checkpoint import convert
 
-    folder, ignored = convert(args.method, args.backbone, args.dassl_file, args.out, args.pretrained, parse_options(args.option))
+    folder, ignored = convert(args.method, args.backbone, args.dassl_file, args.out, args.pretrained, parse_options(args.option),
+                              overwrite=args.overwrite)
     if ignored:
         print(f"left out {len(ignored)} released tensors that hold no prompt (class-name buffers, frozen CLIP weights), e.g. {', '.join(ignored[:3])}")
     print(f"wrote {folder} ({args.method}, {args.backbone}); evaluate with: python -m mugcp.evaluate --checkpoint {folder} data.dataset=...")

@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mugcp.semantics.mllm import DEFAULT_PROMPT
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -35,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mllm", metavar="PATH_OR_ID",
                        help="Hugging Face image-text-to-text model: a local directory (offline) or a Hub id")
     model.add_argument("--revision", help="Hub revision of --mllm (ignored for a local directory)")
-    model.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about every image")
+    # No default here: the built-in question lives beside the MLLM code, which imports torch; --help must not.
+    model.add_argument("--prompt", help="the question asked about every image (default: a one-sentence description of "
+                                        "the main object's colour, shape, texture, parts and material)")
     model.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens [64]")
     model.add_argument("--layer", type=int, default=-1,
                        help="hidden layer to keep: 0 = embeddings, -1 = last [-1]")
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from mugcp.semantics.cache_writer import merge_cache
     from mugcp.semantics.extraction import dry_run, extract
     from mugcp.semantics.extraction_setup import ExtractionSettings
+    from mugcp.semantics.mllm import DEFAULT_PROMPT
 
     try:
         if args.merge:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ExtractionSettings(
             mllm=args.mllm,
             out=Path(args.out),
-            prompt=args.prompt,
+            prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
             max_new_tokens=args.max_new_tokens,
             layer=args.layer,
             batch_size=args.batch_size,

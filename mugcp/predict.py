@@ -2,7 +2,9 @@
 
 Classifies images with a trained prompt: one row per image with its top-k classes and
 probabilities, printed as a table, or written to ``--out preds.csv`` / ``preds.jsonl``. Folders are
-searched recursively for image files; unreadable images are named, skipped and counted.
+searched recursively for image files (symlinked folders followed, each once); unreadable images are
+named, skipped and counted, and ``--out`` lists them too, with the reason in its ``error`` column /
+field. When no image could be classified (all unreadable) the exit status is 2.
 Without ``--classes`` the run's own classes are used (training and evaluation classes from its
 ``splits.json``). MuGCP runs trained on MLLM answers need them for the new images too:
 ``--semantic-cache DIR`` (made by ``python -m mugcp.extract --images IMAGE_DIR``) or ``--mllm MODEL``.
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     from mugcp.config import ConfigError
-    from mugcp.engine.image_files import OUTPUT_FORMATS, collect_images, predict_files, rows_csv, rows_jsonl, table
+    from mugcp.engine.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, predict_files, result_rows, rows_csv,
+                                          rows_jsonl, table)
     from mugcp.engine.inference import load_run
     from mugcp.utils import atomic_write_text
 
@@ -78,9 +81,12 @@ def main(argv=None) -> int:
     predictions, skipped = predict_files(model, preprocess, files, args.top_k, args.batch_size, progress=not args.no_progress)
 
     if out is not None:
-        text = rows_csv(predictions, min(args.top_k, len(model.classnames))) if out.suffix.lower() == ".csv" else rows_jsonl(predictions)
+        rows = result_rows(files, predictions, skipped)
+        text = rows_csv(rows, min(args.top_k, len(model.classnames))) if out.suffix.lower() == ".csv" else rows_jsonl(rows)
         atomic_write_text(out, text)
-    else:
+    if not predictions:
+        raise no_image_classified(skipped, out)
+    if out is None:
         print(table(predictions))
     summary = f"{len(predictions)} images classified over {len(model.classnames)} classes"
     summary += f"; predictions: {out}" if out is not None else ""

@@ -8,9 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
@@ -49,6 +46,10 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    # Imported here: the atomic writers are used by modules a command's --help imports, which must not load torch.
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

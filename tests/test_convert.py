@@ -9,9 +9,11 @@ on the folder, and files of another method or no Dassl file at all are refused w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -121,8 +123,10 @@ EXPECTED_NAMES = {
 EXPECTED_NAMES["promptsrc"] = EXPECTED_NAMES["ivlp"]
 
 
-def write_dassl(path, state, epoch=5):
-    """A Dassl checkpoint: state_dict, epoch, optimizer state and a scheduler object of Dassl's own class."""
+def write_dassl(path, state, epoch=5, legacy=False):
+    """A Dassl checkpoint: state_dict, epoch, optimizer state and a scheduler object of Dassl's own class;
+    ``legacy``: in the pre-zip format of torch < 1.6 (``_use_new_zipfile_serialization=False``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     module = types.ModuleType("dassl_lr_scheduler")  # stands for dassl.optim.lr_scheduler
 
     class ConstantWarmupScheduler:
@@ -140,7 +144,7 @@ def write_dassl(path, state, epoch=5):
         params[0].grad = torch.ones_like(params[0])
         optimizer.step()
         torch.save({"state_dict": state, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": ConstantWarmupScheduler(), "val_result": None}, path)
+                    "scheduler": ConstantWarmupScheduler(), "val_result": None}, path, _use_new_zipfile_serialization=not legacy)
     finally:
         del sys.modules[module.__name__]  # the reader cannot import Dassl's classes, like this machine
     return path
@@ -308,3 +312,74 @@ def test_options_that_contradict_the_shapes_are_refused(tmp_path, clip, capsys):
     source = write_dassl(tmp_path / "model.pth.tar-6", wide)
     message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o")], capsys)
     assert f"{source} does not fit coop on {TINY_CLIP}" in message and "shape mismatch ['ctx: (4, 512) vs (4, 48)']" in message
+
+
+# ---------------------------------------------------------------- issue 16: --out, legacy files, own messages
+def test_legacy_files_are_read_weights_only(tmp_path, clip):
+    state = released_state("maple")
+    legacy = write_dassl(tmp_path / "legacy" / "model.pth.tar-5", state, legacy=True)
+    current = write_dassl(tmp_path / "zip" / "model.pth.tar-5", state)
+    assert not zipfile.is_zipfile(legacy) and zipfile.is_zipfile(current)
+    for source in (legacy, current):
+        assert convert_main(["--method", "maple", "--backbone", TINY_CLIP, str(source), "--out", str(source.parent / "out")]) == 0
+    config, tensors, _ = read_checkpoint(legacy.parent / "out")
+    _, expected, _ = read_checkpoint(current.parent / "out")
+    assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    assert config["converted_from"]["epoch"] == 5
+
+    hostile = tmp_path / "hostile.pth.tar"
+    torch.save({"state_dict": released_state("coop"), "epoch": 3, "optimizer": {}, "hook": Payload()}, hostile,
+               _use_new_zipfile_serialization=False)
+    assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(hostile), "--out", str(tmp_path / "o")]) == 0
+    assert CALLS == []
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, clip):
+    first, second = released_state("coop"), released_state("coop")
+    assert not torch.equal(first["ctx"], second["ctx"])
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder holds nothing to lose
+    source = write_dassl(tmp_path / "a" / "model.pth.tar-5", first)
+    assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(source), "--out", str(out)]) == 0
+    again = write_dassl(tmp_path / "b" / "model.pth.tar-5", second)
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(out)], None)
+    assert message == f"error: --out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out."
+    assert torch.equal(read_checkpoint(out)[1]["ctx"], first["ctx"])
+    assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(out), "--overwrite"]) == 0
+    assert torch.equal(read_checkpoint(out)[1]["ctx"], second["ctx"])
+
+    run = tmp_path / "run"  # a run folder, not a checkpoint folder: even --overwrite would delete its metrics and logs
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    for extra in ([], ["--overwrite"]):
+        message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(run), *extra], None)
+        assert message == (f"error: --out {run} is a folder that holds no checkpoint (no adapter_config.json); --overwrite replaces "
+                           "only a checkpoint folder: choose a new folder for --out.")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(plain), "--overwrite"], None)
+    assert message == f"error: --out {plain} is a file; --out names the checkpoint folder to write: choose a new folder."
+    assert plain.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_refusals_are_said_in_our_words(tmp_path, clip, legacy):
+    """Nothing of torch's message (which suggests weights_only=False) reaches the user."""
+    blocked = tmp_path / "blocked.pth.tar"
+    torch.save({"state_dict": released_state("coop"), "epoch": 1, "hook": os.system}, blocked, _use_new_zipfile_serialization=not legacy)
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(blocked), "--out", str(tmp_path / "o")], None)
+    assert message == (f"error: {blocked} refers to {os.system.__module__}.system (the operating system or interpreter); a checkpoint "
+                       "holds tensors and plain values only. Refused: nothing in the file was run.")
+
+    damaged = tmp_path / "damaged.pth.tar"
+    if legacy:  # the pickles stay whole, the tensor bytes after them are cut
+        data = write_dassl(tmp_path / "model.pth.tar-5", released_state("coop"), legacy=True).read_bytes()
+        damaged.write_bytes(data[: len(data) - 64])
+    else:  # a zip archive, but not one torch.save wrote
+        with zipfile.ZipFile(damaged, "w") as archive:
+            archive.writestr("model/readme.txt", "weights are elsewhere")
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(damaged), "--out", str(tmp_path / "o")], None)
+    expected = "error: {}: cannot read it weights-only (" if legacy else "error: {} is not a torch checkpoint: a zip archive, but not one torch.save wrote ("
+    assert message.startswith(expected.format(damaged)) and "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "o").exists()

@@ -52,8 +52,9 @@ def test_csv_rows_are_ordered_probabilities_and_agree_with_evaluation(tmp_path, 
     assert code == 0, err
     with open(tmp_path / "p.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2"]  # top-k capped at the 2 classes
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]  # top-k capped at the 2 classes
     assert len(rows) == 4 and "4 images classified over 2 classes" in out
+    assert all(row["error"] == "" for row in rows)
     correct = 0
     for row in rows:
         first, second = float(row["prob_1"]), float(row["prob_2"])
@@ -73,9 +74,11 @@ def test_jsonl_defaults_to_the_runs_classes_and_skips_a_corrupt_image(tmp_path, 
     code, out, err = cli(["--checkpoint", coop_run, "--top-k", "3", "--out", tmp_path / "p.jsonl", "--no-progress", images], capsys)
     assert code == 0, err
     lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert [line["path"] for line in lines] == [str(images / "a.png"), str(images / "sub" / "b.jpg")]
+    # Every image has its line, in the order found; a skipped one says why, with no classes.
+    assert [line["path"] for line in lines] == [str(images / "a.png"), str(images / "broken.png"), str(images / "sub" / "b.jpg")]
+    assert lines.pop(1) == {"path": str(images / "broken.png"), "classes": [], "probs": [], "error": "not a recognised image format"}
     for line in lines:
-        assert set(line) == {"path", "classes", "probs"} and len(line["classes"]) == 3
+        assert set(line) == {"path", "classes", "probs", "error"} and line["error"] is None and len(line["classes"]) == 3
         assert line["probs"] == sorted(line["probs"], reverse=True) and sum(line["probs"]) <= 1 + 1e-5
         assert set(line["classes"]) <= set(CLASSES)  # base and new classes of the run's splits.json
     assert "2 images classified over 4 classes" in out and "1 unreadable image skipped" in out
@@ -147,6 +150,43 @@ def test_class_specific_prompts_refuse_new_class_names(tmp_path, data_root, shar
         "its own classes, or train with method.class_specific=false for prompts that transfer.")
     with pytest.raises(ConfigError, match="cannot classify other class names"):
         mugcp.load_run(out, classnames=["red fox", "blue whale"])  # another order is another class list
+
+
+def test_no_image_classified_is_exit_2_and_out_says_why(tmp_path, coop_run, capsys):
+    images = tmp_path / "images"
+    write_corrupt_image(images / "a.png")
+    write_corrupt_image(images / "b" / "c.jpg")
+    code, out, err = cli(["--checkpoint", coop_run, "--out", tmp_path / "p.csv", "--top-k", "1", "--no-progress", images], capsys)
+    assert code == 2 and out == ""
+    assert err == (f"error: no image classified: all 2 are unreadable, e.g. {images / 'a.png'} (not a recognised image format); "
+                   f"{tmp_path / 'p.csv'} lists each with its reason.\n")
+    with open(tmp_path / "p.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [["path", "class_1", "prob_1", "error"],
+                    [str(images / "a.png"), "", "", "not a recognised image format"],
+                    [str(images / "b" / "c.jpg"), "", "", "not a recognised image format"]]
+
+    code, out, err = cli(["--checkpoint", coop_run, "--no-progress", images / "a.png"], capsys)
+    assert code == 2 and out == ""
+    assert err == f"error: no image classified: {images / 'a.png'} is unreadable (not a recognised image format).\n"
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    from mugcp.engine.image_files import collect_images
+    from mugcp.semantics.sources import image_dir_source
+
+    photos, shared = tmp_path / "photos", tmp_path / "shared"
+    write_image(photos / "a.png")
+    write_image(shared / "b.png")
+    write_image(shared / "deep" / "c.png")
+    (photos / "linked").symlink_to(shared, target_is_directory=True)
+    (photos / "more").symlink_to(shared, target_is_directory=True)  # a second way to the same folder: its images once
+    (shared / "deep" / "up").symlink_to(photos, target_is_directory=True)  # a loop back to the top
+    found = collect_images([str(photos)])
+    assert [f.relative for f in found] == ["a.png", "linked/b.png", "linked/deep/c.png"]
+    assert [f.path for f in found] == [str(photos / "a.png"), str(photos / "linked" / "b.png"), str(photos / "linked" / "deep" / "c.png")]
+    # extract --images lists a folder the same way, so a cache made from it has every image predict finds.
+    assert image_dir_source(photos).keys == [f.relative for f in found]
 
 
 # ---------------------------------------------------------------- MuGCP on MLLM answers

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tqdm.auto import tqdm
-
 from mugcp.data.coop import COOP_DATASETS, SPLIT_JSON, read_split_json
 from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum
 from mugcp.data.protocol import SPLITS_FORMAT, load_splits
@@ -145,6 +143,8 @@ def check_dataset(
     keys = sorted({item.key for _, items in parts for item in items} - set(unknown))
 
     if open_images:
+        from tqdm.auto import tqdm  # here: its import costs ~0.3 s that `--help` should not pay
+
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # decoding releases the GIL
             results = list(tqdm(pool.map(lambda key: _open(dataset, key), keys), total=len(keys), desc="opening images",
                                 unit="img", disable=not progress or len(keys) < 100))

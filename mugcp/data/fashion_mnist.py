@@ -9,11 +9,14 @@ import functools
 import gzip
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image
 
 from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum, carve_val
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSNAMES = [
@@ -52,6 +55,8 @@ def _read_bytes(path: Path) -> bytes:
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An idx array (big-endian header: magic, then one uint32 per dimension, then uint8 data)."""
+    import numpy as np  # here: the dataset registry imports this module, and `data check --help` imports the registry
+
     data = _read_bytes(path)
     ndim = magic & 0xFF
     header = 4 * (1 + ndim)

@@ -1,7 +1,9 @@
 """Classifying image files in batches: collecting them from folders, the predictions, and their tables.
 
 Unreadable images are named, skipped and returned with the reason, never raised; the output
-formats are a console table, CSV and JSON lines.
+formats are a console table, CSV and JSON lines. The files list every image, in the order found:
+a skipped one has no classes and its reason in ``error`` (CSV: empty cells; JSONL: ``"error": null``
+on every classified line, so each line has the same keys).
 """
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mugcp.config import ConfigError
+from mugcp.errors import UserError
 from mugcp.data.dataset import IMAGE_EXTENSIONS
+from mugcp.data.image_tree import find_images
 from mugcp.engine.inference import Prediction, Preprocess, TrainedModel, key_candidates, open_image
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+class NoImageClassifiedError(UserError):
+    """Every image given was unreadable: a run that classified nothing is not a success."""
 
 
 @dataclass
@@ -29,13 +37,13 @@ class ImageFile:
 
 
 def collect_images(arguments: Sequence[str]) -> list[ImageFile]:
-    """Files as given, and the image files under folders (recursively, sorted, hidden ones skipped)."""
+    """Files as given, and the image files under folders (recursively, sorted, hidden ones skipped,
+    symlinked folders followed once: see :func:`mugcp.data.image_tree.find_images`)."""
     found: list[ImageFile] = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = find_images(path, IMAGE_EXTENSIONS)
             if not files:
                 raise ConfigError(f"{argument}: no image files in this folder (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
             found += [ImageFile(str(p), p.relative_to(path).as_posix()) for p in files]
@@ -48,20 +56,49 @@ def collect_images(arguments: Sequence[str]) -> list[ImageFile]:
     return found
 
 
-def rows_csv(predictions: Sequence[Prediction], top_k: int) -> str:
+@dataclass
+class Row:
+    """One image of the output: its prediction, or the reason it was skipped."""
+
+    path: str
+    prediction: Optional[Prediction] = None
+    error: Optional[str] = None
+
+
+def result_rows(files: Sequence[ImageFile], predictions: Sequence[Prediction], skipped: Sequence[tuple[str, str]]) -> list[Row]:
+    """Every image once, in the order ``files`` lists them."""
+    order = {f.path: index for index, f in enumerate(files)}
+    rows = [Row(p.path, prediction=p) for p in predictions] + [Row(path, error=reason) for path, reason in skipped]
+    return sorted(rows, key=lambda row: order.get(row.path, len(order)))
+
+
+def rows_csv(rows: Sequence[Row], top_k: int) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, top_k + 1) for column in ("class", "prob"))])
-    for p in predictions:
-        cells = [p.path]
+    writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, top_k + 1) for column in ("class", "prob")), "error"])
+    for row in rows:
+        p = row.prediction
+        cells = [row.path]
         for rank in range(top_k):
-            cells += [p.classes[rank], f"{p.probs[rank]:.6f}"] if rank < len(p.classes) else ["", ""]
-        writer.writerow(cells)
+            cells += [p.classes[rank], f"{p.probs[rank]:.6f}"] if p is not None and rank < len(p.classes) else ["", ""]
+        writer.writerow(cells + [row.error or ""])
     return buffer.getvalue()
 
 
-def rows_jsonl(predictions: Sequence[Prediction]) -> str:
-    return "".join(json.dumps({"path": p.path, "classes": p.classes, "probs": p.probs}) + "\n" for p in predictions)
+def rows_jsonl(rows: Sequence[Row]) -> str:
+    lines = []
+    for row in rows:
+        p = row.prediction
+        lines.append(json.dumps({"path": row.path, "classes": p.classes if p else [], "probs": p.probs if p else [], "error": row.error}))
+    return "".join(line + "\n" for line in lines)
+
+
+def no_image_classified(skipped: Sequence[tuple[str, str]], out: Optional[Path]) -> NoImageClassifiedError:
+    path, reason = skipped[0]
+    if len(skipped) == 1:
+        return NoImageClassifiedError(f"no image classified: {path} is unreadable ({reason}).")
+    listed = f"{out} lists each with its reason" if out is not None else "--out FILE.csv lists each with its reason"
+    return NoImageClassifiedError(f"no image classified: all {len(skipped)} are unreadable, e.g. {path} ({reason}); {listed}.")
 
 
 def table(predictions: Sequence[Prediction]) -> str:

@@ -1,55 +1,32 @@
 """Released checkpoints into ours: a Dassl file (``model.pth.tar-N``) → an adapter checkpoint folder.
 
-Reading is weights-only: objects of other classes in the file (Dassl's learning-rate schedulers) are
-read as inert stand-ins, so no code from the file runs. Which released tensor is which of ours is
+Reading is weights-only, in either of torch's file formats: objects of other classes in the file
+(Dassl's learning-rate schedulers) are read as inert stand-ins, so no code from the file runs. Which released tensor is which of ours is
 each method's own declaration (``ReleasedNames`` beside the method, see :mod:`mugcp.methods.released`).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from mugcp.config import ConfigError, load_config
+from mugcp.engine.checkpoint import ADAPTER_CONFIG
 from mugcp.methods.registry import get_method, list_methods
+from mugcp.engine.torch_files import read_weights_only
 from mugcp.methods.released import split_state
-
-log = logging.getLogger("mugcp.convert")
 
 
 def methods_with_released_checkpoints() -> list[str]:
     return [name for name in list_methods() if get_method(name).released is not None]
 
 
-def _stand_in(name: str) -> type:
-    """An inert class standing for ``module.Qualified`` (e.g. Dassl's scheduler): never runs its code."""
-    module, _, qualname = name.rpartition(".")
-
-    def init(self, *args, **kwargs):
-        self.args = args
-
-    return type(qualname, (), {"__module__": module, "__qualname__": qualname, "__init__": init, "__setstate__": lambda self, state: None})
-
-
 def read_dassl_file(path: Path) -> dict:
-    """The pickled dict, read with ``torch.load(weights_only=True)``. Objects of other classes in it
-    (Dassl's learning-rate schedulers) are read as inert stand-ins, so no code from the file runs."""
+    """The pickled dict, read weights-only (either torch format; see :mod:`mugcp.engine.torch_files`)."""
     if not path.is_file():
         raise ConfigError(f"Dassl checkpoint not found: {path}. Pass a model.pth.tar-N or model-best.pth.tar file.")
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as err:
-        raise ConfigError(f"{path} is not a torch checkpoint ({type(err).__name__}: {err}); expected a Dassl model.pth.tar-N file.") from None
-    stand_ins = [_stand_in(name) for name in unsafe]
-    if stand_ins:
-        log.debug("reading %d non-tensor object types as inert stand-ins: %s", len(unsafe), ", ".join(unsafe))
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from None
+    content = read_weights_only(path, "a Dassl model.pth.tar-N file")
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
         found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
         raise ConfigError(f"{path} is not a Dassl checkpoint: expected a dict with 'state_dict' (and 'epoch', 'optimizer'), found {found}.")
@@ -64,9 +41,26 @@ def released_state(content: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str = "openai", options: Optional[dict] = None) -> tuple[Path, list[str]]:
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Writing replaces the whole folder: refuse to replace anything but a checkpoint, and that only when asked."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; --out names the checkpoint folder to write: choose a new folder.")
+    if not any(out.iterdir()):
+        return
+    if not (out / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"--out {out} is a folder that holds no checkpoint (no {ADAPTER_CONFIG}); --overwrite replaces only a "
+                          "checkpoint folder: choose a new folder for --out.")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out.")
+
+
+def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str = "openai", options: Optional[dict] = None,
+            overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write our checkpoint folder for a released Dassl checkpoint; returns the folder and the released
-    keys left out (class-name buffers, frozen CLIP weights)."""
+    keys left out (class-name buffers, frozen CLIP weights). An existing checkpoint folder ``out`` is
+    replaced only with ``overwrite``; any other existing ``out`` is refused."""
     from mugcp.backbones import load_clip, normalize_model_name
     from mugcp.engine.checkpoint import save_checkpoint
     from mugcp.methods import create_model, resolve_options
@@ -74,6 +68,7 @@ def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str
     known = methods_with_released_checkpoints()
     if method not in known:
         raise ConfigError(f"--method '{method}' has no released checkpoints to convert; choose one of {', '.join(sorted(known))}.")
+    check_out_folder(Path(out), overwrite)
     content = read_dassl_file(source)
     backbone = normalize_model_name(backbone)
     clip = load_clip(backbone, pretrained=None)  # only the architecture matters: no weights are read or written

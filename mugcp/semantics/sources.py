@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 
+from mugcp.data.image_tree import find_images
 from mugcp.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -53,13 +54,8 @@ def image_dir_source(directory: str | Path) -> ImageSource:
     if not root.is_dir():
         raise SourceError(f"--images {directory}: no such directory.")
     root = root.resolve()
-    keys = sorted(
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
+    # Listed the way predict lists a folder (symlinked folders followed once), so every image it finds has a key.
+    keys = sorted(path.relative_to(root).as_posix() for path in find_images(root, IMAGE_EXTENSIONS))
     if not keys:
         raise SourceError(
             f"--images {directory}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})."
