@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder holding checkpoint/)")
     parser.add_argument("--output", help="where metrics.json goes (default: <run>/eval_<dataset>_<time>)")
+    parser.add_argument("--compare-zeroshot", action="store_true",
+                        help="also evaluate zero-shot CLIP on the same backbone: per-class accuracy of both in per_class/<subset>.csv")
     config_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
 
     started = time.time()
     ckpt_config, tensors, ckpt_path = read_checkpoint(args.checkpoint)
-    cfg = evaluation_config(ckpt_config.get("run_config", {}), args.config, args.overrides, ckpt_config["method_options"])
+    overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
+    cfg = evaluation_config(ckpt_config.get("run_config", {}), args.config, overrides, ckpt_config["method_options"])
     check_compatible(ckpt_config, cfg["method"]["name"], normalize_model_name(cfg["model"]["backbone"]), ckpt_path)
     apply_checkpoint_settings(cfg, ckpt_config)  # evaluate the checkpoint's model, on the weights it was trained with
     check_run_config(cfg)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         model.load_adapter_state(tensors, source=str(ckpt_path))
         dump_config(cfg, output / "config.yaml")
         folder.started = True
-        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic)
+        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, output=output)
         metrics.update({
             "checkpoint": str(ckpt_path),
             "method": model.method_name,

@@ -350,6 +350,10 @@ def write_report(folders, out, layout: str = "groups") -> str:
     atomic_write_text(out / "results.csv", table_csv)
     print(table)
     print(f"{groups} → {out}/results.md, results.csv, results.png")
+    from mugcp.analysis.per_class import write_per_class_report  # issue 17: per-class results across seeds
+
+    if write_per_class_report(runs, out, GROUP_KEYS):
+        print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table
 
 

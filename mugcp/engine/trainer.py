@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from mugcp.analysis.curves import METRICS_FILE, MetricsLog, write_curves
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.engine.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
@@ -123,6 +124,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
 
     writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
+    metrics_log = MetricsLog(output / METRICS_FILE, resume_step=step if resume else None) if main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped = 0
     for epoch in range(start_epoch, epochs):
@@ -159,6 +161,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
             step += 1
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+            if metrics_log is not None:
+                metrics_log.train_step(step, epoch + 1, float(loss), lr, terms)
             if writer is not None:
                 writer.add_scalar("train/loss", float(loss), step)
                 writer.add_scalar("train/lr", lr, step)
@@ -186,7 +190,10 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         distributed.barrier()
         return {}
 
-    metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer)
+    metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer, output=output)
+    metrics_log.evaluation(step, metrics)
+    metrics_log.close()
+    write_curves(output, title=f"{model.method_name} on {splits.dataset.name}, seed {seed}")
     metrics.update({
         "method": model.method_name,
         "backbone": model.clip.name,
