@@ -133,3 +133,28 @@ def test_inspect_of_a_missing_run_is_one_line(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "mugcp.inspect", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_shows_the_caption_each_image_was_given(tmp_path, data_root):
+    from fixtures import write_image
+    from mugcp.inspect import main
+    from mugcp.semantics import write_cache
+    from test_engine import write_semantic_cache
+
+    write_semantic_cache(tmp_path / "train_cache", data_root)
+    cfg = load_config(None, [
+        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=1", "data.batch_size=2", "data.max_eval_per_class=1",
+        *TINY_MUGCP, "method.semantic_features=caption", "semantic.source=mllm", f"semantic.cache={tmp_path / 'train_cache'}",
+        f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1", "train.progress=false", "train.tensorboard=false",
+    ])
+    train(cfg, tmp_path / "run")
+    write_image(tmp_path / "photos" / "x.png", 0, 0, size=(40, 30))
+    write_image(tmp_path / "photos" / "deep" / "y.png", 2, 1, size=(30, 40))
+    write_cache(tmp_path / "cache", {"x.png": ("a bright striped thing", torch.zeros(2, 24)), "deep/y.png": ("a round | thing", torch.zeros(3, 24))},
+                manifest_extra={"mllm": "test-mllm", "prompt": "describe"})
+    out = tmp_path / "inspect"
+    assert main([str(tmp_path / "run"), str(tmp_path / "photos"), "--out", str(out), "--semantic-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    captions = (out / "captions.md").read_text()
+    assert f"| {tmp_path / 'photos' / 'x.png'} | mllm | a bright striped thing |" in captions
+    assert f"| {tmp_path / 'photos' / 'deep' / 'y.png'} | mllm | a round / thing |" in captions
+    assert sorted(p.name for p in (out / "amg").glob("*.png")) == ["x.png", "y.png"]

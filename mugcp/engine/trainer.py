@@ -193,7 +193,6 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer, output=output)
     metrics_log.evaluation(step, metrics)
     metrics_log.close()
-    write_curves(output, title=f"{model.method_name} on {splits.dataset.name}, seed {seed}")
     metrics.update({
         "method": model.method_name,
         "backbone": model.clip.name,
@@ -214,6 +213,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         "precision": precision,
     })
     atomic_write_json(output / "metrics.json", metrics)
+    write_curves(output, title=f"{model.method_name} on {splits.dataset.name}, seed {seed}")  # after metrics.json: a figure never costs the run's numbers
     if writer is not None:
         writer.close()
     log.info("metrics: %s", {k: metrics[k] for k in metrics if k in ("base", "new", "all", "hm")})
