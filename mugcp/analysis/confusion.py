@@ -41,24 +41,27 @@ def cluster_order(counts: np.ndarray) -> list[int]:
     similarity = rates + rates.T
     np.fill_diagonal(similarity, 0.0)
     n = similarity.shape[0]
-    between = similarity.copy()  # summed similarity between clusters (rows/columns of merged clusters are dropped)
+    between = similarity.copy()  # summed similarity between clusters
     sizes = np.ones(n)
     orders: dict[int, list[int]] = {i: [i] for i in range(n)}
     active = np.ones(n, dtype=bool)
+    average = between.copy()
+    np.fill_diagonal(average, -1.0)
     for _ in range(n - 1):
-        average = between / np.outer(sizes, sizes)
-        average[~active] = -1.0
-        average[:, ~active] = -1.0
-        np.fill_diagonal(average, -1.0)
         first, second = np.unravel_index(int(np.argmax(average)), average.shape)
         if average[first, second] <= 0:
             break
         orders[first] = _join(orders[first], orders.pop(second), similarity)
         between[first] += between[second]
         between[:, first] += between[:, second]
-        between[first, first] = 0.0
         sizes[first] += sizes[second]
         active[second] = False
+        # Only the merged cluster's averages change; the absorbed one leaves the search.
+        row = between[first] / (sizes[first] * sizes)
+        row[~active] = -1.0
+        row[first] = -1.0
+        average[first] = average[:, first] = row
+        average[second] = average[:, second] = -1.0
     rest = sorted(orders.values(), key=lambda order: (-len(order), min(order)))
     return [index for order in rest for index in order]
 
