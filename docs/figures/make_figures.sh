@@ -24,4 +24,9 @@ cp "$OUT/mugcp_seed1/confusion/new.png" docs/figures/confusion_new.png
 cp "$OUT/inspect/amg/test_0.png" docs/figures/amg_test_0.png
 cp "$OUT/inspect/gates.png" docs/figures/gates.png
 cp "$OUT"/report/per_class/*new.png docs/figures/per_class_new.png
-head -12 "$OUT/inspect/nearest_words.md" > docs/figures/nearest_words.md
+head -10 "$OUT/inspect/nearest_words.md" > docs/figures/nearest_words.md  # the first two prompted layers
+# The committed copies are stored with a 256-colour palette to keep the repository small.
+$PY -c "
+import sys; from PIL import Image
+for p in sys.argv[1:]: Image.open(p).convert('RGB').quantize(256).save(p, optimize=True)
+" docs/figures/*.png
