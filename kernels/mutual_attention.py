@@ -49,6 +49,14 @@ def mutual_attention_reference(
     return oa, ob
 
 
+def mutual_attention_weights(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two attention matrices of the reference path, for inspection (neither backend materialises them):
+    ``(softmax(A, dim=-1), softmax(A, dim=-2))``, each (Bt, H, Na, Nb)."""
+    scale = a.shape[-1] ** -0.5 if scale is None else float(scale)
+    affinity = torch.matmul(a, (b * scale).transpose(-1, -2))
+    return torch.softmax(affinity, dim=-1), torch.softmax(affinity, dim=-2)
+
+
 def check_mutual_attention_inputs(a: torch.Tensor, b: torch.Tensor, va: torch.Tensor, vb: torch.Tensor) -> None:
     named = {"a": a, "b": b, "va": va, "vb": vb}
     for name, tensor in named.items():

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_subsets": ["base", "new"],
         "eval_split": "test",
         "max_eval_per_class": None,
+        "compare_zeroshot": False,  # per-class zero-shot accuracy of the same backbone beside the run's own (issue 17)
         "batch_size": 4,
         "eval_batch_size": 64,
         "num_workers": 0,

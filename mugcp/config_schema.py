@@ -173,6 +173,7 @@ SCHEMA: dict[str, Spec] = {
     "data.eval_subsets": Spec("list", choices=CLASS_SUBSETS),
     "data.eval_split": choice("val", "test"),
     "data.max_eval_per_class": integer(1, nullable=True, null_means="every image"),
+    "data.compare_zeroshot": boolean(),
     "data.batch_size": integer(1, training_only=True),
     "data.eval_batch_size": integer(1),
     "data.num_workers": integer(0),

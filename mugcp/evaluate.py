@@ -15,12 +15,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder holding checkpoint/)")
     parser.add_argument("--output", help="where metrics.json goes (default: <run>/eval_<dataset>_<time>)")
+    parser.add_argument("--compare-zeroshot", action="store_true",
+                        help="also evaluate zero-shot CLIP on the same backbone: per-class accuracy of both in per_class/<subset>.csv")
     config_arguments(parser)
     args = parser.parse_args(argv)
 
     from mugcp.engine.evaluate_checkpoint import evaluate_checkpoint
 
-    metrics, output = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, args.output)
+    overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
+    metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output)
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
     print(f"{summary}{', HM %.2f' % metrics['hm'] if 'hm' in metrics else ''}; metrics: {output / 'metrics.json'}")
     return 0

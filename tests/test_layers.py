@@ -1,8 +1,8 @@
 """The house's layering, read from every module's imports (ast): nothing imports a layer above its own,
 no module imports itself back through others, and ``kernels/`` stands alone.
 
-Layers, bottom up: errors/utils → config → backbones and data → methods and semantics → engine →
-experiments and analysis → commands. Every import counts, also one inside a function: a lazy import
+Layers, bottom up: errors/utils → config → backbones and data → methods, semantics and analysis →
+engine → experiments (sweeps, reports, inspection) → commands. Every import counts, also one inside a function: a lazy import
 of a higher layer is still a dependency running back up.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ LAYERS = [
     ("errors/utils", ("mugcp.errors", "mugcp.utils")),
     ("config", ("mugcp.config", "mugcp.config_schema", "mugcp.recipes")),
     ("backbones and data", ("mugcp.backbones", "mugcp.data")),
-    ("methods and semantics", ("mugcp.methods", "mugcp.semantics")),
+    ("methods, semantics and analysis", ("mugcp.methods", "mugcp.semantics", "mugcp.analysis")),
     ("engine", ("mugcp.engine",)),
-    ("experiments and analysis", ("mugcp.experiments", "mugcp.analysis")),
+    ("experiments", ("mugcp.experiments",)),
 ]
 COMMANDS = "commands"
 
@@ -86,7 +86,7 @@ def test_layer_test_sees_the_project():
     assert "mugcp.engine.trainer" in graph and "kernels.attention" in graph
     assert "mugcp.config" in graph["mugcp.engine.trainer"]
     assert layer_of("mugcp.data.__main__") == (len(LAYERS), COMMANDS)
-    assert layer_of("mugcp.semantics.cache")[1] == "methods and semantics"
+    assert layer_of("mugcp.semantics.cache")[1] == "methods, semantics and analysis"
 
 
 def test_no_module_imports_a_layer_above_its_own():

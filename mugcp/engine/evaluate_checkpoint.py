@@ -70,7 +70,7 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None)
         model.load_adapter_state(tensors, source=str(ckpt_path))
         dump_config(cfg, output / "config.yaml")
         folder.started = True
-        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic)
+        metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, output=output)
         metrics.update({
             "checkpoint": str(ckpt_path),
             "method": model.method_name,

@@ -13,8 +13,12 @@ log = logging.getLogger("mugcp")
 
 
 @torch.no_grad()
-def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precision: str, semantic=None, progress: bool = True, desc: str = "eval") -> dict:
-    """Top-1 accuracy (percent) of ``model`` on ``items`` labelled over ``classnames``."""
+def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precision: str, semantic=None, progress: bool = True,
+             desc: str = "eval", recorder=None) -> dict:
+    """Top-1 accuracy (percent) of ``model`` on ``items`` labelled over ``classnames``.
+
+    ``recorder`` (a ``mugcp.analysis.predictions.PredictionRecorder``) receives every batch's keys, labels and logits.
+    """
     model.set_classnames(classnames)
     model.eval()
     image_size = data_cfg["image_size"] or model.clip.image_size
@@ -32,6 +36,8 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
         with autocast(precision, device):
             logits = model(batch["images"].to(device), **inputs)
         labels = batch["labels"]
+        if recorder is not None:
+            recorder.add(batch["keys"], labels, logits)
         hits = (logits.argmax(dim=-1).cpu() == labels)
         correct += int(hits.sum())
         total += labels.numel()
@@ -55,16 +61,42 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=None, writer=None) -> dict:
-    """Evaluate every subset of ``splits.eval``; adds ``hm`` when both base and new are present."""
+def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=None, writer=None, output=None) -> dict:
+    """Evaluate every subset of ``splits.eval``; adds ``hm`` when both base and new are present.
+
+    With ``output`` (the run folder) each subset also gets ``predictions/``, ``per_class/`` and
+    ``confusion/`` files there, and with ``data.compare_zeroshot`` the per-class zero-shot accuracy
+    of the same backbone beside its own.
+    """
+    from mugcp.analysis.predictions import PredictionRecorder, write_subset_outputs
+
     metrics: dict = {}
     for name, (items, classnames) in splits.eval.items():
+        recorder = PredictionRecorder(classnames) if output is not None else None
         result = evaluate(model, items, classnames, splits.dataset, cfg["data"], device, precision, semantic,
-                          progress=cfg["train"]["progress"], desc=f"eval {name}")
+                          progress=cfg["train"]["progress"], desc=f"eval {name}", recorder=recorder)
         metrics[name] = result
         log.info("%s: accuracy %.2f%% (%d/%d images, %d classes)", name, result["accuracy"], result["correct"], result["total"], result["classes"])
         if writer is not None:
             writer.add_scalar(f"eval/{name}_accuracy", result["accuracy"])
+        if output is not None:
+            zero_shot = None
+            if cfg["data"].get("compare_zeroshot"):
+                zero_shot = zero_shot_predictions(model, items, classnames, splits.dataset, cfg, device, precision, name)
+                result["zeroshot_accuracy"] = round(100.0 * float((zero_shot.predicted == zero_shot.labels).float().mean()), 4)
+            write_subset_outputs(output, name, recorder.result(), zero_shot)
     if "base" in metrics and "new" in metrics:
         metrics["hm"] = round(harmonic_mean(metrics["base"]["accuracy"], metrics["new"]["accuracy"]), 4)
     return metrics
+
+
+def zero_shot_predictions(model, items, classnames, dataset, cfg: dict, device, precision: str, name: str):
+    """Predictions of zero-shot CLIP (the dataset's template) on the same backbone and images as ``model``."""
+    from mugcp.analysis.predictions import PredictionRecorder
+    from mugcp.methods import create_model
+
+    zero_shot = create_model("zsclip", classnames, backbone=model.clip, attention=model.clip.attention_backend, dataset=dataset.name)
+    recorder = PredictionRecorder(classnames)
+    evaluate(zero_shot, items, classnames, dataset, cfg["data"], device, precision, progress=cfg["train"]["progress"],
+             desc=f"zero-shot {name}", recorder=recorder)
+    return recorder.result()

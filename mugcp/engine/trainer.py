@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mugcp.analysis.curves import METRICS_FILE, MetricsLog, write_curves
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.data.loader import set_loader_epoch
@@ -125,6 +126,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
 
     writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
+    metrics_log = MetricsLog(output / METRICS_FILE, resume_step=step if resume else None) if main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped = 0
     for epoch in range(start_epoch, epochs):
@@ -163,6 +165,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
             scheduler.step()
             step += 1
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+            if metrics_log is not None:
+                metrics_log.train_step(step, epoch + 1, float(loss), lr, terms)
             if writer is not None:
                 writer.add_scalar("train/loss", float(loss), step)
                 writer.add_scalar("train/lr", lr, step)
@@ -191,7 +195,9 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         distributed.barrier()
         return {}
 
-    metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer)
+    metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, writer=writer, output=output)
+    metrics_log.evaluation(step, metrics)
+    metrics_log.close()
     metrics.update({
         "method": model.method_name,
         "backbone": model.clip.name,
@@ -212,6 +218,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         "precision": precision,
     })
     atomic_write_json(output / "metrics.json", metrics)
+    write_curves(output, title=f"{model.method_name} on {splits.dataset.name}, seed {seed}")  # after metrics.json: a figure never costs the run's numbers
     if writer is not None:
         writer.close()
     log.info("metrics: %s", {k: metrics[k] for k in metrics if k in ("base", "new", "all", "hm")})

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mugcp.analysis.per_class import write_per_class_report
 from mugcp.config import ConfigError
 from mugcp.experiments.plots import plot, plot_fewshot, plot_transfer
-from mugcp.experiments.results import aggregate, aggregate_transfer, find_evaluations, find_runs
+from mugcp.experiments.results import GROUP_KEYS, aggregate, aggregate_transfer, find_evaluations, find_runs
 from mugcp.experiments.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
 from mugcp.utils import atomic_write_text
 
@@ -47,5 +48,7 @@ def write_report(folders, out, layout: str = "groups") -> str:
     atomic_write_text(out / "results.csv", table_csv)
     print(table)
     print(f"{groups} → {out}/results.md, results.csv, results.png")
+    if write_per_class_report(runs, out, GROUP_KEYS):
+        print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table
 

@@ -79,7 +79,12 @@ class MutualGuidance(nn.Module):
 
     With the tanh gates at 0 (their default start) X and S pass through unchanged, so an untrained
     model behaves like MaPLe with extra prompt tokens.
+
+    ``recorder``, when set to a callable, is called at every forward with the kernel's inputs and the
+    layer's semantic tokens and VCP (keyword tensors); ``mugcp.analysis.amg`` reads the AMG maps this way.
     """
+
+    recorder = None
 
     def __init__(
         self,
@@ -119,11 +124,11 @@ class MutualGuidance(nn.Module):
         semantic_normed = self.norm_semantic(semantic)
         visual_values = visual_normed if self.normalize_values else visual
         semantic_values = semantic_normed if self.normalize_values else semantic
+        queries_visual = _split_heads(self.affinity_visual(visual_normed), self.heads)
+        queries_semantic = _split_heads(self.affinity_semantic(semantic_normed), self.heads)
+        values_visual = _split_heads(self.value_visual(visual_values), self.heads)
         to_visual, to_semantic = kernels.mutual_attention(
-            _split_heads(self.affinity_visual(visual_normed), self.heads),
-            _split_heads(self.affinity_semantic(semantic_normed), self.heads),
-            _split_heads(self.value_visual(visual_values), self.heads),
-            _split_heads(self.value_semantic(semantic_values), self.heads),
+            queries_visual, queries_semantic, values_visual, _split_heads(self.value_semantic(semantic_values), self.heads),
             backend=backend,
         )
         to_visual, gathered = _merge_heads(to_visual), _merge_heads(to_semantic)  # gathered is U
@@ -132,4 +137,7 @@ class MutualGuidance(nn.Module):
         next_semantic = None
         if self.update_semantic:
             next_semantic = semantic + torch.tanh(self.gate_semantic) * self.out_semantic(gathered)
+        if self.recorder is not None:
+            self.recorder(affinity_visual=queries_visual, affinity_semantic=queries_semantic, values_visual=values_visual,
+                          gathered_heads=to_semantic, semantic=semantic, visual_prompts=visual_prompts)
         return new_visual, visual_prompts, next_semantic
