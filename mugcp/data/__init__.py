@@ -4,7 +4,7 @@
 what one run trains and evaluates on; ``ImageDataset`` + ``build_loader`` turn items into batches.
 """
 from mugcp.data.coop import COOP_DATASETS
-from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum, carve_val
+from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum, carve_val, open_image_file
 from mugcp.data.fashion_mnist import CLASSNAMES as FASHION_MNIST_CLASSNAMES
 from mugcp.data.loader import (
     EpochBatchSampler,
@@ -52,6 +52,7 @@ __all__ = [
     "collate",
     "few_shot",
     "load_splits",
+    "open_image_file",
     "save_splits",
     "set_loader_epoch",
     "subsample_classes",

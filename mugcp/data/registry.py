@@ -87,6 +87,7 @@ def build_dataset(data_cfg: Mapping) -> DatasetSplits:
             "manifest": lambda: build_manifest(_require_root(name, root), val_fraction, val_seed),
         }
         dataset = readers[name]()
+    dataset.max_image_pixels = data_cfg.get("max_image_pixels")
     dataset.source = {
         "dataset": name,
         "root": str(dataset.root) if dataset.root is not None else None,
