@@ -134,8 +134,11 @@ def create_model(
     """
     from mugcp.backbones import ClipBackbone, load_clip
 
+    from mugcp.data.classnames import validate_classnames
+
     spec = get_method(method)
     options = resolve_options(method, overrides)
+    classnames = validate_classnames(classnames)  # before the backbone is loaded: a bad list fails at once
     if isinstance(backbone, ClipBackbone):
         clip = backbone
         clip.attention_backend = attention
