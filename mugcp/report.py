@@ -25,6 +25,10 @@ from mugcp.utils import atomic_write, atomic_write_text
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
 METRICS = ("base", "new", "hm", "all")
 LAYOUTS = ("groups", "base2new", "fewshot", "cross_dataset", "domain_generalization")
+# What a paper's layout tabulates, so a root without it is refused in one line instead of an empty table.
+LAYOUT_NEEDS = {"base2new": (("base", "new"), "base and new accuracies (protocol base2new)"),
+                "fewshot": (("all",), "an accuracy on all classes (protocol fewshot or all)")}
+PROTOCOL_LAYOUT = {"base2new": "base2new", "fewshot": "fewshot", "all": "fewshot"}
 
 
 def _all_metrics(folders) -> list[dict]:
@@ -333,6 +337,11 @@ def write_report(folders, out, layout: str = "groups") -> str:
         if len(set(row["seeds"])) < len(row["seeds"]):
             print(f"warning: {row['method']} on {row['dataset']} has several runs with the same seed ({row['seeds']}); "
                   "they are averaged as if independent. Pass only the runs you mean to compare.", file=sys.stderr)
+    if layout in LAYOUT_NEEDS and not any(all(m in row for m in LAYOUT_NEEDS[layout][0]) for row in rows):
+        protocols = sorted({str(r.get("protocol")) for r in runs})
+        fits = sorted({PROTOCOL_LAYOUT[p] for p in protocols if p in PROTOCOL_LAYOUT} - {layout}) + ["groups"]
+        raise ConfigError(f"--layout {layout}: none of the {len(runs)} runs under {', '.join(folders)} has {LAYOUT_NEEDS[layout][1]}; "
+                          f"their protocols: {', '.join(protocols)}. Use --layout {' or '.join(fits)}.")
     out = Path(out)
     groups = f"{len(runs)} runs in {len(rows)} groups"
     if layout in ("cross_dataset", "domain_generalization"):

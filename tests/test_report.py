@@ -90,3 +90,22 @@ def test_domain_generalization_layout_reads_the_evaluations_of_each_run(tmp_path
     rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
     assert [(r["dataset"], r["role"], r["mean"]) for r in rows] == [("imagenet", "source", "71.0"), ("imagenet_v2", "target", "65.0"),
                                                                      ("imagenet_a", "target", "51.0")]
+
+
+def test_a_layout_with_nothing_to_show_is_one_line(tmp_path, capsys):
+    from mugcp.cli import run_cli
+
+    write_run(tmp_path / "runs" / "a", 1, 80.0, 60.0)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "fewshot"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --layout fewshot: none of the 1 runs under {tmp_path / 'runs'} has an accuracy on all classes (protocol fewshot "
+        "or all); their protocols: base2new. Use --layout base2new or groups.\n")
+    assert not (tmp_path / "report").exists()
+
+    write_metrics(tmp_path / "few" / "a", method="coop", dataset="dtd", protocol="fewshot", shots=4, seed=1, all={"accuracy": 50.0})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([str(tmp_path / "few"), "--out", str(tmp_path / "report"), "--layout", "base2new"]))
+    assert exit_info.value.code == 2
+    assert "has base and new accuracies (protocol base2new); their protocols: fewshot. Use --layout fewshot or groups." in capsys.readouterr().err
