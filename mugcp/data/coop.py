@@ -18,6 +18,7 @@ from mugcp.data.dataset import (
     classnames_from_items,
     list_class_folders,
     list_images,
+    not_a_folder,
     prompt_classname,
 )
 
@@ -97,7 +98,7 @@ def locate_dataset_folder(spec: CoopDatasetSpec, root: Path) -> Path:
     """ROOT/<folder>, or ROOT itself when it already is the dataset's folder."""
     if not root.is_dir():
         raise DatasetError(
-            f"dataset '{spec.name}': data.root {root} does not exist. Expected layout: {expected_layout(spec)}; "
+            f"dataset '{spec.name}': data.root {root} {not_a_folder(root)}. Expected layout: {expected_layout(spec)}; "
             f"set data.root to the folder that holds {spec.folder}/."
         )
     for candidate in (root / spec.folder, root):

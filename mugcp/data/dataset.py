@@ -183,6 +183,11 @@ def carve_val(train: Sequence[Datum], fraction: float, seed: int) -> tuple[list[
     return kept, val
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` cannot be read as a dataset folder, in words: it is a file, or it does not exist."""
+    return "is a file, not a folder" if path.is_file() else "does not exist"
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name, hidden files skipped."""
     return sorted(

@@ -110,6 +110,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     total_steps = epochs * steps_per_epoch
     if optim_cfg["max_steps"]:
         total_steps = min(total_steps, int(optim_cfg["max_steps"]))
+    # The epochs that will run: optim.max_steps may end training long before optim.epochs (the progress bar counts these).
+    epochs_run = min(epochs, -(-total_steps // max(1, steps_per_epoch)))
     optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps, steps_per_epoch) if optimizer else None
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
@@ -133,7 +135,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         loader = distributed.shard(build_loader(
             train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"]))
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs_run}", total=min(len(loader), total_steps - step), unit="batch",
+                   disable=not (train_cfg["progress"] and main), leave=False)
         for batch in bar:
             if step >= total_steps:
                 break
