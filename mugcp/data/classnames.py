@@ -6,9 +6,15 @@ non-empty, distinct strings, each stripped of surrounding whitespace and of a UT
 (what a text file saved by some editors starts with). Two names are the same class when CLIP reads
 them the same: its tokenizer ignores case, and the models read ``_`` as a space, so ``"Cat"``,
 ``"cat"`` and ``" cat "`` would give identical prompts and identical scores: a duplicate.
+
+Duplicates are refused where a user types the list (``load_run``, ``predict``). A dataset's list is
+fixed by its files, and the standard ones have duplicates (CLIP's ImageNet names, which open_clip and
+the CoOp benchmark use, name ``missile`` and ``sunglasses`` twice each): there they are named in a
+warning, and the model layer, which receives both kinds, checks the structure only.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +22,9 @@ from typing import Optional
 
 from mugcp.config import ConfigError
 
+log = logging.getLogger("mugcp")
 BYTE_ORDER_MARK = "\ufeff"
+DUPLICATE_POLICIES = ("error", "warn", "allow")
 MAX_SHOWN = 5
 
 
@@ -39,13 +47,18 @@ def validate_classnames(
     where: str = "classnames",
     entries: Optional[Sequence[str]] = None,
     fix: str = "",
+    duplicates: str = "error",
 ) -> list[str]:
     """``names`` as a clean list: each stripped of whitespace and a byte-order mark, all distinct.
 
     ``where`` names the source in messages (``classnames``, ``--classes-file F``, a dataset);
     ``entries[i]`` names entry i (default ``where[i]``), e.g. ``line 3``; ``fix`` ends a duplicate's
     message with the source's own remedy. Raises ``ClassNamesError`` (one line: what and where).
+    ``duplicates``: ``error`` (lists a user gives), ``warn`` (a dataset's own list: logged, kept) or
+    ``allow`` (the model layer, which takes both).
     """
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     if isinstance(names, (str, bytes)):
         text = names.decode("utf-8", "replace") if isinstance(names, bytes) else names
         raise ClassNamesError(
@@ -69,6 +82,8 @@ def validate_classnames(
         cleaned.append(stripped)
     if not cleaned:
         raise ClassNamesError(f"{where} is empty: give at least one class name.")
+    if duplicates == "allow":
+        return cleaned
     seen: dict[str, list[int]] = {}
     for index, name in enumerate(cleaned):
         seen.setdefault(clip_reading(name), []).append(index)
@@ -77,10 +92,11 @@ def validate_classnames(
         shown = "; ".join(
             " and ".join(f"{entries[i]} {cleaned[i]!r}" for i in indices) for indices in repeated[:MAX_SHOWN]
         ) + (f"; and {len(repeated) - MAX_SHOWN} more" if len(repeated) > MAX_SHOWN else "")
-        raise ClassNamesError(
-            f"{where} names the same class more than once: {shown}. CLIP reads names without case, '_' or extra spaces, "
-            f"so these would get identical prompts and identical scores. {fix or 'Remove or rename the duplicates.'}"
-        )
+        message = (f"{where} names the same class more than once: {shown}. CLIP reads names without case, '_' or extra spaces, "
+                   f"so these {'get' if duplicates == 'warn' else 'would get'} identical prompts and identical scores.")
+        if duplicates == "error":
+            raise ClassNamesError(f"{message} {fix or 'Remove or rename the duplicates.'}")
+        log.warning("%s %s", message, fix)
     return cleaned
 
 

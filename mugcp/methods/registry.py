@@ -138,7 +138,8 @@ def create_model(
 
     spec = get_method(method)
     options = resolve_options(method, overrides)
-    classnames = validate_classnames(classnames)  # before the backbone is loaded: a bad list fails at once
+    # Before the backbone is loaded, so a bad list fails at once; duplicates pass (see PromptLearner.set_classnames).
+    classnames = validate_classnames(classnames, duplicates="allow")
     if isinstance(backbone, ClipBackbone):
         clip = backbone
         clip.attention_backend = attention
