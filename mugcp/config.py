@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "augment": True,
         "on_bad_image": "error",
+        # Images with more pixels are unreadable (a guard against decompression bombs); null: PIL's Image.MAX_IMAGE_PIXELS.
+        "max_image_pixels": None,
         "image_size": None,
         # Datasets without a val split (imagefolder, manifest, fashion_mnist) carve one from train,
         # with a seed of their own so every run's few shots come from the same train pool.

@@ -179,6 +179,7 @@ SCHEMA: dict[str, Spec] = {
     "data.num_workers": integer(0),
     "data.augment": boolean(training_only=True),
     "data.on_bad_image": choice("error", "skip"),
+    "data.max_image_pixels": integer(1, nullable=True, null_means="PIL's Image.MAX_IMAGE_PIXELS, 89,478,485 by default"),
     "data.image_size": integer(1, nullable=True, null_means="the backbone's"),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.val_seed": integer(0),

@@ -27,21 +27,15 @@ from mugcp.cli import run_cli
 
 def read_classes(args) -> Optional[list[str]]:
     from mugcp.config import ConfigError
+    from mugcp.data.classnames import read_classnames_file, validate_classnames
 
     if args.classes is not None:
         names = [name.strip() for name in args.classes.split(",")]
         if not all(names):
             raise ConfigError(f"--classes {args.classes!r}: give comma-separated non-empty names, e.g. --classes \"cat,dog\".")
-        return names
+        return validate_classnames(names, "--classes", [f"--classes name {i + 1}" for i in range(len(names))])
     if args.classes_file is not None:
-        path = Path(args.classes_file)
-        if not path.is_file():
-            raise ConfigError(f"--classes-file {path}: no such file. It lists one class name per line.")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        names = [name for name in names if name and not name.startswith("#")]
-        if not names:
-            raise ConfigError(f"--classes-file {path} holds no class names (one per line; '#' starts a comment).")
-        return names
+        return read_classnames_file(args.classes_file)
     return None
 
 

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
     if "hm" in metrics:
         summary += f", HM {metrics['hm']:.2f}"
+    summary += "".join(f", {name} not evaluated (class-specific prompts, see the log)" for name in metrics.get("not_evaluated", {}))
     print(f"done in {metrics['wall_time_s']:.0f} s: {summary}" + ("" if metrics["pretrained"] else " (RANDOM weights)"))
     print(f"run folder: {output}")
     return 0

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +45,19 @@ def write_corrupt_image(path: Path) -> Path:
     """A file with an image suffix that no decoder accepts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not an image\x00\x01\x02")
+    return path
+
+
+def write_bomb_image(path: Path, size: tuple[int, int] = (14000, 14000)) -> Path:
+    """A PNG of a few dozen bytes whose header claims ``size`` (a decompression bomb); nothing that big is ever allocated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    # IHDR is the first chunk: length (4 bytes at 8), type (12), width and height (16, 20), ..., CRC (29) over type + data.
+    struct.pack_into(">II", data, 16, *size)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
     return path
 
 

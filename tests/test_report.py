@@ -102,3 +102,20 @@ def test_a_datasets_hm_is_the_hm_of_its_seed_averaged_base_and_new(tmp_path):
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "groups")]) == 0
     coop = next(csv.DictReader(open(tmp_path / "groups" / "results.csv")))
     assert float(coop["hm_mean"]) == pytest.approx(50.0) and float(coop["hm_std"]) == pytest.approx(0.0)
+def test_a_layout_with_nothing_to_show_is_one_line(tmp_path, capsys):
+    from mugcp.cli import run_cli
+
+    write_run(tmp_path / "runs" / "a", 1, 80.0, 60.0)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "fewshot"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --layout fewshot: none of the 1 runs under {tmp_path / 'runs'} has an accuracy on all classes (protocol fewshot "
+        "or all); their protocols: base2new. Use --layout base2new or groups.\n")
+    assert not (tmp_path / "report").exists()
+
+    write_metrics(tmp_path / "few" / "a", method="coop", dataset="dtd", protocol="fewshot", shots=4, seed=1, all={"accuracy": 50.0})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([str(tmp_path / "few"), "--out", str(tmp_path / "report"), "--layout", "base2new"]))
+    assert exit_info.value.code == 2
+    assert "has base and new accuracies (protocol base2new); their protocols: fewshot. Use --layout fewshot or groups." in capsys.readouterr().err

@@ -14,6 +14,7 @@ _EXPORTS = {
     "DatasetSplits": "mugcp.data.dataset",
     "Datum": "mugcp.data.dataset",
     "carve_val": "mugcp.data.dataset",
+    "open_image_file": "mugcp.data.dataset",
     "FASHION_MNIST_CLASSNAMES": "mugcp.data.fashion_mnist",
     "EpochBatchSampler": "mugcp.data.loader",
     "ImageDataset": "mugcp.data.loader",

@@ -126,13 +126,16 @@ def check_dataset(
     open_images: bool = True,
     workers: int = 4,
     progress: bool = True,
+    max_image_pixels: Optional[int] = None,
 ) -> DataCheck:
     """Read dataset ``name`` under ``root`` as a run would and check every image it lists.
 
     A layout problem raises ``DatasetError`` (naming the path and the expected layout). With
     ``open_images=False`` only the files' presence is checked, which is much faster on big datasets.
+    An image with more than ``max_image_pixels`` pixels (None: PIL's limit) is unreadable, as in a run.
     """
-    dataset = build_dataset({"dataset": canonical_dataset_name(name), "root": None if root is None else str(root)})
+    dataset = build_dataset({"dataset": canonical_dataset_name(name), "root": None if root is None else str(root),
+                             "max_image_pixels": max_image_pixels})
     parts: list[tuple[str, list[Datum]]] = [(split, dataset.split(split)) for split in ("train", "val", "test")]
     unknown: list[str] = []
     if split_file is not None:
@@ -182,10 +185,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-open", action="store_true", help="only check that the files exist (fast), do not decode them")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="data.max_image_pixels: larger images count as unreadable (default: PIL's limit, 89,478,485)")
     args = parser.parse_args(argv)
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise ConfigError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}.")
 
     check = check_dataset(args.dataset, args.root, args.split_file, open_images=not args.no_open,
-                          workers=args.workers, progress=not args.no_progress)
+                          workers=args.workers, progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
     print(f"{check.dataset.summary()}\n{check.table()}")
     if check.ok:
         print(check.summary())

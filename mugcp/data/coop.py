@@ -18,6 +18,7 @@ from mugcp.data.dataset import (
     classnames_from_items,
     list_class_folders,
     list_images,
+    not_a_folder,
     prompt_classname,
 )
 
@@ -97,7 +98,7 @@ def locate_dataset_folder(spec: CoopDatasetSpec, root: Path) -> Path:
     """ROOT/<folder>, or ROOT itself when it already is the dataset's folder."""
     if not root.is_dir():
         raise DatasetError(
-            f"dataset '{spec.name}': data.root {root} does not exist. Expected layout: {expected_layout(spec)}; "
+            f"dataset '{spec.name}': data.root {root} {not_a_folder(root)}. Expected layout: {expected_layout(spec)}; "
             f"set data.root to the folder that holds {spec.folder}/."
         )
     for candidate in (root / spec.folder, root):
@@ -124,7 +125,7 @@ def _key(*parts: str) -> str:
 def read_split_json(path: Path, image_dir: str) -> dict[str, list[Datum]]:
     """CoOp's split file; keys become ``image_dir/relpath``."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: cannot read the split file: {err}") from None
     if not isinstance(data, dict):
@@ -160,7 +161,7 @@ def read_classnames_txt(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise DatasetError(f"{path} not found; it holds lines 'WNID class name' (CoOp's imagenet/classnames.txt).")
     names: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         folder, _, name = line.strip().partition(" ")
@@ -224,7 +225,7 @@ def _read_imagenet_test_only(spec: CoopDatasetSpec, folder: Path) -> tuple[list[
 
 def _read_aircraft(spec: CoopDatasetSpec, folder: Path) -> tuple[list[str], list[Datum], list[Datum], list[Datum]]:
     variants_file = folder / "variants.txt"
-    classnames = [line.strip() for line in variants_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classnames = [line.strip() for line in variants_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     label_of = {name: label for label, name in enumerate(classnames)}
     _require_dir(folder / spec.image_dir, spec)
     splits = []
@@ -235,7 +236,7 @@ def _read_aircraft(spec: CoopDatasetSpec, folder: Path) -> tuple[list[str], list
                 f"dataset '{spec.name}': {list_file} not found. Expected layout: {expected_layout(spec)}."
             )
         items = []
-        for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")

@@ -5,11 +5,13 @@ on one machine load on another, and the key doubles as the semantic-feature cach
 """
 from __future__ import annotations
 
+import os
 import random
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -26,6 +28,61 @@ class DatasetError(ConfigError):
 
 class BadImageError(DatasetError):
     """One image that cannot be decoded (missing, truncated, not an image)."""
+
+
+# PIL's bomb check reads the module-level Image.MAX_IMAGE_PIXELS inside Image.open. open_image_file applies
+# its own limit instead, so it sets the global aside for the header read; the lock keeps two of its threads
+# (data check decodes with a thread pool) from restoring each other's value.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(path) -> tuple[Image.Image, Optional[int]]:
+    """``Image.open`` (it reads the header only) without PIL's own bomb check; returns the image and PIL's limit."""
+    with _PIL_LIMIT_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path), pil_limit
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def open_image_file(path: str | os.PathLike, max_pixels: Optional[int] = None, key: Optional[str] = None) -> Image.Image:
+    """The image file at ``path`` as RGB: what every reader of image files (datasets, data check, predict) calls.
+
+    Anything unreadable raises ``BadImageError`` naming ``key`` (default: the path) and the file, with
+    the reason in its ``reason`` attribute: missing, not an image, truncated, or more pixels than
+    ``max_pixels`` (``data.max_image_pixels``; None: PIL's ``Image.MAX_IMAGE_PIXELS``). That last one is
+    the guard against decompression bombs (a small file whose header claims e.g. 14000 x 14000 pixels,
+    gigabytes once decoded); it is checked on the header, before any pixel is decoded, and replaces
+    PIL's own check, which warns above its limit and raises its own error type above twice that.
+    """
+    try:
+        image, pil_limit = _open_header(path)
+        with image:
+            limit = pil_limit if max_pixels is None else int(max_pixels)
+            if limit is not None and image.width * image.height > limit:
+                reason = (f"{image.width} x {image.height} = {image.width * image.height:,} pixels, over the limit of "
+                          f"{limit:,} (data.max_image_pixels, a guard against decompression bombs; raise it if the image is genuine)")
+            else:
+                image.load()
+                return image.convert("RGB")
+    except FileNotFoundError:
+        reason = "file not found"
+    except IsADirectoryError:
+        reason = "a folder, not an image file"
+    except UnidentifiedImageError:
+        reason = "not a recognised image format"
+    except Image.DecompressionBombError as err:  # PIL's own check, e.g. while decoding an animated frame
+        reason = f"{str(err).rstrip('.')} (raise data.max_image_pixels if the image is genuine)"
+    except (OSError, ValueError, SyntaxError) as err:
+        reason = str(err) or type(err).__name__
+    error = BadImageError(
+        f"cannot read image '{key if key is not None else path}' ({path}): {reason}. Replace or remove the file, or set "
+        f"data.on_bad_image=skip to drop unreadable images."
+    )
+    error.reason = reason
+    raise error
 
 
 @dataclass(frozen=True)
@@ -51,6 +108,8 @@ class DatasetSplits:
     val: list[Datum]
     test: list[Datum]
     source: dict = field(default_factory=dict, compare=False, repr=False)
+    # data.max_image_pixels: images with more pixels are unreadable (None: PIL's Image.MAX_IMAGE_PIXELS).
+    max_image_pixels: Optional[int] = field(default=None, compare=False, repr=False)
 
     def split(self, which: str) -> list[Datum]:
         if which not in ("train", "val", "test"):
@@ -67,24 +126,8 @@ class DatasetSplits:
         return self.root / key if self.root is not None else Path(key)
 
     def open_image(self, key: str) -> Image.Image:
-        """The image behind ``key`` as RGB; anything unreadable raises BadImageError."""
-        path = self.file_of(key)
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
-        except FileNotFoundError:
-            reason = "file not found"
-        except UnidentifiedImageError:
-            reason = "not a recognised image format"
-        except (OSError, ValueError, SyntaxError) as err:
-            reason = str(err) or type(err).__name__
-        error = BadImageError(
-            f"cannot read image '{key}' ({path}): {reason}. Replace or remove the file, or set "
-            f"data.on_bad_image=skip to drop unreadable images."
-        )
-        error.reason = reason
-        raise error
+        """The image behind ``key`` as RGB; anything unreadable (over ``max_image_pixels`` too) raises BadImageError."""
+        return open_image_file(self.file_of(key), self.max_image_pixels, key=key)
 
     def summary(self) -> str:
         return (
@@ -138,6 +181,11 @@ def carve_val(train: Sequence[Datum], fraction: float, seed: int) -> tuple[list[
     kept = [item for index, item in enumerate(train) if index not in val_indices]
     val = [item for index, item in enumerate(train) if index in val_indices]
     return kept, val
+
+
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` cannot be read as a dataset folder, in words: it is a file, or it does not exist."""
+    return "is a file, not a folder" if path.is_file() else "does not exist"
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum, carve_val
+from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum, carve_val, not_a_folder
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,7 +119,7 @@ class FashionMNISTSplits(DatasetSplits):
 def build_fashion_mnist(root: Path | None, val_fraction: float, val_seed: int) -> DatasetSplits:
     root = Path(root) if root is not None else DEFAULT_ROOT
     if not root.is_dir():
-        raise DatasetError(f"fashion_mnist: data.root {root} does not exist. Expected layout: {LAYOUT}.")
+        raise DatasetError(f"fashion_mnist: data.root {root} {not_a_folder(root)}. Expected layout: {LAYOUT}.")
     items = {}
     for split in FILES:
         _, labels = load_split(root, split)

@@ -10,6 +10,7 @@ from mugcp.data.dataset import (
     carve_val,
     list_class_folders,
     list_images,
+    not_a_folder,
     prompt_classname,
 )
 
@@ -33,7 +34,7 @@ def _read_split(split_dir: Path, split: str, label_of: dict[str, int], classname
 def build_imagefolder(root: Path, val_fraction: float, val_seed: int) -> DatasetSplits:
     """Labels follow the sorted class folders of train/; without val/, val is carved from train."""
     if not root.is_dir():
-        raise DatasetError(f"imagefolder: data.root {root} does not exist. Expected layout: {LAYOUT}.")
+        raise DatasetError(f"imagefolder: data.root {root} {not_a_folder(root)}. Expected layout: {LAYOUT}.")
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DatasetError(f"imagefolder: {root / split} not found. Expected layout: {LAYOUT}.")

@@ -52,7 +52,7 @@ def _row_from_mapping(entry: dict, where: str) -> Row:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # utf-8-sig: a BOM (Excel) is not part of the header
         rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     if not rows:
         return []
@@ -86,7 +86,7 @@ def _read_json_rows(entries: Any, where: str, split: str | None) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: cannot read the manifest: {err}") from None
     if isinstance(data, dict):

@@ -7,12 +7,18 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
+from mugcp.data.classnames import validate_classnames
 from mugcp.data.coop import COOP_DATASETS, CoopDatasetSpec, build_coop_dataset, expected_layout
 from mugcp.data.dataset import DatasetError, DatasetSplits
 from mugcp.data.fashion_mnist import build_fashion_mnist
 from mugcp.data.imagefolder import build_imagefolder
 from mugcp.data.manifest import build_manifest
 
+# Where a dataset's class names come from, so the warning about a duplicate says what to rename.
+DUPLICATE_NAMES_FIX = {
+    "imagefolder": "Rename or merge those class folders (under train/, val/ and test/) to tell them apart.",
+    "manifest": "Give each label its own classname in the manifest to tell them apart.",
+}
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_VAL_SEED = 0
 
@@ -92,6 +98,12 @@ def build_dataset(data_cfg: Mapping) -> DatasetSplits:
             "manifest": lambda: build_manifest(_require_root(name, root), val_fraction, val_seed),
         }
         dataset = readers[name]()
+    dataset.classnames = validate_classnames(
+        dataset.classnames, f"dataset '{name}' ({dataset.root})", [f"label {label}" for label in range(len(dataset.classnames))],
+        fix=DUPLICATE_NAMES_FIX.get(name, "The benchmark's own list has them (ImageNet's does); they are kept as they are."),
+        duplicates="warn",
+    )
+    dataset.max_image_pixels = data_cfg.get("max_image_pixels")
     dataset.source = {
         "dataset": name,
         "root": str(dataset.root) if dataset.root is not None else None,

@@ -18,7 +18,8 @@ from mugcp.engine.checkpoint import check_compatible, read_checkpoint
 from mugcp.engine.evaluation import evaluate_subsets
 from mugcp.engine.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
 from mugcp.engine.runtime import peak_memory_mb, resolve_device, resolve_precision
-from mugcp.engine.trained_run import apply_checkpoint_settings
+from mugcp.engine.learned_classes import check_checkpoint_classes
+from mugcp.engine.trained_run import apply_checkpoint_settings, run_classnames
 from mugcp.utils import atomic_write_json
 
 
@@ -64,6 +65,8 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None)
         device = resolve_device(cfg["train"]["device"])
         precision = resolve_precision(cfg["train"]["precision"], device)
         splits = build_protocol(cfg["data"], int(cfg["train"]["seed"]))
+        # Before the model is built: prompts learned per class are refused for other classes, not mis-scored.
+        check_checkpoint_classes(ckpt_path, ckpt_config, tensors, run_classnames(ckpt_path)[0], splits.eval, splits.dataset.name)
         semantic = resolve_semantics(cfg, splits.dataset)
         first_classes = next(iter(splits.eval.values()))[1]
         model = build_run_model(cfg, first_classes, device, semantic, dataset_name=splits.dataset.name)

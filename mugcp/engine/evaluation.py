@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mugcp.data import ImageDataset, build_loader, build_transform
+from mugcp.engine.learned_classes import RETRAIN_HINT, is_class_specific_model, learned_classes_problem
 from mugcp.engine.runtime import autocast
 
 log = logging.getLogger("mugcp")
@@ -64,6 +65,8 @@ def harmonic_mean(base: float, new: float) -> float:
 def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=None, writer=None, output=None) -> dict:
     """Evaluate every subset of ``splits.eval``; adds ``hm`` when both base and new are present.
 
+    Class-specific prompts are not evaluated on classes they did not learn (``splits.train_classnames``):
+    such a subset is logged and listed under ``not_evaluated`` with the reason, and gets no accuracy.
     With ``output`` (the run folder) each subset also gets ``predictions/``, ``per_class/`` and
     ``confusion/`` files there, and with ``data.compare_zeroshot`` the per-class zero-shot accuracy
     of the same backbone beside its own.
@@ -72,6 +75,12 @@ def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=
 
     metrics: dict = {}
     for name, (items, classnames) in splits.eval.items():
+        problem = learned_classes_problem(splits.train_classnames, classnames) if is_class_specific_model(model) else None
+        if problem:
+            reason = f"class-specific prompts (method.class_specific=true) cannot score these classes: {problem}; {RETRAIN_HINT}"
+            log.info("%s: not evaluated: %s", name, reason)
+            metrics.setdefault("not_evaluated", {})[name] = reason
+            continue
         recorder = PredictionRecorder(classnames) if output is not None else None
         result = evaluate(model, items, classnames, splits.dataset, cfg["data"], device, precision, semantic,
                           progress=cfg["train"]["progress"], desc=f"eval {name}", recorder=recorder)

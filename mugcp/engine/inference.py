@@ -53,9 +53,9 @@ class Preprocess:
 
 def open_image(path: str | Path) -> Image.Image:
     """The image at ``path`` as RGB; anything unreadable is a BadImageError naming the file."""
-    from mugcp.data import DatasetSplits
+    from mugcp.data.dataset import open_image_file
 
-    return DatasetSplits("files", None, [], [], [], []).open_image(str(path))
+    return open_image_file(path)
 
 
 class TrainedModel(nn.Module):

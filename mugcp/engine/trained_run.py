@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 import torch
 
 from mugcp.config import DEFAULTS, ConfigError, merge
+from mugcp.data.classnames import validate_classnames
 from mugcp.engine.checkpoint import read_checkpoint
+from mugcp.engine.learned_classes import is_class_specific, learned_classes_problem
 
 SPLITS_FILE = "splits.json"
 
@@ -25,11 +27,6 @@ def apply_checkpoint_settings(cfg: dict, ckpt_config: dict) -> dict:
     if cfg["model"]["pretrained"] == "auto" and ckpt_config.get("pretrained") is None:
         cfg["model"]["pretrained"] = "none"  # a run trained on random weights is rebuilt on the same seed-0 weights
     return cfg
-
-
-def is_class_specific(ckpt_config: dict) -> bool:
-    """True when the checkpoint learned one prompt per training class (CoOp / KgCoOp ``class_specific``)."""
-    return bool(ckpt_config["method_options"].get("class_specific"))
 
 
 @dataclass
@@ -49,9 +46,7 @@ class TrainedRun:
 
     def resolve_classnames(self, requested: Optional[Sequence[str]]) -> list[str]:
         """The class names to predict over; class-specific prompts refuse any others."""
-        requested = [name.strip() for name in requested] if requested is not None else None
-        if requested is not None and (not requested or any(not name for name in requested)):
-            raise ConfigError(f"class names must be non-empty strings; got {list(requested)!r}.")
+        requested = validate_classnames(requested) if requested is not None else None
         if is_class_specific(self.ckpt_config):
             own = self.train_classnames
             if own is None:
@@ -60,7 +55,7 @@ class TrainedRun:
                     f"but its run folder has no {SPLITS_FILE} naming those classes; copy the run's {SPLITS_FILE} "
                     "next to the checkpoint folder."
                 )
-            if requested is not None and [_spaced(n) for n in requested] != [_spaced(n) for n in own]:
+            if requested is not None and learned_classes_problem(own, requested):
                 raise ConfigError(
                     f"checkpoint {self.checkpoint} learned one prompt per class (method option class_specific=true) "
                     f"for its {len(own)} training classes ({_preview(own)}), so it cannot classify other class "
@@ -78,16 +73,11 @@ class TrainedRun:
         return list(self.classnames)
 
 
-def _spaced(name: str) -> str:
-    # Models read "apple_pie" as "apple pie" (PromptLearner.set_classnames), so both spellings are one class.
-    return " ".join(name.replace("_", " ").split())
-
-
 def _preview(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
-def _run_classnames(checkpoint: Path) -> tuple[Optional[list[str]], Optional[list[str]]]:
+def run_classnames(checkpoint: Path) -> tuple[Optional[list[str]], Optional[list[str]]]:
     """(training classes, all classes) from the run's ``splits.json``; (None, None) when there is none."""
     for folder in (checkpoint.parent, checkpoint):
         path = folder / SPLITS_FILE
@@ -109,5 +99,5 @@ def read_trained_run(folder) -> TrainedRun:
     ckpt_config, tensors, path = read_checkpoint(folder)
     cfg = merge(copy.deepcopy(DEFAULTS), ckpt_config.get("run_config") or {}, "checkpoint run config", strict=False)
     apply_checkpoint_settings(cfg, ckpt_config)
-    train_names, all_names = _run_classnames(path)
+    train_names, all_names = run_classnames(path)
     return TrainedRun(path, ckpt_config, tensors, cfg, train_names, all_names)

@@ -112,6 +112,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     steps_per_epoch = len(build_loader(train_set, data_cfg["batch_size"], train=True, seed=seed))
     epochs = int(optim_cfg["epochs"])
     total_steps = run_length(epochs, steps_per_epoch, optim_cfg["max_steps"])
+    # The epochs that will run: optim.max_steps may end training long before optim.epochs (the progress bar counts these).
+    epochs_run = min(epochs, -(-total_steps // max(1, steps_per_epoch)))
     optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps) if optimizer else None
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
@@ -138,7 +140,8 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         set_loader_epoch(loader, 0, start_batch=step - epoch * steps_per_epoch)
         loader = distributed.shard(loader)
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs_run}", total=min(len(loader), total_steps - step), unit="batch",
+                   disable=not (train_cfg["progress"] and main), leave=False)
         for batch in bar:
             if step >= total_steps:
                 break

@@ -17,6 +17,11 @@ from mugcp.experiments.results import GROUP_KEYS, aggregate, aggregate_transfer,
 from mugcp.experiments.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
 from mugcp.utils import atomic_write_text
 
+# What a paper's layout tabulates, so a root without it is refused in one line instead of an empty table.
+LAYOUT_NEEDS = {"base2new": (("base", "new"), "base and new accuracies (protocol base2new)"),
+                "fewshot": (("all",), "an accuracy on all classes (protocol fewshot or all)")}
+PROTOCOL_LAYOUT = {"base2new": "base2new", "fewshot": "fewshot", "all": "fewshot"}
+
 
 def write_report(folders, out, layout: str = "groups") -> str:
     """Write ``results.md``, ``results.csv`` and ``results.png`` in ``layout`` under ``out``; returns the table."""
@@ -31,6 +36,11 @@ def write_report(folders, out, layout: str = "groups") -> str:
         if len(set(row["seeds"])) < len(row["seeds"]):
             print(f"warning: {row['method']} on {row['dataset']} has several runs with the same seed ({row['seeds']}); "
                   "they are averaged as if independent. Pass only the runs you mean to compare.", file=sys.stderr)
+    if layout in LAYOUT_NEEDS and not any(all(m in row for m in LAYOUT_NEEDS[layout][0]) for row in rows):
+        protocols = sorted({str(r.get("protocol")) for r in runs})
+        fits = sorted({PROTOCOL_LAYOUT[p] for p in protocols if p in PROTOCOL_LAYOUT} - {layout}) + ["groups"]
+        raise ConfigError(f"--layout {layout}: none of the {len(runs)} runs under {', '.join(folders)} has {LAYOUT_NEEDS[layout][1]}; "
+                          f"their protocols: {', '.join(protocols)}. Use --layout {' or '.join(fits)}.")
     out = Path(out)
     groups = f"{len(runs)} runs in {len(rows)} groups"
     if layout in ("cross_dataset", "domain_generalization"):

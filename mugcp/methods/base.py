@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.backbones import ClipBackbone
+from mugcp.data.classnames import validate_classnames
 
 
 class PromptLearner(nn.Module):
@@ -36,8 +37,12 @@ class PromptLearner(nn.Module):
 
     # ----------------------------------------------------------------- class names
     def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Point the model at a new label set (e.g. the new classes of base-to-novel)."""
-        self.classnames = [name.replace("_", " ") for name in classnames]
+        """Point the model at a new label set (e.g. the new classes of base-to-novel); see ``validate_classnames``.
+
+        Duplicates pass here: a dataset's own list may have them (ImageNet's does); lists a user gives are
+        checked for them where they come in (``load_run``, ``predict``).
+        """
+        self.classnames = [name.replace("_", " ") for name in validate_classnames(classnames, duplicates="allow")]
         self._eval_text_features = None
         self.build_class_inputs()
 

@@ -137,8 +137,12 @@ def create_model(
     """
     from mugcp.backbones import ClipBackbone, load_clip
 
+    from mugcp.data.classnames import validate_classnames
+
     spec = get_method(method)
     options = resolve_options(method, overrides)
+    # Before the backbone is loaded, so a bad list fails at once; duplicates pass (see PromptLearner.set_classnames).
+    classnames = validate_classnames(classnames, duplicates="allow")
     if isinstance(backbone, ClipBackbone):
         clip = backbone
         clip.attention_backend = attention
