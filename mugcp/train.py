@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="run folder (default: runs/<method>_<dataset>_seed<k>_<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (what config.yaml would hold) and exit")
     args = parser.parse_args(argv)
 
     if args.resume and not args.output:
@@ -43,6 +44,11 @@ def main(argv=None) -> int:
         if not args.config:
             config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
     cfg = load_config(config, args.overrides)
+    if args.print_config:  # before any check: a config with a problem is worth seeing too
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
     check_run_config(cfg)  # before --overwrite deletes anything and before any data or model is loaded
     output = Path(args.output) if args.output else default_output(cfg)
 

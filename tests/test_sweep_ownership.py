@@ -89,6 +89,11 @@ def test_every_run_gets_its_released_recipe_and_dry_run_json_is_what_config_yaml
     assert sweep_main(argv, launcher=in_process) == 0
     capsys.readouterr()
     assert yaml.safe_load((tmp_path / "runs" / "coop_dtd_k1_s1" / "config.yaml").read_text()) == coop
+    from mugcp.train import main as train_main
+
+    other = tmp_path / "elsewhere"
+    assert train_main([*runs[1]["command"][3:], "--output", str(other), "--print-config"]) == 0  # creates nothing
+    assert yaml.safe_load(capsys.readouterr().out) == runs[1]["config"] and not other.exists()
     assert dry_run_json(argv, capsys)[0][0]["mode"] == "done"  # the same config: nothing changed
 
 

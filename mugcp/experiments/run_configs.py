@@ -65,7 +65,7 @@ def config_changes(before: Mapping, now: Mapping) -> dict[str, tuple[Any, Any]]:
     for key in sorted(set(old) | set(new)):
         was, will = old.get(key, "(absent)"), new.get(key, "(absent)")
         if key == "semantic.source" and will == "auto" and was in ("mllm", "clip", "none", None):
-            continue  # runs written before config.yaml kept the command's value recorded what `auto` became
+            continue  # an older run's config.yaml recorded what `auto` became, not `auto` itself
         if was != will:
             changes[key] = (was, will)
     return changes
