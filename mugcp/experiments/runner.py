@@ -49,7 +49,10 @@ class SubprocessLauncher:
                 if self._stopping is not None:  # the stop came while this one was starting
                     process.send_signal(self._stopping)
             try:
-                return process.wait()
+                code = process.wait()
+                # Stopped by us: whatever it was doing (even importing torch, where SIGINT surfaces as an
+                # ImportError) it ended because it was asked to, and a rerun continues it.
+                return 130 if code != 0 and self._stopping is not None else code
             finally:
                 with self._lock:
                     self._running.pop(process.pid, None)
