@@ -195,6 +195,28 @@ def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, smal
     assert train_main(["--output", str(run), "--overwrite", "method=zsclip", *data]) == 0  # now it is free
 
 
+def test_a_sweep_leaves_a_run_another_process_holds_to_it(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1], methods=["zsclip"], shots=[1],
+                        overrides={"data.root": str(tmp_path), "data.protocol": "all"})
+    run = tmp_path / "runs" / "zsclip_dtd_k1_s1"
+    run.mkdir(parents=True)
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    owner = context.Process(target=_hold, args=(run, held, release))
+    owner.start()
+    try:
+        assert held.wait(30)
+        launched = []
+        assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=lambda *job: launched.append(job)) == 0
+    finally:
+        release.set()
+        owner.join(30)
+    out, err = capsys.readouterr()
+    assert launched == [] and f"[1/1] elsewhere zsclip_dtd_k1_s1 — its folder is in use by process {owner.pid} since " in out
+    assert "sweep done: 1 running elsewhere" in out and "they were left to it" in err
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
 # ---- real processes: signals to the sweep's pid alone, two sweeps on one root, logs without \r ----
 
 @pytest.fixture
