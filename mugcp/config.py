@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import re
 from pathlib import Path
@@ -145,14 +146,25 @@ def merge(base: dict, update: Mapping, source: str, path: str = "", strict: bool
     return out
 
 
+# Parsed files by (path, mtime, size): a sweep resolves every run's config (a thousand for the few-shot
+# protocol) from the same few files, and PyYAML takes milliseconds per file.
+_PARSED: dict[tuple, Any] = {}
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}. Pass an existing YAML file with --config.")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _PARSED:
+        return copy.deepcopy(_PARSED[key])
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        _PARSED[key] = copy.deepcopy(data)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -187,6 +199,11 @@ def load_yaml_with_bases(path: str | os.PathLike) -> dict:
 
 def parse_value(text: str) -> Any:
     """Command-line values are YAML scalars: ``3``, ``1e-3``, ``true``, ``null``, ``[a, b]``."""
+    return copy.deepcopy(_parse_value(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_value(text: str) -> Any:
     try:
         return yaml_load(text)
     except yaml.YAMLError:

@@ -16,8 +16,13 @@ the transfer protocols, ``python -m mugcp.evaluate`` on each target) in its own 
     method_eval_overrides:        #   and per method
       mugcp: {semantic.cache: caches/{dataset}}
 
-Finished runs (``metrics.json`` present) are skipped; interrupted ones continue with ``--resume``, so
-rerunning the command after a crash or Ctrl-C picks up where it stopped. At the end the runs are
+Each run starts from its method's released recipe for the protocol, dataset and K
+(``configs/recipes/``; not for ``grid``; ``recipes: false`` turns them off), under the sweep's
+overrides. Every run's config is resolved and checked before anything runs (``--dry-run --json``
+prints them). Finished runs (``metrics.json`` present) are skipped; interrupted ones continue with
+``--resume``, so rerunning the command after a crash or Ctrl-C picks up where it stopped. A finished
+run whose config differs from the sweep's now is reported key by key and left alone
+(``--rerun-changed``: rerun it into ``<name>_v2``). A run another process owns is left to it. At the end the runs are
 summarised by ``mugcp.report`` in the protocol's layout (``ROOT/report/``). Published protocols:
 ``configs/sweeps/{base2new,cross_dataset,domain_generalization,fewshot}.yaml``.
 """
@@ -36,24 +41,47 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML file, or a published protocol: base2new, cross_dataset, domain_generalization, fewshot")
     parser.add_argument("--root", help="folder of the sweep's runs (default: runs/sweeps/<sweep file name>)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing (every config is still checked)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per training run, with its resolved config")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun finished runs whose config differs from the sweep's now into fresh folders (<name>_v2)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once: one GPU each with CUDA, else the CPU threads split [1]")
     parser.add_argument("--no-progress", action="store_true", help="no overall progress bar")
     args = parser.parse_args(argv)
+    if args.json and not args.dry_run:
+        parser.error("--json describes the planned runs: pass it with --dry-run")
     from mugcp.config import ConfigError
     from mugcp.experiments import describe_counts, load_sweep, plan, run_jobs, write_report
-    from mugcp.experiments.jobs import METRICS_FILE
+    from mugcp.experiments.jobs import METRICS_FILE, describe_job, recipe_notes
+    from mugcp.experiments.run_configs import describe_changes, to_json
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}.")
 
     sweep = load_sweep(args.sweep)
     root = Path(args.root) if args.root else Path("runs") / "sweeps" / sweep.path.stem
-    jobs = plan(sweep, root)
+    jobs = plan(sweep, root, rerun_changed=args.rerun_changed)
     runs = sum(job.module == "mugcp.train" for job in jobs)
+    console = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON lines alone
     print(f"sweep {sweep.path} ({sweep.protocol}): {runs} training runs"
-          + (f" + {len(jobs) - runs} evaluations" if len(jobs) > runs else "") + f" under {root}")
+          + (f" + {len(jobs) - runs} evaluations" if len(jobs) > runs else "") + f" under {root}"
+          + ("" if sweep.recipes and sweep.protocol != "grid" else " (no released recipes: the method configs as they are)"), file=console)
+    for note in recipe_notes(jobs, sweep.protocol):
+        print(f"recipe: {note}", file=console)
+    changed = [job for job in jobs if job.mode == "changed"]
+    for job in changed:
+        print(f"changed: {job.name} finished with another config: {describe_changes(job.changes)}", file=sys.stderr)
+    if changed:
+        print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor overwritten. "
+              "Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the settings they ran with.", file=sys.stderr)
     if args.dry_run:
+        if args.json:
+            for job in jobs:
+                if job.module == "mugcp.train":
+                    print(to_json(dict(describe_job(job), evaluations=[
+                        {"dataset": ev.fields["dataset"], "folder": str(ev.folder), "mode": ev.mode, "command": ev.command()}
+                        for ev in jobs if ev.depends_on is job])))
+            return 0
         for index, job in enumerate(jobs, 1):
             print(f"[{index}/{len(jobs)}] {job.mode:9s} {job.name}\n    {shlex.join(job.command())}")
         return 0
@@ -71,12 +99,14 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
             write_report([root], root / "report", layout=sweep.protocol if sweep.protocol != "grid" else "groups")
         except FileNotFoundError as err:  # e.g. every evaluation of a transfer sweep failed: the runs stay, say why
             print(f"no report: {err}", file=sys.stderr)
+    if counts.get("elsewhere"):
+        print(f"{counts['elsewhere']} job(s) are running in another process (another sweep, or a run started by hand); "
+              "they were left to it. Rerun the same command once they end to include them in the report.", file=sys.stderr)
     failed = counts.get("failed", 0) + counts.get("blocked", 0)
     if failed:
         print(f"{failed} job(s) did not finish; their logs are under {root / 'logs'}. Fix the cause and rerun the same command.",
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or counts.get("changed") else 0
 
 
 if __name__ == "__main__":

@@ -53,11 +53,7 @@ def main(argv=None) -> int:
 
     from mugcp.engine.trainer import train
 
-    if args.overwrite and output.exists() and int(os.environ.get("RANK", "0")) == 0:
-        import shutil
-
-        shutil.rmtree(output)
-    metrics = train(cfg, output, resume=args.resume)
+    metrics = train(cfg, output, resume=args.resume, overwrite=args.overwrite)
     if not metrics:  # not rank 0 of a torchrun job
         return 0
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)

@@ -1,9 +1,10 @@
-"""Small helpers shared by every stage: atomic writes and seeding."""
+"""Small helpers shared by every stage: atomic writes, seeding, whether to draw progress bars."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -53,3 +54,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def progress_wanted(enabled: bool) -> bool:
+    """Draw progress bars only where they redraw in place: a terminal or a notebook.
+
+    Redirected to a file (a sweep's ``logs/``, ``nohup``, a job scheduler's output) every redraw
+    would stay as a ``\r`` fragment; the log lines say how training goes there instead.
+    """
+    if not enabled:
+        return False
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor: a notebook's or a test's stream
+        return True

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from mugcp.data import ImageDataset, build_loader, build_transform
 from mugcp.engine.learned_classes import RETRAIN_HINT, is_class_specific_model, learned_classes_problem
 from mugcp.engine.runtime import autocast
+from mugcp.utils import progress_wanted
 
 log = logging.getLogger("mugcp")
 
@@ -29,7 +30,7 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
     correct = total = skipped = 0
     per_class_correct = torch.zeros(len(classnames), dtype=torch.long)
     per_class_total = torch.zeros(len(classnames), dtype=torch.long)
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress_wanted(progress), leave=False):
         skipped += batch.get("n_skipped", 0)
         if batch["labels"].numel() == 0:
             continue

@@ -15,6 +15,7 @@ from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
 from mugcp.data.registry import check_data_config
+from mugcp.engine.run_lock import LOCK_NAME, RunLock
 from mugcp.engine.runtime import resolve_device
 from mugcp.methods import create_model, get_method, resolve_options
 
@@ -92,6 +93,16 @@ def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logg
     return handler
 
 
+def _empty_folder(folder: Path, keep: str) -> None:
+    for entry in folder.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what was kept (the command-line tools print it)."""
 
@@ -99,6 +110,8 @@ class RunInterrupted(KeyboardInterrupt):
 class RunFolder:
     """A run's output folder and its ``log.txt``, from opening to a clean or a failed end.
 
+    The main process holds the folder's ``RunLock`` throughout: a second process is refused
+    (``RunFolderBusy``, naming the holder's pid) before it touches anything.
     A run has *started* once it has written ``config.yaml`` (its data read, its model built; the
     caller sets ``started``). A run that fails or is interrupted before that removes the folder if it
     created it, so mistakes leave no litter. After that the folder stays, with the last checkpoint,
@@ -107,12 +120,29 @@ class RunFolder:
     """
 
     def __init__(self, output: Path, resume: bool = False, overwrite: bool = False, main: bool = True,
-                 note: Optional[Callable[[], str]] = None):
+                 note: Optional[Callable[[], str]] = None, replace: bool = False):
         self.output = Path(output)
         self.created = not self.output.exists()
         self.started = False
         self.note = note
-        self.handler = open_run_folder(self.output, resume, overwrite) if main else None
+        self.handler = None
+        # The main process owns the folder (RunLock) before it reads, clears or writes anything in it;
+        # ``replace`` (train --overwrite) then empties it, which is only safe once no one else runs there.
+        self.lock = RunLock(self.output) if main else None
+        if self.lock is None:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if replace:
+                _empty_folder(self.output, keep=LOCK_NAME)
+                self.created = True  # the old run is gone: a failure before the start leaves no empty folder
+            self.handler = open_run_folder(self.output, resume, overwrite)
+        except BaseException:
+            if self.created:
+                shutil.rmtree(self.output, ignore_errors=True)
+            self.lock.release()
+            raise
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -126,6 +156,11 @@ class RunFolder:
         return False
 
     def close(self) -> None:
+        self._close_log()
+        if self.lock is not None:
+            self.lock.release()
+
+    def _close_log(self) -> None:
         if self.handler is not None:
             log.removeHandler(self.handler)
             self.handler.close()
@@ -134,8 +169,9 @@ class RunFolder:
     def _record_failure(self, err: BaseException) -> None:
         interrupted = isinstance(err, KeyboardInterrupt)
         if not self.started and self.created:
+            self._close_log()
+            shutil.rmtree(self.output, ignore_errors=True)  # still holding the lock: no one can have moved in
             self.close()
-            shutil.rmtree(self.output, ignore_errors=True)
             if interrupted:
                 raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.") from None
             return

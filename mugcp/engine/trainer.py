@@ -26,7 +26,7 @@ from mugcp.engine.run_setup import (
 )
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
 from mugcp.errors import UserError
-from mugcp.utils import atomic_write_json, seed_everything
+from mugcp.utils import atomic_write_json, progress_wanted, seed_everything
 
 log = logging.getLogger("mugcp")
 
@@ -43,13 +43,14 @@ def run_seed(cfg: dict) -> int:
     return int(cfg["train"]["seed"])
 
 
-def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
+def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json.
 
     Under ``torchrun`` every process calls this; rank 0 writes the run folder and returns the
     metrics, the other ranks return ``{}``. The config (and ``resume``'s folder) is checked before
     anything is read or written; a run that fails keeps its folder only once it has started (see
-    ``RunFolder``), with the error in ``log.txt`` and a true account of its checkpoint.
+    ``RunFolder``), with the error in ``log.txt`` and a true account of its checkpoint. ``overwrite``
+    empties a previous run's folder once this process owns it (never under a live run).
     """
     output = Path(output)
     started = time.time()
@@ -58,7 +59,7 @@ def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
         check_resume_folder(output)
     distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
     try:
-        with RunFolder(output, resume, main=distributed.is_main, note=lambda: _resume_note(output)) as folder:
+        with RunFolder(output, resume, overwrite, main=distributed.is_main, note=lambda: _resume_note(output), replace=overwrite) as folder:
             return _train(cfg, output, resume, started, distributed, folder)
     finally:
         distributed.close()
@@ -95,7 +96,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
 
     semantic = resolve_semantics(cfg, splits.dataset)
     model = build_run_model(cfg, splits.train_classnames, device, semantic, dataset_name=splits.dataset.name)
-    cfg = resolved_run_config(cfg, semantic)
+    cfg = resolved_run_config(cfg, semantic)  # what `auto` became is recorded, so a resumed run keeps it
     if main:
         dump_config(cfg, output / "config.yaml")
     folder.started = True
@@ -141,7 +142,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         loader = distributed.shard(loader)
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs_run}", total=min(len(loader), total_steps - step), unit="batch",
-                   disable=not (train_cfg["progress"] and main), leave=False)
+                   disable=not (progress_wanted(train_cfg["progress"]) and main), leave=False)
         for batch in bar:
             if step >= total_steps:
                 break

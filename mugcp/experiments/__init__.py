@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "Sweep": "sweep_file", "load_sweep": "sweep_file", "PROTOCOLS": "sweep_file", "TRANSFER_PROTOCOLS": "sweep_file",
     "Job": "jobs", "plan": "jobs", "run_name": "jobs", "METRICS_FILE": "jobs",
-    "run_jobs": "runner", "subprocess_launcher": "runner", "device_slots": "runner", "describe_counts": "runner",
+    "run_jobs": "runner", "subprocess_launcher": "runner", "SubprocessLauncher": "runner", "device_slots": "runner", "describe_counts": "runner",
     "write_report": "report", "LAYOUTS": "tables",
     "find_runs": "results", "find_evaluations": "results", "aggregate": "results", "aggregate_transfer": "results",
 }

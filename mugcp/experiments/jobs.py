@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mugcp.config import ConfigError, parse_value
+from mugcp.experiments.run_configs import check_keys, config_changes, next_version, recorded_config, resolve_run, run_versions
 from mugcp.experiments.sweep_file import Sweep
 
 PLACEHOLDERS = ("dataset", "method", "seed", "shots")
@@ -29,10 +30,15 @@ class Job:
     module: str  # mugcp.train | mugcp.evaluate
     args: list[str]
     depends_on: Optional["Job"] = None
-    mode: str = "new"  # new | resume | overwrite | done (training); new | done (evaluation)
+    mode: str = "new"  # new | resume | overwrite | done | changed (training); new | done (evaluation)
     status: str = "pending"
     seconds: float = 0.0
     message: str = ""
+    fields: dict = field(default_factory=dict)  # method, dataset, seed, shots (dataset: the target of an evaluation)
+    config: Optional[dict] = None  # training: the resolved config, what its config.yaml will hold
+    recipe: Any = None  # training: the mugcp.recipes.Recipe it follows, or None
+    changes: dict = field(default_factory=dict)  # key: (value in the finished run, value now), when they differ
+    supersedes: Optional[Path] = None  # --rerun-changed: the changed run this one replaces
 
     def command(self, python: str = "python") -> list[str]:
         flag = {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(self.mode, [])
@@ -75,39 +81,86 @@ def run_name(method: str, dataset: str, shots: int, seed: int) -> str:
     return f"{method}_{dataset}_k{shots}_s{seed}"
 
 
-def plan(sweep: Sweep, root: Path) -> list[Job]:
-    """Every job of the sweep in a stable order, each marked new / resume / overwrite / done from what ``root`` holds."""
+def recipe_of(sweep: Sweep, method: str, dataset: str, shots: int):
+    """The released recipe of a run, or None: a ``grid`` sweep, ``recipes: false``, or a method without recipes."""
+    from mugcp.recipes import recipe_for, recipe_methods
+
+    if sweep.protocol == "grid" or not sweep.recipes or method not in recipe_methods():
+        return None
+    return recipe_for(method, sweep.protocol, dataset, shots)
+
+
+def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
+    """Every job of the sweep in a stable order, each marked new / resume / overwrite / done / changed from what ``root`` holds.
+
+    Each run's config merges, in order: the method's config (or the sweep's ``config``), the
+    released recipe of its method, protocol, dataset and K, the sweep's ``overrides``, then its
+    ``method_overrides``; so what a user sets explicitly wins. Every run's config is resolved and
+    checked here (ConfigError naming the sweep file and the part that set a bad key).
+    ``rerun_changed``: a finished run whose config differs from this one is planned anew in a fresh folder.
+    """
     jobs: list[Job] = []
+    recipes: dict = {}
+    check_keys(sweep.overrides, f"{sweep.path}: overrides")
+    for method, overrides in sweep.method_overrides.items():
+        check_keys(overrides, f"{sweep.path}: method_overrides.{method}")
     for dataset in sweep.datasets:
         for method in sweep.methods:
             for shots in sweep.shots:
                 for seed in sweep.seeds:
                     fields = {"dataset": dataset, "method": method, "seed": seed, "shots": shots}
                     name = run_name(method, dataset, shots, seed)
-                    folder = root / name
                     config = sweep.config or f"methods/{method}"
-                    # --config comes first: command() puts --resume / --overwrite right after it.
-                    args = ["--config", config, "--output", str(folder)]
-                    if sweep.config:
-                        args.append(f"method={method}")
-                    args += [f"data.dataset={dataset}", f"data.shots={shots}", f"train.seed={seed}"]
+                    overrides = [f"method={method}"] if sweep.config else []
+                    overrides += [f"data.dataset={dataset}", f"data.shots={shots}", f"train.seed={seed}"]
                     if sweep.train_protocol:
-                        args.append(f"data.protocol={sweep.train_protocol}")
-                    args += _override_args(sweep.overrides, fields, f"{sweep.path}: overrides")
-                    args += _override_args(sweep.method_overrides.get(method, {}), fields, f"{sweep.path}: method_overrides.{method}")
-                    train_job = Job(name, folder, "mugcp.train", args, mode=_train_mode(folder))
+                        overrides.append(f"data.protocol={sweep.train_protocol}")
+                    if (method, dataset, shots) not in recipes:
+                        recipes[(method, dataset, shots)] = recipe_of(sweep, method, dataset, shots)
+                    recipe = recipes[(method, dataset, shots)]
+                    recipe_overrides = recipe.dotted() if recipe is not None else {}
+                    overrides += [f"{key}={_render(value)}" for key, value in recipe_overrides.items()]
+                    overrides += _override_args(sweep.overrides, fields, f"{sweep.path}: overrides")
+                    method_overrides = sweep.method_overrides.get(method, {})
+                    overrides += _override_args(method_overrides, fields, f"{sweep.path}: method_overrides.{method}")
+                    origins = [("the sweep's grid", {"method": method, "data.dataset": dataset, "data.shots": shots, "train.seed": seed,
+                                                     "data.protocol": sweep.train_protocol}),
+                               (f"recipe {recipe.path}" if recipe else "recipe", recipe_overrides), ("overrides", sweep.overrides),
+                               (f"method_overrides.{method}", method_overrides)]
+                    resolved = resolve_run(config, overrides, origins, sweep.path)
+                    folder, mode, changes, supersedes = _place(root, name, resolved, rerun_changed)
+                    # --config comes first: command() puts --resume / --overwrite right after it.
+                    train_job = Job(name, folder, "mugcp.train", ["--config", config, "--output", str(folder), *overrides], mode=mode,
+                                    fields=fields, config=resolved, recipe=recipe, changes=changes, supersedes=supersedes)
                     jobs.append(train_job)
                     for target in sweep.targets:
-                        eval_folder = folder / f"eval_{target}"
-                        eval_fields = dict(fields, dataset=target)
-                        eval_args = ["--checkpoint", str(folder), "--output", str(eval_folder), f"data.dataset={target}", "data.protocol=all"]
-                        eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
-                        eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields,
-                                                    f"{sweep.path}: method_eval_overrides.{method}")
-                        done = (eval_folder / METRICS_FILE).is_file()
-                        jobs.append(Job(f"{name}/eval_{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
-                                        mode="done" if done else "new"))
+                        jobs.append(_evaluation(sweep, train_job, method, target, fields))
     return jobs
+
+
+def _evaluation(sweep: Sweep, train_job: Job, method: str, target: str, fields: dict) -> Job:
+    eval_folder = train_job.folder / f"eval_{target}"
+    eval_fields = dict(fields, dataset=target)
+    eval_args = ["--checkpoint", str(train_job.folder), "--output", str(eval_folder), f"data.dataset={target}", "data.protocol=all"]
+    eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
+    eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields, f"{sweep.path}: method_eval_overrides.{method}")
+    done = (eval_folder / METRICS_FILE).is_file() and train_job.mode == "done"
+    return Job(f"{train_job.name}/eval_{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
+               mode="done" if done else "new", fields=eval_fields)
+
+
+def _place(root: Path, name: str, resolved: dict, rerun_changed: bool) -> tuple[Path, str, dict, Optional[Path]]:
+    """The run's folder (its newest version), its mode, and how its recorded config differs from ``resolved``."""
+    versions = run_versions(root, name)
+    folder = versions[-1] if versions else root / name
+    mode = _train_mode(folder)
+    recorded = recorded_config(folder) if mode in ("done", "resume") else None
+    changes = config_changes(recorded, resolved) if recorded is not None else {}
+    if not changes:
+        return folder, mode, {}, None
+    if rerun_changed:
+        return next_version(root, name), "new", changes, folder
+    return folder, "changed", changes, None
 
 
 def _train_mode(folder: Path) -> str:
@@ -118,3 +171,53 @@ def _train_mode(folder: Path) -> str:
     if (folder / "checkpoint").exists() or (folder / "checkpoint.previous").exists():
         return "overwrite"  # a checkpoint with nothing to resume from (e.g. zero-shot CLIP): start again
     return "new"
+
+
+def refresh_mode(job: Job) -> str:
+    """The job's mode from what its folder holds now: another process may have run it since ``plan``."""
+    if job.module == "mugcp.train":
+        if job.mode in ("new", "resume", "overwrite"):
+            job.mode = _train_mode(job.folder)
+    elif (job.folder / METRICS_FILE).is_file():
+        job.mode = "done"
+    return job.mode
+
+
+def recipe_notes(jobs: list[Job], protocol: str) -> list[str]:
+    """One line per method whose runs do not all follow a released recipe: what is used instead."""
+    from mugcp.recipes import recipe_for
+
+    notes = []
+    by_method: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.module == "mugcp.train" and job.recipe is not None:
+            by_method.setdefault(job.fields["method"], []).append(job)
+    for method, runs in by_method.items():
+        if all(job.recipe.released for job in runs):
+            continue
+        base = recipe_for(method, protocol)
+        if not base.released:
+            notes.append(f"{method} ({protocol}): {base.note}")
+            continue
+        datasets = sorted({job.fields["dataset"] for job in runs if not recipe_for(method, protocol, job.fields["dataset"]).released})
+        shots = sorted({job.fields["shots"] for job in runs if not recipe_for(method, protocol, None, job.fields["shots"]).released})
+        parts = [f"{method} has no released recipes and follows {base.follows}'s."] if base.follows else []
+        if datasets:
+            parts.append(f"The released scripts do not train on {', '.join(datasets)}; the same settings are used there.")
+        if shots:
+            parts.append(f"The released scripts do not run K = {', '.join(map(str, shots))}; the same settings are used.")
+        notes.append(f"{method} ({protocol}): {' '.join(parts)}")
+    return notes
+
+
+def describe_job(job: Job) -> dict:
+    """A training run as ``--dry-run --json`` prints it: what it is, its command and its resolved config."""
+    recipe = job.recipe
+    return {
+        "name": job.name, "folder": str(job.folder), "mode": job.mode, **job.fields, "command": job.command(),
+        "recipe": None if recipe is None else {"path": str(recipe.path), "released": recipe.released, "sources": list(recipe.sources),
+                                               "note": recipe.note},
+        "changes": {key: {"run": was, "now": now} for key, (was, now) in job.changes.items()},
+        "supersedes": str(job.supersedes) if job.supersedes else None,
+        "config": job.config,
+    }

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mugcp.config import ConfigError
+from mugcp.experiments.run_configs import is_superseded
 
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -30,7 +31,7 @@ def _all_metrics(folders) -> list[dict]:
                 metrics = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path} is not valid JSON ({err}); delete or fix that run.") from None
-            if "method" in metrics:
+            if "method" in metrics and not is_superseded(path.parent):  # rerun with a changed config: its successor counts
                 metrics["_path"] = str(path.parent)
                 found.append(metrics)
     return found

@@ -1,11 +1,15 @@
 """Running a sweep's jobs on this machine: subprocesses, several at once, one GPU or a share of the CPU each.
 
 A failed job does not stop the others; a job whose training failed blocks its evaluations; Ctrl-C
-stops starting jobs, lets the running ones save and re-raises with the counts so far.
+(or SIGINT / SIGTERM to the sweep alone) stops starting jobs, forwards the signal to the running
+ones, waits for them to save, and re-raises with the counts so far. A job another process owns is
+left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` by the sweep running it, and
+each run folder is locked by the process training in it (``mugcp.engine.run_lock``).
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,21 +18,82 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mugcp.config import ConfigError
-from mugcp.experiments.jobs import METRICS_FILE, Job
+from mugcp.engine.run_lock import RunFolderBusy, RunLock, describe_holder, holder
+from mugcp.experiments.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.experiments.run_configs import describe_changes, mark_superseded
 
-def subprocess_launcher(python: str = sys.executable) -> Callable:
-    """Runs a job as ``python -m MODULE ...``, its console output in ``log_path``; returns the exit status."""
+RESEND_S = 10.0  # a stopped job still running after this long did not hear its SIGINT: send it again
+CLAIMS = ".claims"  # under the sweep root: one lock per job, held by the sweep process running it
 
-    def launch(job: Job, env: dict, log_path: Path) -> int:
+
+class SubprocessLauncher:
+    """Runs a job as ``python -m MODULE ...``, its console output in ``log_path``; returns the exit status.
+
+    The launcher interface: ``launcher(job, env, log_path) -> exit status`` (blocking; 0 = done,
+    130 = interrupted), and optionally ``interrupt(signum)``: ask every job it is running to stop.
+    Each job runs in its own process group, so a terminal's Ctrl-C or a ``kill -INT`` reaches the
+    sweep alone and the sweep forwards it: a job does not get the terminal's SIGINT and then the
+    sweep's while it is stopping, and none keeps running after the sweep as an orphan. (A job
+    still running ``RESEND_S`` after its SIGINT did not hear it and gets it again; see ``_wait``.)
+    """
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+        self._lock = threading.RLock()  # re-entrant: interrupt() runs in a signal handler, perhaps while this thread holds it
+        self._running: dict[int, subprocess.Popen] = {}
+        self._stopping: Optional[int] = None
+        self._sent: dict[int, float] = {}  # pid: when it was last signalled
+
+    def __call__(self, job: Job, env: dict, log_path: Path) -> int:
         with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(job.command(python), stdout=log, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                process = subprocess.Popen(job.command(self.python), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=env, start_new_session=True)
+                self._running[process.pid] = process
+                if self._stopping is not None:  # the stop came while this one was starting
+                    self._send(process, self._stopping)
             try:
-                return process.wait()
-            except KeyboardInterrupt:
-                process.wait()  # the child got the same Ctrl-C and stops at its own pace (checkpoint kept)
-                raise
+                code = self._wait(process)
+                # Stopped by us: whatever it was doing (even importing torch, where SIGINT surfaces as an
+                # ImportError) it ended because it was asked to, and a rerun continues it.
+                return 130 if code != 0 and self._stopping is not None else code
+            finally:
+                with self._lock:
+                    self._running.pop(process.pid, None)
+                    self._sent.pop(process.pid, None)
 
-    return launch
+    def _wait(self, process: subprocess.Popen) -> int:
+        """Wait for the job; once asked to stop, repeat SIGINT every ``RESEND_S`` while it still runs.
+
+        A signal can be lost: one that lands between fork and exec is taken by the handler the child
+        inherited from this process, and an import that catches everything may swallow one. A job
+        that heard it exits within a second or two, long before a repeat.
+        """
+        while True:
+            try:
+                return process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                with self._lock:
+                    sent = self._sent.get(process.pid)
+                    if self._stopping == signal.SIGINT and sent is not None and time.monotonic() - sent >= RESEND_S:
+                        self._send(process, signal.SIGINT)
+
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        with self._lock:
+            self._stopping = signum
+            for process in list(self._running.values()):
+                self._send(process, signum)
+
+    def _send(self, process: subprocess.Popen, signum: int) -> None:
+        self._sent[process.pid] = time.monotonic()
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def subprocess_launcher(python: str = sys.executable) -> SubprocessLauncher:
+    return SubprocessLauncher(python)
 
 
 def device_slots(jobs: int) -> list[dict]:
@@ -73,8 +138,11 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
              progress: bool = True, slots: Optional[list[dict]] = None) -> dict:
     """Run every pending job, at most ``jobs_in_parallel`` at once; a failed one does not stop the others.
 
-    Returns counts per status. Ctrl-C stops starting new jobs, lets the running ones end (they keep
-    their checkpoint), and re-raises KeyboardInterrupt.
+    Returns counts per status. A job another live process owns (another sweep's claim, or a process
+    holding its run folder) is left to it: ``elsewhere``. A finished run whose config changed is not
+    run: ``changed``. SIGINT or SIGTERM stops starting jobs, asks the running ones to stop (they
+    keep their checkpoint), waits for them, and raises KeyboardInterrupt with the counts; a second
+    signal kills them.
     """
     from tqdm.auto import tqdm
 
@@ -82,52 +150,84 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
     slots = slots or device_slots(jobs_in_parallel)
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (root / CLAIMS).mkdir(exist_ok=True)
     total = len(jobs)
     for job in jobs:
         if job.mode == "done":
             job.status = "skipped"
+        elif job.mode == "changed":
+            job.status, job.message = "changed", f"finished with another config ({describe_changes(job.changes)})"
     pending = [job for job in jobs if job.status == "pending"]
     bar = tqdm(total=total, initial=total - len(pending), unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
     lock = threading.Condition()
     free_slots = list(range(len(slots)))
     running: list[threading.Thread] = []
     interrupted = threading.Event()
+    signals_seen = []
 
     def say(text: str) -> None:
         with lock:
             tqdm.write(f"{time.strftime('%H:%M:%S')} {text}")
 
-    def work(job: Job, slot: int) -> None:
-        index = jobs.index(job) + 1
-        action = {"resume": "resume", "overwrite": "restart"}.get(job.mode, "start")
-        say(f"[{index}/{total}] {action} {job.name}")
-        env = dict(os.environ, **slots[slot])
-        log_path = logs / (job.name.replace("/", "__") + ".txt")
-        started = time.time()
-        try:
-            code = launcher(job, env, log_path)
-        except KeyboardInterrupt:
-            code = 130
-            interrupted.set()
-        except Exception as err:  # an in-process launcher's crash is this job's failure, not the sweep's
-            code = 1
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(f"error: {type(err).__name__}: {err}\n")
-        job.seconds = time.time() - started
-        finished = (job.folder / METRICS_FILE).is_file()
-        if code == 0 or (code in (130, -2) and finished):  # Ctrl-C while it was exiting: its results are complete
-            job.status = "ok"
-        elif code in (130, -2):
-            job.status, job.message = "interrupted", _interrupted_message(job)
-            interrupted.set()
-        else:
-            job.status, job.message = "failed", f"exit {code}: {_last_error(log_path)} (log: {log_path})"
-        say(f"[{index}/{total}] {job.status} {job.name} in {_duration(job.seconds)}" + (f" — {job.message}" if job.message else ""))
+    def finish(job: Job, slot: Optional[int]) -> None:
         with lock:
-            free_slots.append(slot)
+            if slot is not None:
+                free_slots.append(slot)
             bar.update(1)
             lock.notify_all()
 
+    def work(job: Job, slot: int) -> None:
+        index = jobs.index(job) + 1
+        claim = _claim(job, root)
+        if claim is not None and not _startable(job):
+            claim = claim.release()
+        if claim is None:
+            say(f"[{index}/{total}] {job.status} {job.name} — {job.message}")
+            return finish(job, slot)
+        try:
+            if interrupted.is_set():  # the stop came while this job waited for its slot
+                return
+            action = {"resume": "resume", "overwrite": "restart"}.get(job.mode, "start")
+            say(f"[{index}/{total}] {action} {job.name}" + (f" in {job.folder.name} (config changed: {describe_changes(job.changes)})"
+                                                             if job.supersedes else ""))
+            env = dict(os.environ, **slots[slot])
+            log_path = logs / (job.name.replace("/", "__") + ".txt")
+            started = time.time()
+            try:
+                code = launcher(job, env, log_path)
+            except KeyboardInterrupt:
+                code = 130
+                interrupted.set()
+            except Exception as err:  # an in-process launcher's crash is this job's failure, not the sweep's
+                code = 1
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(f"error: {type(err).__name__}: {err}\n")
+            job.seconds = time.time() - started
+            _set_status(job, code, log_path)
+            if job.status == "interrupted":
+                interrupted.set()
+            if job.status == "ok" and job.supersedes is not None:
+                mark_superseded(job.supersedes, job.folder, job.changes)
+            say(f"[{index}/{total}] {job.status} {job.name} in {_duration(job.seconds)}" + (f" — {job.message}" if job.message else ""))
+        finally:
+            claim.release()
+        finish(job, slot)
+
+    def on_signal(signum, frame) -> None:
+        signals_seen.append(signum)
+        interrupted.set()
+        stop = getattr(launcher, "interrupt", None)
+        if stop is None:  # an in-process launcher: the job in this thread gets the KeyboardInterrupt itself
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if len(signals_seen) == 1:
+            _write_now(f"{name}: no new jobs; the running ones save their checkpoint and stop (send it again to kill them).")
+            stop(signal.SIGINT)
+        else:
+            _write_now(f"{name} again: killing the running jobs.")
+            stop(signal.SIGKILL)
+
+    previous = _install(on_signal)
     try:
         queue = list(pending)
         while queue and not interrupted.is_set():
@@ -135,21 +235,24 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
                 while not free_slots:
                     lock.wait(0.2)
                 ready = next((j for j in queue if j.depends_on is None or j.depends_on.status in ("ok", "skipped")), None)
-                blocked = next((j for j in queue if j.depends_on is not None and j.depends_on.status in ("failed", "interrupted", "blocked")), None)
+                blocked = next((j for j in queue if j.depends_on is not None and j.depends_on.status in UNFINISHED), None)
                 if ready is None and blocked is None:
                     lock.wait(0.2)
                     continue
             if blocked is not None and ready is None:
                 queue.remove(blocked)
-                blocked.status, blocked.message = "blocked", f"{blocked.depends_on.name} did not finish"
-                say(f"[{jobs.index(blocked) + 1}/{total}] blocked {blocked.name} — {blocked.message}")
-                bar.update(1)
+                if blocked.depends_on.status == "elsewhere":
+                    blocked.status, blocked.message = "elsewhere", f"left to the owner of {blocked.depends_on.name}"
+                else:
+                    blocked.status, blocked.message = "blocked", f"{blocked.depends_on.name} did not finish"
+                say(f"[{jobs.index(blocked) + 1}/{total}] {blocked.status} {blocked.name} — {blocked.message}")
+                finish(blocked, None)
                 continue
             queue.remove(ready)
             with lock:
                 slot = free_slots.pop(0)
             if jobs_in_parallel == 1:
-                work(ready, slot)  # in this thread: Ctrl-C reaches the job directly
+                work(ready, slot)  # in this thread: an in-process launcher's job gets Ctrl-C directly
             else:
                 thread = threading.Thread(target=work, args=(ready, slot), daemon=True)
                 running.append(thread)
@@ -161,6 +264,7 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
         for thread in running:
             thread.join()
     finally:
+        _restore(previous)
         bar.close()
     counts: dict[str, int] = {}
     for job in jobs:
@@ -171,6 +275,63 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
     return counts
 
 
+UNFINISHED = ("failed", "interrupted", "blocked", "changed", "elsewhere")
+
+
+def _claim(job: Job, root: Path) -> Optional[RunLock]:
+    """This sweep's hold on ``job`` (another sweep on the same root skips it), or None with the job marked ``elsewhere``."""
+    claim = RunLock(root / CLAIMS, job.name.replace("/", "__") + ".lock")
+    try:
+        return claim.acquire()
+    except RunFolderBusy:
+        job.status, job.message = "elsewhere", f"another sweep runs it ({describe_holder(holder(root / CLAIMS, claim.path.name) or {})})"
+        return None
+
+
+def _startable(job: Job) -> bool:
+    """With the claim held, look at the folder again: another process may own it or have finished it since the plan."""
+    owner = holder(job.folder)
+    if owner is not None:
+        job.status, job.message = "elsewhere", f"its folder is in use by {describe_holder(owner)}"
+        return False
+    if refresh_mode(job) == "done":
+        job.status, job.message = "skipped", "finished by another process since this sweep started"
+        return False
+    return True
+
+
+def _set_status(job: Job, code: int, log_path: Path) -> None:
+    finished = (job.folder / METRICS_FILE).is_file()
+    owner = holder(job.folder) if code != 0 else None
+    if code == 0 or (code in (130, -2) and finished):  # interrupted while it was exiting: its results are complete
+        job.status = "ok"
+    elif owner is not None:  # it was refused: another process took the folder between our look and its start
+        job.status, job.message = "elsewhere", f"its folder is in use by {describe_holder(owner)}"
+    elif code in (130, -2):
+        job.status, job.message = "interrupted", _interrupted_message(job)
+    else:
+        job.status, job.message = "failed", f"exit {code}: {_last_error(log_path)} (log: {log_path})"
+
+
+def _write_now(text: str) -> None:
+    """A line from a signal handler: unbuffered, so it cannot collide with a print the handler interrupted."""
+    try:
+        os.write(sys.stderr.fileno(), f"{time.strftime('%H:%M:%S')} {text}\n".encode())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _install(handler) -> Optional[dict]:
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers belong to the main thread; a sweep run from a worker thread keeps the defaults
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(previous: Optional[dict]) -> None:
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -178,5 +339,6 @@ def _duration(seconds: float) -> str:
 
 
 def describe_counts(counts: dict) -> str:
-    order = ("ok", "skipped", "failed", "interrupted", "blocked", "not started")
-    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+    order = ("ok", "skipped", "elsewhere", "changed", "failed", "interrupted", "blocked", "not started")
+    words = {"elsewhere": "running elsewhere"}
+    return ", ".join(f"{counts[s]} {words.get(s, s)}" for s in order if counts.get(s))

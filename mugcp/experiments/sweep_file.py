@@ -24,7 +24,8 @@ PROTOCOLS: dict[str, dict] = {
 }
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
 SWEEP_KEYS = {"protocol", "datasets", "source", "targets", "seeds", "methods", "shots", "config", "overrides", "method_overrides",
-              "eval_overrides", "method_eval_overrides"}
+              "eval_overrides", "method_eval_overrides", "recipes"}
+
 
 @dataclass
 class Sweep:
@@ -41,6 +42,7 @@ class Sweep:
     eval_overrides: dict
     method_eval_overrides: dict
     train_protocol: Optional[str] = None
+    recipes: bool = True  # each run starts from its method's released recipe for the protocol (mugcp.recipes)
 
 
 def _as_list(value, key: str, where: str, kind=str) -> list:
@@ -132,12 +134,16 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         if not config_path.is_file():
             raise ConfigError(f"{where}: config '{config}' not found (a path relative to the sweep file, or a name under configs/).")
         config = str(config_path)
+    recipes = data.get("recipes", True)
+    if not isinstance(recipes, bool):
+        raise ConfigError(f"{where}: 'recipes' must be true (every run gets its method's released recipe for the protocol) "
+                          f"or false (the method configs as they are); got {recipes!r}.")
     sweep = Sweep(
         path=path, protocol=protocol, datasets=datasets, targets=targets, seeds=seeds, methods=methods, shots=shots,
         config=config, overrides=_as_overrides(data.get("overrides"), "overrides", where),
         method_overrides=per_method["method_overrides"],
         eval_overrides=_as_overrides(data.get("eval_overrides"), "eval_overrides", where),
         method_eval_overrides=per_method["method_eval_overrides"],
-        train_protocol=defaults["train_protocol"],
+        train_protocol=defaults["train_protocol"], recipes=recipes,
     )
     return sweep
