@@ -184,7 +184,8 @@ SCHEMA: dict[str, Spec] = {
     "data.val_fraction": number(0, 1, high_open=True),
     "data.val_seed": integer(0),
     "data.fewshot_short_classes": choice("keep", "pad", training_only=True),
-    "data.fewshot_file": text(nullable=True, null_means="none", training_only=True),
+    # Not training_only: evaluate may set it to none where the training machine's file is absent.
+    "data.fewshot_file": text(nullable=True, null_means="none"),
     "semantic.source": choice(*SEMANTIC_SOURCES, nullable=True, null_means="the method takes no semantic input; runs record this"),
     "semantic.cache": text(nullable=True, null_means="no cache"),
     "optim.name": choice(*OPTIMIZERS, training_only=True),
