@@ -142,8 +142,14 @@ def merge(base: dict, update: Mapping, source: str, path: str = "", strict: bool
         elif isinstance(out[key], dict) and not isinstance(value, Mapping):
             raise ConfigError(f"{source}: '{dotted}' is a section and needs a mapping, got {value!r}.")
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = copy.deepcopy(RENAMED_VALUES.get((dotted, value), value) if isinstance(value, str) else value)
     return out
+
+
+# Values an older release wrote that now have another name: (key, old value) -> new value. Run folders
+# and checkpoints written before the released schedule became the default say `optim.scheduler:
+# cosine` for what is now `cosine_per_step`; they still resume and evaluate as they were trained.
+RENAMED_VALUES = {("optim.scheduler", "cosine"): "cosine_per_step"}
 
 
 # Parsed files by (path, mtime, size): a sweep resolves every run's config (a thousand for the few-shot

@@ -62,3 +62,16 @@ def test_switching_method_on_the_command_line_drops_the_files_options(tmp_path):
     assert cfg["method"]["name"] == "maple" and cfg["method"]["depth"] == 3
     assert "class_token_position" not in cfg["method"]
     assert load_config(path, ["method=coop"])["method"]["class_token_position"] == "front"
+
+
+def test_an_older_runs_scheduler_name_still_loads_as_what_it_meant(tmp_path):
+    """Runs written before the released schedule was the default say `cosine` for the per-step cosine."""
+    from mugcp.config import load_config
+    from mugcp.config_schema import check_values
+
+    old_run = tmp_path / "config.yaml"
+    old_run.write_text("optim:\n  scheduler: cosine\n")
+    cfg = load_config(old_run)
+    assert cfg["optim"]["scheduler"] == "cosine_per_step"
+    check_values(cfg)
+    assert load_config(None, ["optim.scheduler=cosine"])["optim"]["scheduler"] == "cosine_per_step"
