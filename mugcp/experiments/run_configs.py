@@ -69,6 +69,8 @@ def with_resolved_semantics(cfg: dict) -> dict:
     engine_log.setLevel(logging.ERROR)
     try:
         return resolved_run_config(cfg, resolve_semantics(cfg))
+    except ConfigError:  # e.g. semantic.source mllm with its cache not extracted yet: the run records mllm, and says so
+        return cfg
     finally:
         engine_log.setLevel(level)
 
