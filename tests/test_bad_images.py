@@ -15,7 +15,7 @@ from mugcp.config import DEFAULTS, ConfigError
 from mugcp.config_schema import check_value
 from mugcp.data import BadImageError, build_dataset, open_image_file
 from mugcp.data.__main__ import main as data_main
-from mugcp.engine import run_setup, train
+from mugcp.engine import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main
@@ -87,13 +87,6 @@ def test_data_check_lists_a_bomb_as_unreadable(tmp_path, capsys):
     assert status == 2 and out.count("unreadable: ") == 9 and "20 x 14 = 280 pixels, over the limit of 279" in out
     status, _, err = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 0], capsys)
     assert status == 2 and err.strip() == "error: --max-image-pixels must be at least 1, got 0."
-
-
-@pytest.fixture(scope="module")
-def shared_clip(vit_b32):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
-        yield vit_b32
 
 
 @pytest.fixture(scope="module")

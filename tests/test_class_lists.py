@@ -13,7 +13,7 @@ from fixtures import make_coop_dataset, make_imagefolder, write_image
 from mugcp.cli import run_cli
 from mugcp.data import build_dataset
 from mugcp.data.classnames import ClassNamesError, read_classnames_file, validate_classnames
-from mugcp.engine import run_setup, train
+from mugcp.engine import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main
@@ -110,13 +110,6 @@ def test_the_full_imagenet_list_builds_a_model(vit_b32):
 
 
 # ---------------------------------------------------------------- runs
-@pytest.fixture(scope="module")
-def shared_clip(vit_b32):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
-        yield vit_b32
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("data"), CLASSES, per_class={"train": 4, "test": 2})

@@ -11,18 +11,11 @@ import mugcp
 from fixtures import make_imagefolder, write_corrupt_image, write_image
 from mugcp.cli import run_cli
 from mugcp.config import ConfigError
-from mugcp.engine import run_setup, train
+from mugcp.engine import train
 from mugcp.predict import main as predict_main
 from test_engine import CLASSES, small_config, write_semantic_cache
 
 BASE = ["blue whale", "red fox"]  # the run's training classes (the first half, sorted)
-
-
-@pytest.fixture(scope="module")
-def shared_clip(vit_b32):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
-        yield vit_b32
 
 
 @pytest.fixture(scope="module")
