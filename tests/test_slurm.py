@@ -176,3 +176,20 @@ def test_a_two_task_gloo_job_gets_ranks_from_slurm_and_all_reduces(slurm_cluster
     assert records[0]["env"]["MASTER_ADDR"] == records[1]["env"]["MASTER_ADDR"] == slurm_cluster.node
     assert records[0]["env"]["MASTER_PORT"] == records[1]["env"]["MASTER_PORT"]
     assert (folder / f"slurm-{job_id}.rank1.out").exists()
+
+
+def test_options_reach_sbatch_and_a_refusal_is_one_slurm_error(slurm_cluster, tmp_path):
+    from mugcp.engine.slurm import SlurmError
+
+    folder = tmp_path / "opts"
+    options = SlurmOptions(partition=slurm_cluster.partition, time="0:03:00", cpus_per_run=1, mem="100M",
+                           setup=["export MUGCP_SETUP_MARK=from-setup"])
+    command = [sys.executable, "-c", "import os; print(os.environ.get('MUGCP_SETUP_MARK'), os.environ['SLURM_CPUS_PER_TASK'])"]
+    [job_id] = submit_commands([command], [folder], options, name="opts", log_folder=tmp_path / "log")
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    assert "JobName=opts" in shown and "TimeLimit=00:03:00" in shown and f"Partition={slurm_cluster.partition}" in shown
+    assert "MinMemoryNode=100M" in shown
+    assert wait_for_jobs({job_id: folder}, timeout_s=WAIT_S, poll_s=0.3) == {job_id: "done"}
+    assert (folder / f"slurm-{job_id}.out").read_text() == "from-setup 1\n"
+    with pytest.raises(SlurmError, match="sbatch refused the job: .*[Pp]artition"):
+        submit_commands([command], [tmp_path / "nowhere"], SlurmOptions(partition="no-such-partition"), log_folder=tmp_path / "log")
