@@ -20,10 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 45
 
 # Records its arguments and working folder, says it started, waits for `go` (or exits at once when
-# resumed), prints to both streams and exits with the code in `code.txt` (0 if absent).
+# resumed), prints to both streams and exits with the code in `code.txt` (0 if absent); notes a SIGTERM.
 WORKER = """
-import json, os, pathlib, sys, time
+import json, os, pathlib, signal, sys, time
 here = pathlib.Path.cwd()
+def stop(signum, frame):  # where a real run would save its checkpoint
+    with open(here / "stopped", "a") as note:
+        note.write(signal.Signals(signum).name + "\\n")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
 with open(here / "calls.jsonl", "a") as calls:
     calls.write(json.dumps({"argv": sys.argv[1:], "cwd": str(here), "restarts": os.environ.get("SLURM_RESTART_COUNT")}) + "\\n")
 (here / "started").touch()
@@ -112,7 +117,8 @@ def test_scancel_mid_run_is_interrupted(slurm_cluster, tmp_path):
     subprocess.run(["scancel", job_id], check=True)
     assert wait_for_jobs({job_id: folders[0]}, timeout_s=WAIT_S, poll_s=0.3) == {job_id: "interrupted"}
     _until(lambda: read_state(folders[0]).get("state") == "interrupted", "the task to record the stop", timeout=15)
-    assert read_state(folders[0])["returncode"] < 0  # killed by a signal, not its own exit
+    assert read_state(folders[0])["returncode"] == 143  # the command's own exit on SIGTERM: still "interrupted"
+    assert (folders[0] / "stopped").read_text() == "SIGTERM\n"
 
 
 def test_preemption_signal_and_requeue_rerun_the_task_with_resume(slurm_cluster, tmp_path):
@@ -127,6 +133,9 @@ def test_preemption_signal_and_requeue_rerun_the_task_with_resume(slurm_cluster,
     subprocess.run(["scontrol", "requeue", ids[1]], check=True)
     states = wait_for_jobs(dict(zip(ids, folders)), timeout_s=WAIT_S, poll_s=0.5)
     assert states == {ids[0]: "done", ids[1]: "done"}
+    # USR2 reaches every process of the step; the command ignores it and gets SIGTERM from the task, with
+    # time to save, instead of dying of USR2 (Slurm's requeue sends SIGTERM itself).
+    assert (folders[0] / "stopped").read_text() == (folders[1] / "stopped").read_text() == "SIGTERM\n"
     for folder, name in zip(folders, ["signalled", "requeued"]):
         assert [call["argv"] for call in _calls(folder)] == [[name], [name, "--resume"]]
         assert [call["restarts"] for call in _calls(folder)] == [None, "1"]

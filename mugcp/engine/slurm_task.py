@@ -67,6 +67,13 @@ def write_state(folder: Path, **fields) -> None:
         raise
 
 
+def _ignore_checkpoint_signal() -> None:
+    """In the command's process before exec: Slurm sends the checkpoint signal (USR2) to every process
+    of the step, and by default it kills. Ignored there (an ignored signal stays ignored across exec),
+    the command is stopped by ``checkpoint`` with SIGTERM and a grace period instead, time to save."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class CommandTask:
     """Run ``command`` in ``folder``; submitit calls ``checkpoint`` on its pre-emption/time-limit signal.
 
@@ -86,13 +93,14 @@ class CommandTask:
         self.resume_when = resume_when
         self.env = dict(env or {})
         self._process: subprocess.Popen | None = None
+        self._stop_requested = False
 
     def __getstate__(self) -> dict:
-        return {name: value for name, value in self.__dict__.items() if name != "_process"}
+        return {name: value for name, value in self.__dict__.items() if name not in ("_process", "_stop_requested")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._process = None
+        self._process, self._stop_requested = None, False
 
     # -- what runs in the job -------------------------------------------------------------------
     def rank(self) -> int:
@@ -125,14 +133,18 @@ class CommandTask:
             write_state(folder, job_id=job_id, state="running", returncode=None, restarts=self.restarts(), command=command,
                         started=time.time())
         stem = f"slurm-{job_id}" if rank == 0 else f"slurm-{job_id}.rank{rank}"
+        self._watch_for_stop()
         with open(folder / f"{stem}.out", "ab") as out, open(folder / f"{stem}.err", "ab") as err:
-            self._process = subprocess.Popen(command, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+            self._process = subprocess.Popen(command, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                             preexec_fn=_ignore_checkpoint_signal)
             # Polled, not Popen.wait(): a blocking wait holds Popen's lock while submitit's signal
             # handler (checkpoint) may need to stop the command.
             while (code := self._process.poll()) is None:
                 time.sleep(0.2)
         self._process = None
-        stopped = code < 0 and -code in STOP_SIGNALS
+        # A command that handles SIGTERM to save may exit with a code of its own: what counts is that
+        # the step was told to stop (scancel, requeue, pre-emption).
+        stopped = self._stop_requested or (code < 0 and -code in STOP_SIGNALS) or (code - 128 in STOP_SIGNALS)
         if stopped and rank != 0:
             # The whole step got the signal; rank 0 decides about the requeue. Leaving now could end the
             # step (srun --kill-on-bad-exit) before rank 0 has asked for it; Slurm ends us in any case.
@@ -143,6 +155,19 @@ class CommandTask:
         if code != 0:
             raise CommandFailed(f"{' '.join(command)} exited with {code} (log: {folder / stem}.err)")
         return code
+
+    def _watch_for_stop(self) -> None:
+        """Note a SIGTERM to this process (Slurm signals every process of the step), then pass it on to
+        the handler submitit installed."""
+        self._stop_requested = False
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def note(signum, frame):
+            self._stop_requested = True
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, note)
 
     # -- submitit's hook: pre-emption or the time limit is near -----------------------------------
     def stop_command(self) -> None:
