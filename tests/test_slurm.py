@@ -30,7 +30,9 @@ def stop(signum, frame):  # where a real run would save its checkpoint
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
 with open(here / "calls.jsonl", "a") as calls:
-    calls.write(json.dumps({"argv": sys.argv[1:], "cwd": str(here), "restarts": os.environ.get("SLURM_RESTART_COUNT")}) + "\\n")
+    wrapper_has_torch = "libtorch" in pathlib.Path(f"/proc/{os.getppid()}/maps").read_text()
+    calls.write(json.dumps({"argv": sys.argv[1:], "cwd": str(here), "restarts": os.environ.get("SLURM_RESTART_COUNT"),
+                            "wrapper_has_torch": wrapper_has_torch}) + "\\n")
 (here / "started").touch()
 if "--resume" not in sys.argv:
     while not (here / "go").exists():
@@ -76,7 +78,9 @@ def test_an_array_runs_each_command_in_its_folder_with_its_output_there(slurm_cl
     states = wait_for_jobs(dict(zip(ids, folders)), timeout_s=WAIT_S, poll_s=0.3)
     assert states == {ids[0]: "done", ids[1]: "done"}
     for job_id, folder, name in zip(ids, folders, ["a", "b"]):
-        assert _calls(folder) == [{"argv": [name], "cwd": str(folder.resolve()), "restarts": None}]  # Slurm sets it on a requeue only
+        # SLURM_RESTART_COUNT is set on a requeue only. The task travels by value: the job's wrapper
+        # process never imports mugcp (so neither torch nor open_clip).
+        assert _calls(folder) == [{"argv": [name], "cwd": str(folder.resolve()), "restarts": None, "wrapper_has_torch": False}]
         assert (folder / f"slurm-{job_id}.out").read_text() == f"out {name}\n"
         assert (folder / f"slurm-{job_id}.err").read_text() == f"err {name}\n"
         record = read_state(folder)
