@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("submitit", reason="submitit is not installed: pip install -e '.[slurm]'")
 
-from mugcp.engine.slurm import SlurmOptions, job_states, submit_commands, submit_distributed, wait_for_jobs  # noqa: E402
+from mugcp.engine.slurm import SlurmOptions, job_states, last_log_line, submit_commands, submit_distributed, wait_for_jobs  # noqa: E402
 from mugcp.engine.slurm_task import read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,7 @@ def test_states_pending_running_done_failed_from_squeue_and_the_state_file(slurm
     assert wait_for_jobs(jobs, timeout_s=WAIT_S, poll_s=0.3) == {ids[0]: "done", ids[1]: "failed"}
     assert read_state(folders[1])["returncode"] == 3
     assert (folders[1] / f"slurm-{ids[1]}.err").read_text() == "err bad\n"
+    assert last_log_line(folders[1], ids[1]) == "err bad"
 
 
 def test_a_job_slurm_has_forgotten_is_told_by_its_state_file(slurm_cluster, tmp_path):

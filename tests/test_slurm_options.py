@@ -89,3 +89,13 @@ def test_without_submitit_the_reason_says_how_to_install_it(monkeypatch, tmp_pat
 
     monkeypatch.setattr(builtins, "__import__", no_submitit)
     assert slurm_available() == "submitit is not installed: pip install -e '.[slurm]'"
+
+
+def test_the_last_log_line_prefers_stderr_and_reads_progress_bars(tmp_path):
+    from mugcp.engine.slurm import last_log_line
+
+    (tmp_path / "slurm-7_1.out").write_text("epoch 1\nepoch 2\n\n")
+    assert last_log_line(tmp_path, "7_1") == "epoch 2"
+    (tmp_path / "slurm-7_1.err").write_text("train:  10%|#  | 1/10\rtrain:  20%|## | 2/10\r")
+    assert last_log_line(tmp_path, "7_1") == "train:  20%|## | 2/10"
+    assert last_log_line(tmp_path, "8") == ""

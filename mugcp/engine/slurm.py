@@ -338,3 +338,19 @@ def cancel_jobs(job_ids: Sequence[str]) -> None:
 
 def state_file(folder: os.PathLike) -> Path:
     return Path(folder) / STATE_FILE
+
+
+def last_log_line(folder: os.PathLike, job_id: str) -> str:
+    """The last non-empty line the job's command wrote (stderr first: errors and progress go there)."""
+    for suffix in (".err", ".out"):
+        path = Path(folder) / f"slurm-{job_id}{suffix}"
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(max(0, path.stat().st_size - 8192))
+                lines = [line.strip() for line in handle.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
+        except OSError:
+            continue
+        lines = [line for line in lines if line]
+        if lines:
+            return lines[-1]
+    return ""
