@@ -4,6 +4,7 @@ Every job runs a small Python script of this file in its own folder; the scripts
 the test creates, so the states seen in between (pending, running) are certain, not timed.
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ WAIT_S = 45
 # resumed), prints to both streams and exits with the code in `code.txt` (0 if absent); notes a SIGTERM.
 WORKER = """
 import json, os, pathlib, signal, sys, time
-here = pathlib.Path.cwd()
+here = pathlib.Path(sys.argv[2])
 def stop(signum, frame):  # where a real run would save its checkpoint
     with open(here / "stopped", "a") as note:
         note.write(signal.Signals(signum).name + "\\n")
@@ -31,7 +32,7 @@ def stop(signum, frame):  # where a real run would save its checkpoint
 signal.signal(signal.SIGTERM, stop)
 with open(here / "calls.jsonl", "a") as calls:
     wrapper_has_torch = "libtorch" in pathlib.Path(f"/proc/{os.getppid()}/maps").read_text()
-    calls.write(json.dumps({"argv": sys.argv[1:], "cwd": str(here), "restarts": os.environ.get("SLURM_RESTART_COUNT"),
+    calls.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "restarts": os.environ.get("SLURM_RESTART_COUNT"),
                             "wrapper_has_torch": wrapper_has_torch}) + "\\n")
 (here / "started").touch()
 if "--resume" not in sys.argv:
@@ -51,7 +52,7 @@ def _worker(tmp_path: Path, names, codes=None):
         folder.mkdir()
         if code is not None:
             (folder / "code.txt").write_text(str(code))
-    commands = [[sys.executable, str(script), name] for name in names]
+    commands = [[sys.executable, str(script), name, str(folder)] for name, folder in zip(names, folders)]
     return commands, folders
 
 
@@ -80,7 +81,8 @@ def test_an_array_runs_each_command_in_its_folder_with_its_output_there(slurm_cl
     for job_id, folder, name in zip(ids, folders, ["a", "b"]):
         # SLURM_RESTART_COUNT is set on a requeue only. The task travels by value: the job's wrapper
         # process never imports mugcp (so neither torch nor open_clip).
-        assert _calls(folder) == [{"argv": [name], "cwd": str(folder.resolve()), "restarts": None, "wrapper_has_torch": False}]
+        # The command runs where it was submitted from (relative paths mean the same as locally).
+        assert _calls(folder) == [{"argv": [name, str(folder)], "cwd": os.getcwd(), "restarts": None, "wrapper_has_torch": False}]
         assert (folder / f"slurm-{job_id}.out").read_text() == f"out {name}\n"
         assert (folder / f"slurm-{job_id}.err").read_text() == f"err {name}\n"
         record = read_state(folder)
@@ -142,7 +144,7 @@ def test_preemption_signal_and_requeue_rerun_the_task_with_resume(slurm_cluster,
     # time to save, instead of dying of USR2 (Slurm's requeue sends SIGTERM itself).
     assert (folders[0] / "stopped").read_text() == (folders[1] / "stopped").read_text() == "SIGTERM\n"
     for folder, name in zip(folders, ["signalled", "requeued"]):
-        assert [call["argv"] for call in _calls(folder)] == [[name], [name, "--resume"]]
+        assert [call["argv"] for call in _calls(folder)] == [[name, str(folder)], [name, str(folder), "--resume"]]
         assert [call["restarts"] for call in _calls(folder)] == [None, "1"]
         assert read_state(folder)["restarts"] == 1
 
@@ -153,7 +155,7 @@ def test_without_requeue_the_signal_ends_the_task_interrupted(slurm_cluster, tmp
     _until(lambda: (folders[0] / "started").exists(), "the task to start")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     assert wait_for_jobs({job_id: folders[0]}, timeout_s=WAIT_S, poll_s=0.3) == {job_id: "interrupted"}
-    assert [call["argv"] for call in _calls(folders[0])] == [["once"]]
+    assert [call["argv"] for call in _calls(folders[0])] == [["once", str(folders[0])]]
 
 
 # The real mugcp.engine.distributed, imported without running the package __init__ files (they load
@@ -170,7 +172,7 @@ total = d.mean(torch.tensor([float(d.rank + 1)])) * d.world_size   # an all_redu
 names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 record = {"rank": d.rank, "world_size": d.world_size, "local_rank": d.local_rank, "sum": total.item(),
           "env": {name: os.environ.get(name) for name in names}}
-pathlib.Path(f"rank{d.rank}.json").write_text(json.dumps(record))
+pathlib.Path(sys.argv[1], f"rank{d.rank}.json").write_text(json.dumps(record))
 d.close()
 """
 
@@ -179,7 +181,7 @@ def test_a_two_task_gloo_job_gets_ranks_from_slurm_and_all_reduces(slurm_cluster
     script = tmp_path / "ddp.py"
     script.write_text(DISTRIBUTED)
     folder = tmp_path / "ddp"
-    job_id = submit_distributed([sys.executable, str(script)], folder, SlurmOptions(time=5, nodes=1, gpus_per_node=0),
+    job_id = submit_distributed([sys.executable, str(script), str(folder)], folder, SlurmOptions(time=5, nodes=1, gpus_per_node=0),
                                 tasks_per_node=2, log_folder=tmp_path / "log", env={"PYTHONPATH": str(ROOT)})
     assert wait_for_jobs({job_id: folder}, timeout_s=WAIT_S, poll_s=0.5) == {job_id: "done"}, (folder / f"slurm-{job_id}.err").read_text()
     records = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]

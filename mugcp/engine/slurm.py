@@ -1,8 +1,9 @@
 """Commands on a Slurm cluster through submitit: arrays of runs, data-parallel jobs, and their states.
 
 submitit is an optional extra (``pip install -e '.[slurm]'``), imported only when a job is submitted.
-Each task runs its command as a subprocess in its own folder (``slurm_task.CommandTask``), so any
-``python -m mugcp.<command> ...`` line can be sent as is. Job states come from ``squeue`` plus the
+Each task runs its command as a subprocess (``slurm_task.CommandTask``) from the directory it was
+submitted from, its output and state in its own run folder, so any ``python -m mugcp.<command> ...``
+line can be sent as is. Job states come from ``squeue`` plus the
 state file each task writes in its folder, never from ``sacct``: submitit's own states need the
 accounting daemon, and without it they stay "UNKNOWN" and ``job.wait()`` never returns for a job
 that was cancelled or killed (measured, see tests/test_slurm.py).
@@ -210,10 +211,12 @@ def _submit(executor, tasks: list) -> list[str]:
 def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.PathLike], options: SlurmOptions,
                     name: str = "mugcp", log_folder: Optional[os.PathLike] = None, resume_args: Sequence[str] = ("--resume",),
                     requeue: bool = True, resume_when: Optional[str] = None, max_requeues: int = 3,
-                    env: Optional[Mapping[str, str]] = None) -> list[str]:
-    """One job array, one task per command, each run in its folder; returns the job ids in order.
+                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None) -> list[str]:
+    """One job array, one task per command, its output and state in its folder; returns the job ids in order.
 
-    log_folder: submitit's pickles and wrapper logs [``<first folder's parent>/.submitit``].
+    workdir: where the commands run [the current directory, as with sbatch and the local launcher, so
+    relative paths in them mean the same]. log_folder: submitit's pickles and wrapper logs
+    [``<first folder's parent>/.submitit``].
     requeue / resume_when / resume_args: see ``CommandTask``. max_requeues: time-limit requeues
     allowed per task (pre-emption requeues are not counted).
     """
@@ -229,7 +232,8 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
                          cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
                          additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
-    tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}))
+    workdir = Path(workdir or Path.cwd()).resolve()
+    tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
              for command, folder in zip(commands, folders)]
     return _submit(executor, tasks)
 
@@ -237,12 +241,13 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
 def submit_distributed(command: Sequence[str], folder: os.PathLike, options: SlurmOptions, name: str = "mugcp-train",
                        tasks_per_node: Optional[int] = None, log_folder: Optional[os.PathLike] = None,
                        resume_args: Sequence[str] = ("--resume",), requeue: bool = True, resume_when: Optional[str] = None,
-                       max_requeues: int = 3, env: Optional[Mapping[str, str]] = None) -> str:
+                       max_requeues: int = 3, env: Optional[Mapping[str, str]] = None,
+                       workdir: Optional[os.PathLike] = None) -> str:
     """One data-parallel run: ``options.nodes`` nodes × one task per GPU (``gpus_per_node``; on CPUs,
     ``tasks_per_node`` gloo processes), each with torchrun's environment; returns the job id.
 
     A task that fails ends the others (``srun --kill-on-bad-exit``) instead of leaving them waiting
-    in a collective.
+    in a collective. Other arguments as for ``submit_commands``.
     """
     per_node = tasks_per_node if tasks_per_node is not None else options.gpus_per_node
     if per_node < 1:
@@ -256,7 +261,8 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
     executor = _executor(log_folder, options, name, max_requeues, nodes=options.nodes, ntasks_per_node=per_node,
                          cpus_per_task=options.cpus_per_run, srun_args=["--kill-on-bad-exit=1"],
                          additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
-    task = DistributedTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}))
+    workdir = Path(workdir or Path.cwd()).resolve()
+    task = DistributedTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
     return _submit(executor, [task])[0]
 
 

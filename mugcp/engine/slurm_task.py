@@ -1,4 +1,4 @@
-"""What runs inside a Slurm job: one command in its folder, with a state file beside it.
+"""What runs inside a Slurm job: one command, its output and a state file in its run folder.
 
 This module is shipped to the job by value (cloudpickle), so it uses the standard library only and
 imports nothing from mugcp: the job then starts without importing torch or open_clip, and it does not
@@ -77,6 +77,7 @@ def _ignore_checkpoint_signal() -> None:
 class CommandTask:
     """Run ``command`` in ``folder``; submitit calls ``checkpoint`` on its pre-emption/time-limit signal.
 
+    workdir: the command's working directory [``folder``].
     requeue: on that signal, stop the command, ask Slurm to requeue this task and re-run it with
         ``resume_args``; False: the task ends "interrupted" and is not requeued.
     resume_when: a file/folder name inside ``folder`` that must exist for ``resume_args`` to be added
@@ -85,9 +86,11 @@ class CommandTask:
     """
 
     def __init__(self, command: list[str], folder: str | os.PathLike, resume_args: tuple[str, ...] = ("--resume",),
-                 requeue: bool = True, resume_when: str | None = None, env: dict | None = None):
+                 requeue: bool = True, resume_when: str | None = None, env: dict | None = None,
+                 workdir: str | os.PathLike | None = None):
         self.command = [str(part) for part in command]
         self.folder = str(folder)
+        self.workdir = str(workdir) if workdir is not None else self.folder
         self.resume_args = tuple(resume_args)
         self.requeue = requeue
         self.resume_when = resume_when
@@ -135,7 +138,7 @@ class CommandTask:
         stem = f"slurm-{job_id}" if rank == 0 else f"slurm-{job_id}.rank{rank}"
         self._watch_for_stop()
         with open(folder / f"{stem}.out", "ab") as out, open(folder / f"{stem}.err", "ab") as err:
-            self._process = subprocess.Popen(command, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+            self._process = subprocess.Popen(command, cwd=self.workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
                                              preexec_fn=_ignore_checkpoint_signal)
             # Polled, not Popen.wait(): a blocking wait holds Popen's lock while submitit's signal
             # handler (checkpoint) may need to stop the command.
