@@ -67,11 +67,17 @@ def write_state(folder: Path, **fields) -> None:
         raise
 
 
+def checkpoint_signal() -> signal.Signals:
+    """The signal submitit asks Slurm for before the time limit (``--signal``): USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL names another."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
 def _ignore_checkpoint_signal() -> None:
-    """In the command's process before exec: Slurm sends the checkpoint signal (USR2) to every process
-    of the step, and by default it kills. Ignored there (an ignored signal stays ignored across exec),
-    the command is stopped by ``checkpoint`` with SIGTERM and a grace period instead, time to save."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    """In the command's process before exec: Slurm sends the checkpoint signal to every process of the
+    step, and by default it kills. Ignored there (an ignored signal stays ignored across exec), the
+    command is stopped by ``checkpoint`` with SIGTERM and a grace period instead, time to save."""
+    signal.signal(checkpoint_signal(), signal.SIG_IGN)
 
 
 class CommandTask:
@@ -144,6 +150,8 @@ class CommandTask:
             # handler (checkpoint) may need to stop the command.
             while (code := self._process.poll()) is None:
                 time.sleep(0.2)
+        # The command is over: a checkpoint signal now must not requeue a finished run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {checkpoint_signal()})
         self._process = None
         # A command that handles SIGTERM to save may exit with a code of its own: what counts is that
         # the step was told to stop (scancel, requeue, pre-emption).
@@ -169,6 +177,9 @@ class CommandTask:
             self._stop_requested = True
             if callable(previous):
                 previous(signum, frame)
+            elif previous == signal.SIG_DFL:  # not under submitit: keep SIGTERM's usual effect
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, note)
 
@@ -179,20 +190,19 @@ class CommandTask:
         process = self._process
         if process is None:
             return
-        deadline, sig = time.monotonic() + STOP_GRACE_S, signal.SIGTERM
-        while True:
-            try:
+        deadline, signals = time.monotonic() + STOP_GRACE_S, [signal.SIGTERM, signal.SIGKILL]
+        try:
+            while True:
                 if os.waitpid(process.pid, os.WNOHANG)[0]:
                     return
-                os.kill(process.pid, sig)
-            except (ChildProcessError, ProcessLookupError):
-                return
-            if time.monotonic() > deadline:
-                sig = signal.SIGKILL
-            time.sleep(0.1)
+                if signals and (signals[0] == signal.SIGTERM or time.monotonic() > deadline):
+                    os.kill(process.pid, signals.pop(0))  # each once: a saving command is not re-entered
+                time.sleep(0.1)
+        except (ChildProcessError, ProcessLookupError):  # already reaped / gone
+            return
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on rank 0 when the job gets its signal (USR2 by default, ``--signal``).
+        """Called by submitit on rank 0 when the job gets its signal (``checkpoint_signal``).
 
         Returning a submission makes submitit requeue the task (``scontrol requeue``) with it; the
         re-run sees SLURM_RESTART_COUNT > 0 and adds ``resume_args``. None: not requeued.
