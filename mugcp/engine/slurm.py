@@ -199,10 +199,12 @@ def _executor(log_folder: Path, options: SlurmOptions, name: str, max_requeues: 
 
 
 def _submit(executor, tasks: list) -> list[str]:
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     try:
         with executor.batch():
             jobs = [executor.submit(task) for task in tasks]
-    except Exception as err:  # sbatch refused (bad partition, account, size): its message is the useful part
+    except (FailedJobError, FailedSubmissionError) as err:  # sbatch refused (partition, account, size): its words
         message = " ".join(str(err).split())
         raise SlurmError(f"sbatch refused the job: {message[-400:]}") from err
     return [job.job_id for job in jobs]
