@@ -103,13 +103,15 @@ class SlurmOptions:
     array_parallelism: Optional[int] = None  # at most this many array tasks at once
     nodes: int = 1                    # distributed jobs only
     gpus_per_node: int = 0            # distributed jobs only: one task per GPU
+    tasks_per_node: Optional[int] = None  # distributed jobs without GPUs: CPU processes (gloo) per node
     setup: list = field(default_factory=list)  # shell lines run before the tasks (module load ..., source ...)
 
     def __post_init__(self):
         self.time = parse_time_minutes(self.time)
-        for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1), ("nodes", 1), ("gpus_per_node", 0)):
+        for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1), ("nodes", 1), ("gpus_per_node", 0),
+                            ("tasks_per_node", 1)):
             value = getattr(self, name)
-            if value is None and name in ("cpus_per_run", "array_parallelism"):
+            if value is None and name in ("cpus_per_run", "array_parallelism", "tasks_per_node"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise SlurmError(f"slurm.{name}: expected a whole number >= {least}, got {value!r}.")
@@ -167,6 +169,7 @@ _FLAG_HELP = {
     "array_parallelism": "at most this many runs at once [all]",
     "nodes": "nodes for one data-parallel run [1]",
     "gpus_per_node": "GPUs per node for one data-parallel run; one task per GPU [0]",
+    "tasks_per_node": "without GPUs: CPU processes (gloo) per node for one data-parallel run [1]",
     "setup": "a shell line run in the job before the command (repeatable), e.g. 'module load cuda'",
 }
 
@@ -213,14 +216,16 @@ def _submit(executor, tasks: list) -> list[str]:
 def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.PathLike], options: SlurmOptions,
                     name: str = "mugcp", log_folder: Optional[os.PathLike] = None, resume_args: Sequence[str] = ("--resume",),
                     requeue: bool = True, resume_when: Optional[str] = None, max_requeues: int = 3,
-                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None) -> list[str]:
+                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None,
+                    dependency: Optional[str] = None) -> list[str]:
     """One job array, one task per command, its output and state in its folder; returns the job ids in order.
 
     workdir: where the commands run [the current directory, as with sbatch and the local launcher, so
     relative paths in them mean the same]. log_folder: submitit's pickles and wrapper logs
     [``<first folder's parent>/.submitit``].
     requeue / resume_when / resume_args: see ``CommandTask``. max_requeues: time-limit requeues
-    allowed per task (pre-emption requeues are not counted).
+    allowed per task (pre-emption requeues are not counted). dependency: sbatch's ``--dependency``,
+    e.g. ``afterany:123`` (start once every task of job 123 has ended).
     """
     if len(commands) != len(folders):
         raise ValueError(f"{len(commands)} commands but {len(folders)} folders")
@@ -233,7 +238,7 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
     executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
                          cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
-                         additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
+                         additional_parameters=None if requeue else {"no-requeue": True}, dependency=dependency, **gpus)
     workdir = Path(workdir or Path.cwd()).resolve()
     tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
              for command, folder in zip(commands, folders)]
@@ -251,9 +256,11 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
     A task that fails ends the others (``srun --kill-on-bad-exit``) instead of leaving them waiting
     in a collective. Other arguments as for ``submit_commands``.
     """
+    if tasks_per_node is None:
+        tasks_per_node = options.tasks_per_node
     per_node = tasks_per_node if tasks_per_node is not None else options.gpus_per_node
     if per_node < 1:
-        raise SlurmError("a distributed Slurm run needs --slurm-gpus-per-node >= 1 (or tasks_per_node for CPU processes).")
+        raise SlurmError("a distributed Slurm run needs --slurm-gpus-per-node >= 1, or --slurm-tasks-per-node for CPU processes (gloo).")
     if options.gpus_per_node and tasks_per_node not in (None, options.gpus_per_node):
         raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
     folder = Path(folder).resolve()

@@ -6,6 +6,7 @@ pair, so a run resumed from the checkpoint of epoch ``e`` replays epochs ``e+1..
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from tqdm.auto import tqdm
 
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
+from mugcp.data.loader import set_loader_epoch
 from mugcp.engine.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.engine.distributed import Distributed
 from mugcp.engine.evaluation import evaluate_subsets
 from mugcp.engine.optim import build_optimizer, build_scheduler
 from mugcp.engine.run_setup import RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
+from mugcp.engine.stopping import NeverStop, RunStopped, rng_state, set_rng_state
 from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, seed_everything
 
@@ -38,8 +41,11 @@ def run_seed(cfg: dict) -> int:
     return int(cfg["train"]["seed"])
 
 
-def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
+def train(cfg: dict, output: str | Path, resume: bool = False, stop=None) -> dict:
     """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json.
+
+    ``stop``: a ``mugcp.engine.stopping.StopOnSignal`` the caller entered; on its signal the run saves
+    the checkpoint of the step in flight and raises ``RunInterrupted`` (see ``mugcp.engine.stopping``).
 
     Under ``torchrun`` every process calls this; rank 0 writes the run folder and returns the
     metrics, the other ranks return ``{}``. The config (and ``resume``'s folder) is checked before
@@ -54,7 +60,7 @@ def train(cfg: dict, output: str | Path, resume: bool = False) -> dict:
     distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
     try:
         with RunFolder(output, resume, main=distributed.is_main, note=lambda: _resume_note(output)) as folder:
-            return _train(cfg, output, resume, started, distributed, folder)
+            return _train(cfg, output, resume, started, distributed, folder, stop or NeverStop())
     finally:
         distributed.close()
 
@@ -69,10 +75,13 @@ def _resume_note(output: Path) -> str:
         return f"The checkpoint cannot be read ({err})."
     if state is None:
         return f"No checkpoint was saved yet, so nothing can be resumed; {resume} starts the training over."
+    if state.get("batch"):
+        return (f"The checkpoint of step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']}) is kept in "
+                f"{checkpoint_dir}; continue with {resume}.")
     return f"The checkpoint of epoch {state['epoch']} is kept in {checkpoint_dir}; continue with {resume}."
 
 
-def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder) -> dict:
+def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder, stop) -> dict:
     train_cfg, optim_cfg, data_cfg = cfg["train"], cfg["optim"], cfg["data"]
     main = distributed.is_main
     seed = run_seed(cfg)
@@ -114,10 +123,10 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
 
-    start_epoch, step = 0, 0
+    start_epoch, step, start_batch, rng = 0, 0, 0, None
     checkpoint_dir = output / "checkpoint"
     if resume and checkpoint_dir.exists():
-        start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
+        start_epoch, step, start_batch, rng = _restore(model, optimizer, scheduler, scaler, checkpoint_dir)
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch, step)
     elif resume:
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
@@ -125,58 +134,74 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped = 0
-    for epoch in range(start_epoch, epochs):
-        if optimizer is None or step >= total_steps:
-            break
-        seed_everything(epoch_seed(seed, epoch))
-        loader = distributed.shard(build_loader(
-            train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"]))
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
-        for batch in bar:
-            if step >= total_steps:
+    # From here to the end of the loop a stop signal is acted on after the step in flight.
+    with stop.deferred():
+        for epoch in range(start_epoch, epochs):
+            if optimizer is None or step >= total_steps:
                 break
-            skipped += batch.get("n_skipped", 0)
-            batch = _to_device(batch, device)
-            with autocast(precision, device):
-                local_loss, _, terms = model.training_step(batch)
-            loss = distributed.mean(local_loss.detach())  # every rank sees the same value, so all stop together
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
-                    f"The last good checkpoint is kept in {checkpoint_dir if checkpoint_dir.exists() else '(none yet)'}. "
-                    "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(local_loss).backward()
-            distributed.average_gradients(trainable)
-            if optim_cfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                writer.add_scalar("train/loss", float(loss), step)
-                writer.add_scalar("train/lr", lr, step)
-                for name, value in terms.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-            if step % train_cfg["log_every"] == 0 or step == total_steps:
-                log.info("epoch %d step %d/%d loss %.4f lr %.3e %s", epoch + 1, step, total_steps, float(loss), lr,
-                         " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
-        bar.close()
-        model.on_epoch_end(epoch + 1, epochs)
-        if epoch + 1 == epochs or step >= total_steps:
-            model.on_train_end()
-        if main:
-            save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
-                "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict(),
-            })
-        distributed.barrier()
+            seed_everything(epoch_seed(seed, epoch))
+            epoch_loader = build_loader(
+                train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
+            if start_batch:  # resumed in the middle of this epoch: its remaining batches, with the generators as they were
+                set_loader_epoch(epoch_loader, 0, start_batch)
+                set_rng_state(rng[distributed.rank] if len(rng) == distributed.world_size else rng[0])
+            loader = distributed.shard(epoch_loader)
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not (train_cfg["progress"] and main), leave=False)
+            for batch_index, batch in enumerate(bar, start=start_batch):
+                if step >= total_steps:
+                    break
+                skipped += batch.get("n_skipped", 0)
+                batch = _to_device(batch, device)
+                with autocast(precision, device):
+                    local_loss, _, terms = model.training_step(batch)
+                # Every rank sees the same loss and the same stop request, so all stop together.
+                loss, stopping = distributed.mean_and_any(local_loss.detach(), stop.requested)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
+                        f"The last good checkpoint is kept in {checkpoint_dir if checkpoint_dir.exists() else '(none yet)'}. "
+                        "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(local_loss).backward()
+                distributed.average_gradients(trainable)
+                if optim_cfg["grad_clip"]:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", float(loss), step)
+                    writer.add_scalar("train/lr", lr, step)
+                    for name, value in terms.items():
+                        writer.add_scalar(f"train/{name}", value, step)
+                if step % train_cfg["log_every"] == 0 or step == total_steps:
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3e %s", epoch + 1, step, total_steps, float(loss), lr,
+                             " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+                if stopping and batch_index + 1 < steps_per_epoch and step < total_steps:
+                    _stop_mid_epoch(model, cfg, checkpoint_dir, distributed, stop, epoch, step, batch_index + 1, total_steps,
+                                    optimizer, scheduler, scaler)
+                if stopping:  # the epoch's (or the run's) last step: the end-of-epoch checkpoint follows
+                    break
+            bar.close()
+            start_batch = 0
+            model.on_epoch_end(epoch + 1, epochs)
+            if epoch + 1 == epochs or step >= total_steps:
+                model.on_train_end()
+            if main:
+                save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+                    "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "grad_scaler": scaler.state_dict(),
+                })
+            distributed.barrier()
+            if distributed.any(stop.requested):
+                raise RunStopped(f"stopped by {_stop_signal(stop).name} after step {step} of {total_steps}, the end of "
+                                 f"epoch {epoch + 1}", _stop_signal(stop))
     if main and (optimizer is None or not checkpoint_dir.exists()):
         save_checkpoint(checkpoint_dir, model, cfg)
     train_time = time.time() - started
@@ -214,7 +239,26 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     return metrics
 
 
-def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path) -> tuple[int, int]:
+def _stop_signal(stop) -> signal.Signals:
+    """The signal this process received, or SIGTERM when another rank received it (they stop together)."""
+    return signal.Signals(stop.received or signal.SIGTERM)
+
+
+def _stop_mid_epoch(model, cfg, checkpoint_dir, distributed, stop, epoch, step, batches_done, total_steps,
+                    optimizer, scheduler, scaler) -> None:
+    """Save the checkpoint of this step, mid-epoch, and stop: --resume goes on with the epoch's next batch."""
+    rng = distributed.gather_object(rng_state())  # every rank's generators: the model may draw from them
+    if distributed.is_main:
+        save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+            "epoch": epoch, "batch": batches_done, "step": step, "rng": rng, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+        })
+    distributed.barrier()
+    raise RunStopped(f"stopped by {_stop_signal(stop).name} after step {step} of {total_steps} "
+                     f"(epoch {epoch + 1}, batch {batches_done})", _stop_signal(stop))
+
+
+def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path) -> tuple[int, int, int, list | None]:
     state = read_trainer_state(checkpoint_dir)
     if state is None:
         raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no trainer_state.pt to resume from.")
@@ -224,7 +268,7 @@ def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path) -> tuple
     scheduler.load_state_dict(state["scheduler"])
     if "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    return int(state["epoch"]), int(state["step"])
+    return int(state["epoch"]), int(state["step"]), int(state.get("batch", 0)), state.get("rng")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
