@@ -82,8 +82,10 @@ class ExtractionJobs:
             lines.append(f"the merge runs as job {self.merge_job} once they have ended; it fails naming the missing images "
                          f"if a shard did not finish (rerun this command to redo only those)")
         if self.jobs:
-            lines.append(f"logs and states: {self.out / SLURM_DIR}/shard-<i>-of-{self.shards}/; follow with "
-                         f"squeue -j {','.join(sorted({job.split('_')[0] for job in [*self.jobs, *([self.merge_job] if self.merge_job else [])]}))}")
+            followed = [*self.jobs, *([self.merge_job] if self.merge_job else [])]
+            arrays = sorted({job.split("_")[0] for job in followed}, key=int)
+            lines.append(f"logs and states: {self.out / SLURM_DIR}/shard-<i>-of-{self.shards}/; "
+                         f"follow with squeue -j {','.join(arrays)}")
         if not self.submitted and not self.left_alone:
             lines.append(f"nothing to extract: every image of the {self.shards} shard(s) is stored.")
         return "\n".join(lines)
