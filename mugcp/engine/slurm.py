@@ -169,7 +169,7 @@ _FLAG_HELP = {
     "array_parallelism": "at most this many runs at once [all]",
     "nodes": "nodes for one data-parallel run [1]",
     "gpus_per_node": "GPUs per node for one data-parallel run; one task per GPU [0]",
-    "tasks_per_node": "without GPUs: CPU processes (gloo) per node for one data-parallel run [1]",
+    "tasks_per_node": "without GPUs: CPU processes (gloo) per node for one data-parallel run (needed when --slurm-gpus-per-node is 0)",
     "setup": "a shell line run in the job before the command (repeatable), e.g. 'module load cuda'",
 }
 
