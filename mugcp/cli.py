@@ -36,7 +36,7 @@ def run_cli(main: Callable[[], int]) -> None:
     except KeyboardInterrupt as err:
         # A run's RunInterrupted says what it kept; a bare Ctrl-C elsewhere kept nothing worth naming.
         print(str(err) or "interrupted.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(err, "exit_code", 130))  # 130 for Ctrl-C, 143 for SIGTERM (Slurm's stop)
     except Exception as err:
         if not isinstance(err, user_errors()):
             raise

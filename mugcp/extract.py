@@ -6,6 +6,9 @@ Examples::
     python -m mugcp.extract --mllm /models/llava-1.5-7b-hf --images photos/ --out caches/photos --dry-run
     torchrun --nproc-per-node 8 -m mugcp.extract --mllm /models/qwen2.5-vl-7b --config configs/x.yaml --out c/
     python -m mugcp.extract --merge --out caches/dtd-llava      # index an interrupted run's shards
+    python -m mugcp.extract --mllm /models/llava --dataset dtd --root $DATA --out c/ --launcher slurm --shards 16 \
+        --slurm-gpus-per-run 1 --slurm-time 2:00:00           # 16 array tasks, then a merge job
+    python -m mugcp.extract ... --shard 3 --shards 16          # one shard by hand (e.g. in your own sbatch --array)
 
 A rerun with the same settings adds only what is missing; other settings are refused.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from mugcp.engine.slurm_launch import add_launcher_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,14 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="count images and estimate the cache size, then stop")
     run.add_argument("--merge", action="store_true", help="only (re)build the index of --out from its shards")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--shards", type=int, metavar="N",
+                     help="split the images into N shards: N Slurm array tasks with --launcher slurm; with --shard, "
+                          "this process's share; with --merge (and the images), the missing images by shard")
+    run.add_argument("--shard", type=int, metavar="I", help="extract only shard I (0..N-1) of --shards N; no merge")
+    add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the tasks, then merge and "
+                           "check the cache here (else a merge job follows them)")
     return parser
 
 
-def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
+SLURM_FLAGS = ["partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "array_parallelism", "setup"]
+
+
+def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser, optional: bool = False):
     from mugcp.semantics.sources import dataset_source, image_dir_source, parse_splits
 
     chosen = [flag for flag, value in (("--images", args.images), ("--dataset", args.dataset),
                                        ("--config", args.config)) if value]
+    if optional and not chosen and not args.root and not args.overrides:
+        return None
     if len(chosen) != 1:
         parser.error("give exactly one of --images DIR, --dataset NAME (with --root DIR) or --config FILE")
     if args.images:
@@ -81,7 +97,14 @@ def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.shard is not None and args.shards is None:
+        parser.error("--shard I needs --shards N (how many shards the images are split into)")
+    if args.shards is not None and args.shard is None and args.launcher == "local" and not args.merge:
+        parser.error("--shards N runs N tasks with --launcher slurm, or this process's share with --shard I")
+    if args.launcher == "slurm" and (args.shard is not None or args.merge or args.dry_run):
+        parser.error("--launcher slurm submits the whole extraction; it takes no --shard, --merge or --dry-run")
 
     from mugcp.errors import UserError
     from mugcp.semantics.cache_writer import merge_cache
@@ -90,8 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     from mugcp.semantics.mllm import DEFAULT_PROMPT
 
     try:
+        if args.launcher == "slurm":
+            from mugcp.engine.slurm import require_slurm
+
+            require_slurm()  # before any dataset or model is read
         if args.merge:
-            manifest = merge_cache(args.out)
+            source = build_source(args, parser, optional=True)
+            if source is None:
+                manifest = merge_cache(args.out)
+            else:
+                from mugcp.semantics.extraction_shards import CacheIncomplete, merge_checked
+
+                manifest, completeness = merge_checked(args.out, source, args.shards or 1)
+                if not completeness.complete:
+                    raise CacheIncomplete(completeness.describe(args.out))
+                print(completeness.describe(args.out))
             print(f"merged {args.out}: {manifest['entries']} entries in {manifest['shards']} shards, "
                   f"{len(manifest['failed'])} failed, {manifest['content_hash']}")
             return 0
@@ -114,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(source, settings).describe())
             return 0
+        if args.launcher == "slurm":
+            return submit_to_slurm(args, argv, parser, source, settings)
+        if args.shard is not None:
+            from mugcp.semantics.extraction_shards import extract_shard
+
+            summary = extract_shard(source, settings, args.shard, args.shards)
+            print(f"shard {args.shard} of {args.shards}: " + summary.describe(settings.out))
+            print(f"once every shard has ended: python -m mugcp.extract --merge --out {settings.out} "
+                  f"--shards {args.shards} (with the image arguments, to check the cache is complete)")
+            return 0
         summary = extract(source, settings)
         if summary.manifest is not None:  # rank 0 (or the only process) reports
             print(summary.describe(settings.out))
@@ -121,6 +167,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def submit_to_slurm(args, argv, parser, source, settings) -> int:
+    from mugcp.engine.slurm import SlurmOptions
+    from mugcp.engine.slurm_extract import finish_extraction, submit_extraction
+    from mugcp.engine.slurm_launch import task_arguments
+
+    options = SlurmOptions().updated_from_args(args)
+    task_args = task_arguments(argv, parser, drop=("shards", "shard"))
+    if "--no-progress" not in task_args:
+        task_args.append("--no-progress")  # a progress bar redrawn into a log file is noise
+
+    def show(states: dict) -> None:
+        counts = {state: list(states.values()).count(state) for state in dict.fromkeys(states.values())}
+        print("shards: " + ", ".join(f"{count} {state}" for state, count in counts.items()), flush=True)
+
+    jobs = submit_extraction(source, task_args, settings.out, args.shards or 1, options, merge_job=not args.wait)
+    print(jobs.describe(), flush=True)
+    if jobs.jobs and args.wait:
+        finish_extraction(jobs, source, on_change=show)
+    if jobs.completeness is not None:
+        print(jobs.completeness.describe(settings.out))
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,18 +3,28 @@
 With no arguments it runs the built-in demo (configs/demo.yaml): base-to-novel prompt learning on
 Fashion-MNIST with ViT-B-32, a few minutes on a laptop CPU. ``--print-config`` prints the resolved
 config (what the run's config.yaml would hold) and exits without creating anything.
+
+On Slurm, one data-parallel run over K nodes x G GPUs (one process per GPU, the same result as torchrun
+with the same global batch); the command prints the job id and returns, --wait follows the job::
+
+    python -m mugcp.train --config methods/mugcp --output runs/x --launcher slurm --slurm-nodes 2 --slurm-gpus-per-node 4
+
+SIGTERM (how Slurm stops a job) saves the checkpoint of the step in flight; --resume continues from it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 from mugcp.cli import config_arguments, run_cli
 from mugcp.config import CONFIG_DIR, load_config
+from mugcp.engine.slurm_launch import add_launcher_arguments
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
 
 
 def default_output(cfg: dict) -> Path:
@@ -29,7 +39,13 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (the run's config.yaml) and exit; creates nothing")
+    add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the job until it ends")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.launcher == "slurm":
+        from mugcp.engine.slurm import require_slurm
+
+        require_slurm()  # before the config is read: no Slurm here is one line, at once
 
     if args.resume and not args.output:
         parser.error("--resume needs --output pointing at the run to continue")
@@ -50,17 +66,47 @@ def main(argv=None) -> int:
         return 0
     check_run_config(cfg)  # before --overwrite deletes anything and before any data or model is loaded
     output = Path(args.output) if args.output else default_output(cfg)
+    if args.launcher == "slurm":
+        return submit_to_slurm(args, argv, parser, cfg, output)
 
+    from mugcp.engine.stopping import StopOnSignal
     from mugcp.engine.trainer import train
 
-    metrics = train(cfg, output, resume=args.resume, overwrite=args.overwrite)
+    with StopOnSignal() as stop:  # SIGTERM: save the step in flight and stop (a Slurm stop or requeue)
+        metrics = train(cfg, output, resume=args.resume, overwrite=args.overwrite, stop=stop)
     if not metrics:  # not rank 0 of a torchrun job
         return 0
+    print(describe_metrics(metrics))
+    print(f"run folder: {output}")
+    return 0
+
+
+def describe_metrics(metrics: dict) -> str:
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
     if "hm" in metrics:
         summary += f", HM {metrics['hm']:.2f}"
     summary += "".join(f", {name} not evaluated (class-specific prompts, see the log)" for name in metrics.get("not_evaluated", {}))
-    print(f"done in {metrics['wall_time_s']:.0f} s: {summary}" + ("" if metrics["pretrained"] else " (RANDOM weights)"))
+    return f"done in {metrics['wall_time_s']:.0f} s: {summary}" + ("" if metrics["pretrained"] else " (RANDOM weights)")
+
+
+def submit_to_slurm(args, argv, parser, cfg: dict, output: Path) -> int:
+    import json
+
+    from mugcp.engine.slurm import SlurmOptions
+    from mugcp.engine.slurm_launch import follow, job_report, submit_training, task_arguments
+
+    options = SlurmOptions().updated_from_args(args)
+    job = submit_training(cfg, task_arguments(argv, parser, drop=("output", "overwrite")), output, options,
+                          resume=args.resume, overwrite=args.overwrite)
+    print(job.describe(), flush=True)
+    if not args.wait:
+        return 0
+    states = follow({job.job_id: job.folder}, on_change=lambda now: print(f"job {job.job_id}: {now[job.job_id]}", flush=True))
+    metrics_file = output / "metrics.json"
+    if states[job.job_id] != "done" or not metrics_file.is_file():
+        print(job_report(job.job_id, output, states[job.job_id], output / ".submitit"), file=sys.stderr)
+        return 1
+    print(describe_metrics(json.loads(metrics_file.read_text(encoding="utf-8"))))
     print(f"run folder: {output}")
     return 0
 

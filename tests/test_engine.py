@@ -295,7 +295,7 @@ def test_cli_resume_without_config_continues_the_run_config(tmp_path, monkeypatc
     dump_config(load_config("methods/maple", ["data.dataset=dtd", "train.seed=2"]), out / "config.yaml")
     seen = {}
 
-    def fake_train(cfg, output, resume=False, overwrite=False):
+    def fake_train(cfg, output, resume=False, overwrite=False, stop=None):
         seen.update(cfg=cfg, resume=resume)
         return {"wall_time_s": 0.0, "pretrained": False}
 

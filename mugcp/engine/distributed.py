@@ -55,7 +55,8 @@ class Distributed:
 
     def device(self, device: torch.device) -> torch.device:
         if device.type == "cuda" and self.world_size > 1:
-            device = torch.device("cuda", self.local_rank)
+            # modulo: under Slurm a task may see only the GPU bound to it (then it is device 0)
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         return device
 
@@ -79,6 +80,31 @@ class Distributed:
         value = value.detach().clone()
         dist.all_reduce(value)
         return value / self.world_size
+
+    def mean_and_any(self, value: torch.Tensor, flag: bool) -> tuple[torch.Tensor, bool]:
+        """``mean(value)`` and whether ``flag`` is true on any rank, in one collective (every step's loss
+        carries the stop request, so all ranks stop after the same step)."""
+        if self.world_size == 1:
+            return value, bool(flag)
+        both = torch.stack([value.detach().float().reshape(()), torch.tensor(float(bool(flag)), device=value.device)])
+        dist.all_reduce(both)
+        return both[0] / self.world_size, bool(both[1] > 0)
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return bool(flag)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        value = torch.tensor([float(bool(flag))], device=device)
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def gather_object(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def average_gradients(self, parameters) -> None:
         if self.world_size == 1:

@@ -72,13 +72,18 @@ class ConsoleHandler(logging.StreamHandler):
         pass
 
 
-def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logging.Handler:
-    """Create the run folder and send the ``mugcp`` log there (``log.txt``) as well as to the console."""
+def check_output_free(output: Path, resume: bool, overwrite: bool = False) -> None:
+    """A new run (neither --resume nor --overwrite) never lands on a folder that holds one."""
     if output.exists() and not resume and not overwrite and any((output / name).exists() for name in ("checkpoint", "metrics.json")):
         raise ConfigError(
             f"output folder {output} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another --output."
         )
+
+
+def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logging.Handler:
+    """Create the run folder and send the ``mugcp`` log there (``log.txt``) as well as to the console."""
+    check_output_free(output, resume, overwrite)
     output.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("mugcp")
     logger.setLevel(logging.INFO)
@@ -104,7 +109,12 @@ def _empty_folder(folder: Path, keep: str) -> None:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says what was kept (the command-line tools print it)."""
+    """Ctrl-C (or a stop signal) during a run; the message says what was kept (the command-line tools
+    print it and exit with ``exit_code``: 130 for Ctrl-C, 128 + the signal's number for others)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RunFolder:
@@ -168,20 +178,22 @@ class RunFolder:
 
     def _record_failure(self, err: BaseException) -> None:
         interrupted = isinstance(err, KeyboardInterrupt)
+        exit_code = getattr(err, "exit_code", 130)
         if not self.started and self.created:
             self._close_log()
             shutil.rmtree(self.output, ignore_errors=True)  # still holding the lock: no one can have moved in
             self.close()
             if interrupted:
-                raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.") from None
+                raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.", exit_code) from None
             return
-        what = "interrupted" if interrupted else f"failed: {type(err).__name__}: {err}"
+        # A stop signal's interrupt says how it stopped (e.g. "stopped by SIGTERM after step 3"); Ctrl-C says nothing.
+        what = (str(err) or "interrupted") if interrupted else f"failed: {type(err).__name__}: {err}"
         next_step = f" {self.note()}" if self.note is not None and self.started else ""
         line = f"run {what}.{next_step} The log, with the traceback, is {self.output / 'log.txt'}."
         exc_info = (type(err), err, err.__traceback__)
         self.handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, (), exc_info))
         if interrupted:
-            raise RunInterrupted(line) from None  # its message is the console's line
+            raise RunInterrupted(line, exit_code) from None  # its message is the console's line
         for handler in log.handlers:  # the console: one line, no traceback
             if handler is not self.handler:
                 handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, (), None))

@@ -7,6 +7,7 @@ pair, so a run resumed from the checkpoint of epoch ``e`` replays epochs ``e+1..
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mugcp.engine.run_setup import (
     RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
 )
 from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
+from mugcp.engine.stopping import NeverStop, RunStopped, rng_state, set_rng_state
 from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, progress_wanted, seed_everything
 
@@ -43,7 +45,7 @@ def run_seed(cfg: dict) -> int:
     return int(cfg["train"]["seed"])
 
 
-def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool = False, stop=None) -> dict:
     """Train and evaluate one run described by ``cfg``; returns the metrics written to metrics.json.
 
     Under ``torchrun`` every process calls this; rank 0 writes the run folder and returns the
@@ -51,6 +53,9 @@ def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool =
     anything is read or written; a run that fails keeps its folder only once it has started (see
     ``RunFolder``), with the error in ``log.txt`` and a true account of its checkpoint. ``overwrite``
     empties a previous run's folder once this process owns it (never under a live run).
+
+    ``stop``: a ``mugcp.engine.stopping.StopOnSignal`` the caller entered; on its signal the run saves
+    the checkpoint of the step in flight and raises ``RunStopped`` (see ``mugcp.engine.stopping``).
     """
     output = Path(output)
     started = time.time()
@@ -60,7 +65,7 @@ def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool =
     distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
     try:
         with RunFolder(output, resume, overwrite, main=distributed.is_main, note=lambda: _resume_note(output), replace=overwrite) as folder:
-            return _train(cfg, output, resume, started, distributed, folder)
+            return _train(cfg, output, resume, started, distributed, folder, stop or NeverStop())
     finally:
         distributed.close()
 
@@ -75,10 +80,13 @@ def _resume_note(output: Path) -> str:
         return f"The checkpoint cannot be read ({err})."
     if state is None:
         return f"No checkpoint was saved yet, so nothing can be resumed; {resume} starts the training over."
+    if state.get("batch"):
+        return (f"The checkpoint of step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']}) is kept in "
+                f"{checkpoint_dir}; continue with {resume}.")
     return f"The checkpoint of epoch {state['epoch']} is kept in {checkpoint_dir}; continue with {resume}."
 
 
-def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder) -> dict:
+def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder, stop) -> dict:
     train_cfg, optim_cfg, data_cfg = cfg["train"], cfg["optim"], cfg["data"]
     main = distributed.is_main
     seed = run_seed(cfg)
@@ -120,10 +128,10 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
 
-    start_epoch, step = 0, 0
+    start_epoch, step, rng = 0, 0, None
     checkpoint_dir = output / "checkpoint"
     if resume and checkpoint_dir.exists():
-        start_epoch, step = _restore(model, optimizer, scheduler, scaler, checkpoint_dir, steps_per_epoch)
+        start_epoch, step, rng = _restore(model, optimizer, scheduler, scaler, checkpoint_dir, steps_per_epoch)
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch + 1, step)
     elif resume:
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
@@ -132,64 +140,79 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     metrics_log = MetricsLog(output / METRICS_FILE, resume_step=step if resume else None) if main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped = 0
-    for epoch in range(start_epoch, epochs):
-        if optimizer is None or step >= total_steps:
-            break
-        seed_everything(epoch_seed(seed, epoch))
-        loader = build_loader(train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
-        # A run stopped by optim.max_steps inside an epoch continues with that epoch's next batch.
-        set_loader_epoch(loader, 0, start_batch=step - epoch * steps_per_epoch)
-        loader = distributed.shard(loader)
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs_run}", total=min(len(loader), total_steps - step), unit="batch",
-                   disable=not (progress_wanted(train_cfg["progress"]) and main), leave=False)
-        for batch in bar:
-            if step >= total_steps:
+    # From here to the end of the loop a stop signal is acted on after the step in flight.
+    with stop.deferred():
+        for epoch in range(start_epoch, epochs):
+            if optimizer is None or step >= total_steps:
                 break
-            skipped += batch.get("n_skipped", 0)
-            batch = _to_device(batch, device)
-            with autocast(precision, device):
-                local_loss, _, terms = model.training_step(batch)
-            loss = distributed.mean(local_loss.detach())  # every rank sees the same value, so all stop together
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
-                    f"The last good checkpoint is kept in {checkpoint_dir if checkpoint_dir.exists() else '(none yet)'}. "
-                    "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(local_loss).backward()
-            distributed.average_gradients(trainable)
-            if optim_cfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses: logged at its own step number
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
-            if metrics_log is not None:
-                metrics_log.train_step(step, epoch + 1, float(loss), lr, terms)
-            if writer is not None:
-                writer.add_scalar("train/loss", float(loss), step)
-                writer.add_scalar("train/lr", lr, step)
-                for name, value in terms.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-            if step % train_cfg["log_every"] == 0 or step == total_steps:
-                log.info("epoch %d step %d/%d loss %.4f lr %.3e %s", epoch + 1, step, total_steps, float(loss), lr,
-                         " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
-        bar.close()
-        model.on_epoch_end(epoch + 1, epochs)
-        if epoch + 1 == epochs or step >= total_steps:
-            model.on_train_end()
-        if main:
-            # "epoch": the epochs completed; a run cut inside an epoch resumes at its batch step - epoch * steps_per_epoch.
-            save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
-                "epoch": step // steps_per_epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict(),
-            })
-        distributed.barrier()
+            seed_everything(epoch_seed(seed, epoch))
+            loader = build_loader(train_set, data_cfg["batch_size"], train=True, seed=epoch_seed(seed, epoch), num_workers=data_cfg["num_workers"])
+            # A run stopped inside an epoch (optim.max_steps, a stop signal) continues with that epoch's next batch,
+            # with the random generators as they were when a signal stopped it.
+            start_batch = step - epoch * steps_per_epoch
+            set_loader_epoch(loader, 0, start_batch=start_batch)
+            if start_batch and rng:
+                set_rng_state(rng[distributed.rank] if len(rng) == distributed.world_size else rng[0])
+            loader = distributed.shard(loader)
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs_run}", total=min(len(loader), total_steps - step), unit="batch",
+                       disable=not (progress_wanted(train_cfg["progress"]) and main), leave=False)
+            for batch_index, batch in enumerate(bar, start=start_batch):
+                if step >= total_steps:
+                    break
+                skipped += batch.get("n_skipped", 0)
+                batch = _to_device(batch, device)
+                with autocast(precision, device):
+                    local_loss, _, terms = model.training_step(batch)
+                # Every rank sees the same loss and the same stop request, so all stop together.
+                loss, stopping = distributed.mean_and_any(local_loss.detach(), stop.requested)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} (terms {terms}); the run stopped. "
+                        f"The last good checkpoint is kept in {checkpoint_dir if checkpoint_dir.exists() else '(none yet)'}. "
+                        "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(local_loss).backward()
+                distributed.average_gradients(trainable)
+                if optim_cfg["grad_clip"]:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses: logged at its own step number
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                if metrics_log is not None:
+                    metrics_log.train_step(step, epoch + 1, float(loss), lr, terms)
+                if writer is not None:
+                    writer.add_scalar("train/loss", float(loss), step)
+                    writer.add_scalar("train/lr", lr, step)
+                    for name, value in terms.items():
+                        writer.add_scalar(f"train/{name}", value, step)
+                if step % train_cfg["log_every"] == 0 or step == total_steps:
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3e %s", epoch + 1, step, total_steps, float(loss), lr,
+                             " ".join(f"{k}={v:.4f}" for k, v in terms.items()))
+                if stopping and batch_index + 1 < steps_per_epoch and step < total_steps:
+                    _stop_mid_epoch(model, cfg, checkpoint_dir, distributed, stop, step, steps_per_epoch, total_steps,
+                                    optimizer, scheduler, scaler)
+                if stopping:  # the epoch's (or the run's) last step: the end-of-epoch checkpoint follows
+                    break
+            bar.close()
+            model.on_epoch_end(epoch + 1, epochs)
+            if epoch + 1 == epochs or step >= total_steps:
+                model.on_train_end()
+            if main:
+                # "epoch": the epochs completed; a run cut inside an epoch resumes at its batch step - epoch * steps_per_epoch.
+                save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+                    "epoch": step // steps_per_epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "grad_scaler": scaler.state_dict(),
+                })
+            distributed.barrier()
+            if distributed.any(stop.requested):
+                raise RunStopped(f"stopped by {_stop_signal(stop).name} after step {step} of {total_steps}, the end of "
+                                 f"epoch {epoch + 1}", _stop_signal(stop))
     if main and (optimizer is None or not checkpoint_dir.exists()):
         save_checkpoint(checkpoint_dir, model, cfg)
     train_time = time.time() - started
@@ -230,7 +253,27 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     return metrics
 
 
-def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path, steps_per_epoch: int) -> tuple[int, int]:
+def _stop_signal(stop) -> signal.Signals:
+    """The signal this process received, or SIGTERM when another rank received it (they stop together)."""
+    return signal.Signals(stop.received or signal.SIGTERM)
+
+
+def _stop_mid_epoch(model, cfg, checkpoint_dir, distributed, stop, step, steps_per_epoch, total_steps,
+                    optimizer, scheduler, scaler) -> None:
+    """Save the checkpoint of this step, mid-epoch, and stop: --resume goes on with the epoch's next batch."""
+    rng = distributed.gather_object(rng_state())  # every rank's generators: the model may draw from them
+    epoch, batches_done = divmod(step, steps_per_epoch)
+    if distributed.is_main:
+        save_checkpoint(checkpoint_dir, model, cfg, trainer_state={
+            "epoch": epoch, "batch": batches_done, "step": step, "rng": rng, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+        })
+    distributed.barrier()
+    raise RunStopped(f"stopped by {_stop_signal(stop).name} after step {step} of {total_steps} "
+                     f"(epoch {epoch + 1}, batch {batches_done})", _stop_signal(stop))
+
+
+def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path, steps_per_epoch: int) -> tuple[int, int, list | None]:
     state = read_trainer_state(checkpoint_dir)
     if state is None:
         raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no trainer_state.pt to resume from.")
@@ -247,7 +290,7 @@ def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path, steps_pe
     scheduler.load_state_dict(state["scheduler"])
     if "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    return epoch, step
+    return epoch, step, state.get("rng")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -114,7 +114,16 @@ def scan_shards(path: str | os.PathLike, remove_replaced: bool = False) -> dict[
     """
     shard_dir = Path(path) / SHARD_DIR
     files = sorted(shard_dir.glob("*.safetensors")) if shard_dir.is_dir() else []
-    listings = {file.name: _read_shard_listing(file) for file in files}
+    listings = {}
+    for file in files:
+        try:
+            listings[file.name] = _read_shard_listing(file)
+        except CacheError:
+            # A part that another writer folded and deleted between the listing and the read: only shard
+            # tasks write while others scan, and their shares are disjoint, so the keys it held are not
+            # this scanner's to extract; the merge scans again once every writer has ended.
+            if file.exists():
+                raise
     replaced = {name for _, replaces in listings.values() for name in replaces}
     entries: dict[str, ShardEntry] = {}
     duplicates = 0

@@ -172,6 +172,27 @@ class Extractor:
         return self.writer.written
 
 
+def extract_keys(source: ImageSource, settings: ExtractionSettings, mllm_name: str, dtype: torch.dtype,
+                 device: torch.device, keys: Sequence[str], writer_rank: int, show_progress: bool) -> tuple[int, dict, int]:
+    """Extract ``keys`` into the cache with one writer; returns (entries written, {key: why it failed}, final batch size)."""
+    if not keys:  # a rerun with nothing left to do never loads the model
+        return 0, {}, settings.batch_size
+    mllm = MLLM(
+        mllm_name,
+        prompt=settings.prompt,
+        layer=settings.layer,
+        max_new_tokens=settings.max_new_tokens,
+        dtype=dtype,
+        device=device,
+        revision=settings.revision,
+    )
+    writer = CacheWriter(settings.out, rank=writer_rank, shard_bytes=settings.shard_bytes, shard_entries=settings.shard_entries)
+    extractor = Extractor(source, settings, mllm, writer)
+    with writer:
+        extractor.run(keys, show_progress=show_progress)
+    return writer.written, extractor.failed, extractor.batch_size
+
+
 def extract(source: ImageSource, settings: ExtractionSettings) -> ExtractionSummary:
     """Extract every image of ``source`` that the cache at ``settings.out`` does not hold yet."""
     if settings.batch_size < 1:
@@ -197,29 +218,14 @@ def extract(source: ImageSource, settings: ExtractionSettings) -> ExtractionSumm
         pending = [key for key in requested if key not in stored]
         mine = pending[group.rank::group.world_size]
 
-        written, failed_here, batch_size = 0, {}, settings.batch_size
-        if mine:  # a rerun with nothing left to do never loads the model
-            mllm = MLLM(
-                identity["mllm"],
-                prompt=settings.prompt,
-                layer=settings.layer,
-                max_new_tokens=settings.max_new_tokens,
-                dtype=dtype,
-                device=group.device,
-                revision=settings.revision,
-            )
-            writer = CacheWriter(out, rank=group.rank, shard_bytes=settings.shard_bytes,
-                                 shard_entries=settings.shard_entries)
-            extractor = Extractor(source, settings, mllm, writer)
-            with writer:
-                extractor.run(mine, show_progress=settings.progress and group.rank == 0)
-            written, failed_here, batch_size = writer.written, extractor.failed, extractor.batch_size
+        written, failed_here, batch_size = extract_keys(source, settings, identity["mllm"], dtype, group.device, mine,
+                                                        writer_rank=group.rank, show_progress=settings.progress and group.rank == 0)
 
         results = group.gather((written, failed_here, batch_size))
         group.barrier()
         manifest = None
         if group.rank == 0:
-            manifest = merge_cache(out, {"dataset": _merged_dataset(stored_manifest, source.description)})
+            manifest = merge_cache(out, {"dataset": merged_dataset(stored_manifest, source.description)})
         group.barrier()
         failed: dict[str, str] = {}
         for _, rank_failed, _ in results:
@@ -237,7 +243,7 @@ def extract(source: ImageSource, settings: ExtractionSettings) -> ExtractionSumm
         group.close()
 
 
-def _merged_dataset(stored_manifest: dict | None, description: dict) -> dict:
+def merged_dataset(stored_manifest: dict | None, description: dict) -> dict:
     """The manifest's dataset record, with the splits of every run so far."""
     previous = (stored_manifest or {}).get("dataset") or {}
     merged = {**previous, **description}
@@ -255,4 +261,6 @@ __all__ = [
     "MLLMError",
     "dry_run",
     "extract",
+    "extract_keys",
+    "merged_dataset",
 ]
