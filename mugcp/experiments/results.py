@@ -11,7 +11,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from mugcp.config import ConfigError
-from mugcp.experiments.run_configs import is_superseded
+
+# A finished run rerun with a changed config (``mugcp.sweep --rerun-changed``) holds this file: its
+# successor counts in reports, not it.
+SUPERSEDED_FILE = "superseded.json"
 
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -125,3 +128,7 @@ def in_paper_order(names) -> list[str]:
 
 def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def is_superseded(run_folder: Path) -> bool:
+    return (run_folder / SUPERSEDED_FILE).is_file() or (run_folder.parent / SUPERSEDED_FILE).is_file()

@@ -18,11 +18,18 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from mugcp.config import DEFAULTS, ConfigError, load_config, merge, parse_overrides, read_yaml
+from mugcp.config import (
+    DEFAULTS,
+    ConfigError,
+    load_config,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
 from mugcp.config_schema import check_value, flatten, show_value
+from mugcp.experiments.results import SUPERSEDED_FILE
 from mugcp.utils import atomic_write_json
 
-SUPERSEDED_FILE = "superseded.json"
 _VERSION = re.compile(r"_v(\d+)$")
 
 
@@ -119,10 +126,6 @@ def mark_superseded(old: Path, new: Path, changes: Mapping[str, tuple[Any, Any]]
     """Tell reports (and people) that ``old`` was rerun into ``new`` with a changed config."""
     atomic_write_json(old / SUPERSEDED_FILE, {
         "by": str(new), "changes": {key: {"run": was, "now": will} for key, (was, will) in changes.items()}})
-
-
-def is_superseded(run_folder: Path) -> bool:
-    return (run_folder / SUPERSEDED_FILE).is_file() or (run_folder.parent / SUPERSEDED_FILE).is_file()
 
 
 def to_json(value: Any) -> str:
