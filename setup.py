@@ -23,7 +23,8 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "submitit>=1.5"],
         "gpu": ["flash-attn", "xformers"],
+        "slurm": ["submitit>=1.5"],
     },
 )

@@ -17,3 +17,20 @@ def vit_b32():
 
     torch.manual_seed(0)
     return load_clip("ViT-B-32", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private single-node Slurm cluster for this test session (tests/slurm_cluster.py); skips with
+    the reason where it cannot start (no slurm-wlm/munge, not root)."""
+    from slurm_cluster import ClusterUnavailable, running_cluster
+
+    cluster = running_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        running = cluster.__enter__()
+    except ClusterUnavailable as err:
+        pytest.skip(f"no private Slurm cluster here: {err}")
+    try:
+        yield running
+    finally:
+        cluster.__exit__(None, None, None)

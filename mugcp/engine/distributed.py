@@ -55,7 +55,8 @@ class Distributed:
 
     def device(self, device: torch.device) -> torch.device:
         if device.type == "cuda" and self.world_size > 1:
-            device = torch.device("cuda", self.local_rank)
+            # modulo: under Slurm a task may see only the GPU bound to it (then it is device 0)
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         return device
 

@@ -1,0 +1,364 @@
+"""Commands on a Slurm cluster through submitit: arrays of runs, data-parallel jobs, and their states.
+
+submitit is an optional extra (``pip install -e '.[slurm]'``), imported only when a job is submitted.
+Each task runs its command as a subprocess (``slurm_task.CommandTask``) from the directory it was
+submitted from, its output and state in its own run folder, so any ``python -m mugcp.<command> ...``
+line can be sent as is. Job states come from ``squeue`` plus the
+state file each task writes in its folder, never from ``sacct``: submitit's own states need the
+accounting daemon, and without it they stay "UNKNOWN" and ``job.wait()`` never returns for a job
+that was cancelled or killed (measured, see tests/test_slurm.py).
+
+Requeue: submitit asks Slurm for ``--signal=USR2@90`` (90 s before the time limit) and on that signal
+calls the task's ``checkpoint``; the task stops its command, submitit requeues it (``scontrol
+requeue``) and the re-run appends ``resume_args`` (``--resume``). A requeue by Slurm itself
+(pre-emption, node failure) takes the same path through ``SLURM_RESTART_COUNT``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+from mugcp.engine import slurm_task
+from mugcp.engine.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
+from mugcp.errors import UserError
+
+INSTALL_HINT = "pip install -e '.[slurm]'"
+STATES = ("pending", "running", "done", "failed", "interrupted")
+FINISHED = ("done", "failed", "interrupted")
+
+# squeue's job states (man squeue, JOB STATE CODES) in our five words.
+_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
+_FAILED = {"FAILED", "OUT_OF_MEMORY"}
+_INTERRUPTED = {"CANCELLED", "PREEMPTED", "TIMEOUT", "DEADLINE", "NODE_FAIL", "BOOT_FAIL", "REVOKED"}
+
+
+class SlurmError(UserError):
+    """Slurm or submitit is missing, an option is wrong, or a Slurm command refused: one line says which."""
+
+
+def slurm_available() -> Optional[str]:
+    """None when jobs can be submitted from here, else the reason in one line."""
+    for tool in ("sbatch", "srun", "squeue", "scancel"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: --launcher slurm runs where Slurm's commands are on PATH (a cluster's login node)"
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return f"submitit is not installed: {INSTALL_HINT}"
+    return None
+
+
+def require_slurm() -> None:
+    reason = slurm_available()
+    if reason:
+        raise SlurmError(f"--launcher slurm: {reason}")
+
+
+# -- options -------------------------------------------------------------------------------------
+_TIME_FORMATS = "minutes (90), MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def parse_time_minutes(value, where: str = "slurm.time") -> int:
+    """Slurm's time formats to whole minutes (rounded up)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SlurmError(f"{where}: expected a time limit ({_TIME_FORMATS}), got {value!r}.")
+    text = str(value).strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        raise SlurmError(f"{where}: cannot read the time limit {text!r}; use {_TIME_FORMATS}.")
+    days, first, second, third = match.groups()
+    parts = [int(first)] + [int(p) for p in (second, third) if p is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + sum(p * m for p, m in zip(parts, (3600, 60, 1)))
+    elif len(parts) == 1:
+        seconds = parts[0] * 60
+    elif len(parts) == 2:  # MM:SS
+        seconds = parts[0] * 60 + parts[1]
+    else:
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if seconds <= 0:
+        raise SlurmError(f"{where}: the time limit must be positive, got {text!r}.")
+    return -(-seconds // 60)
+
+
+@dataclass
+class SlurmOptions:
+    """Where and with what each job runs. Per-run values (an array of runs) or per-node values
+    (``submit_distributed``: ``nodes`` × ``gpus_per_node``) as the field says."""
+
+    partition: Optional[str] = None
+    time: int = 60                    # minutes (any Slurm time format is accepted and converted)
+    gpus_per_run: int = 0             # each array task: one run on one node
+    cpus_per_run: Optional[int] = None  # per run; per task (= per GPU) in a distributed job
+    mem: Optional[str] = None         # per run / per node, Slurm's --mem syntax: 32G, 64000M
+    account: Optional[str] = None
+    array_parallelism: Optional[int] = None  # at most this many array tasks at once
+    nodes: int = 1                    # distributed jobs only
+    gpus_per_node: int = 0            # distributed jobs only: one task per GPU
+    setup: list = field(default_factory=list)  # shell lines run before the tasks (module load ..., source ...)
+
+    def __post_init__(self):
+        self.time = parse_time_minutes(self.time)
+        for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1), ("nodes", 1), ("gpus_per_node", 0)):
+            value = getattr(self, name)
+            if value is None and name in ("cpus_per_run", "array_parallelism"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SlurmError(f"slurm.{name}: expected a whole number >= {least}, got {value!r}.")
+        for name in ("partition", "account"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SlurmError(f"slurm.{name}: expected a name, got {value!r}.")
+        if self.mem is not None:
+            self.mem = str(self.mem).strip()
+            if not re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", self.mem, flags=re.IGNORECASE):
+                raise SlurmError(f"slurm.mem: {self.mem!r} is not a memory size; use e.g. 32G or 64000M.")
+        if isinstance(self.setup, str):
+            self.setup = [self.setup]
+        if not isinstance(self.setup, (list, tuple)) or not all(isinstance(line, str) for line in self.setup):
+            raise SlurmError(f"slurm.setup: expected a list of shell lines, got {self.setup!r}.")
+        self.setup = list(self.setup)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Optional[Mapping], where: str = "slurm") -> "SlurmOptions":
+        """From a ``slurm:`` section (keys with ``-`` or ``_``); unknown keys are named with the valid ones."""
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, Mapping):
+            raise SlurmError(f"{where}: expected a mapping of Slurm options ({', '.join(cls.keys())}), got {type(mapping).__name__}.")
+        values = {str(key).replace("-", "_"): value for key, value in mapping.items()}
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise SlurmError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}.")
+        try:
+            return cls(**values)
+        except SlurmError as err:
+            raise SlurmError(str(err).replace("slurm.", f"{where}.", 1)) from None
+
+    def updated_from_args(self, args: argparse.Namespace) -> "SlurmOptions":
+        """These options with every ``--slurm-*`` flag that was given on the command line on top."""
+        values = {name: getattr(self, name) for name in self.keys()}
+        for name in self.keys():
+            given = getattr(args, f"slurm_{name}", None)
+            if given is not None:
+                values[name] = given
+        return SlurmOptions(**values)
+
+
+_FLAG_HELP = {
+    "partition": "Slurm partition [the cluster's default]",
+    "time": "time limit per job: minutes or Slurm's D-HH:MM:SS [60]",
+    "gpus_per_run": "GPUs for each run [0]",
+    "cpus_per_run": "CPUs for each run (for each task of a multi-GPU run) [Slurm's default]",
+    "mem": "memory per run (per node of a multi-node run), e.g. 32G [Slurm's default]",
+    "account": "Slurm account to charge [your default]",
+    "array_parallelism": "at most this many runs at once [all]",
+    "nodes": "nodes for one data-parallel run [1]",
+    "gpus_per_node": "GPUs per node for one data-parallel run; one task per GPU [0]",
+    "setup": "a shell line run in the job before the command (repeatable), e.g. 'module load cuda'",
+}
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser, only: Optional[Sequence[str]] = None) -> None:
+    """Add ``--slurm-<option>`` flags (default None: not given) for ``SlurmOptions.updated_from_args``."""
+    types = {"time": str, "mem": str, "partition": str, "account": str}
+    group = parser.add_argument_group("Slurm (with --launcher slurm)")
+    for name in only or SlurmOptions.keys():
+        flag = "--slurm-" + name.replace("_", "-")
+        if name == "setup":
+            group.add_argument(flag, dest="slurm_setup", action="append", default=None, help=_FLAG_HELP[name])
+        else:
+            group.add_argument(flag, dest=f"slurm_{name}", type=types.get(name, int), default=None, help=_FLAG_HELP[name])
+
+
+# -- submission ----------------------------------------------------------------------------------
+def _executor(log_folder: Path, options: SlurmOptions, name: str, max_requeues: int, **parameters):
+    require_slurm()
+    import cloudpickle
+    import submitit
+
+    # The task classes travel by value: the job needs submitit, not an importable mugcp (see slurm_task).
+    cloudpickle.register_pickle_by_value(slurm_task)
+    executor = submitit.SlurmExecutor(folder=Path(log_folder) / "%j", max_num_timeout=max_requeues)
+    params = {"job_name": name, "time": options.time, "partition": options.partition, "account": options.account,
+              "mem": options.mem, "setup": options.setup or None, **parameters}
+    executor.update_parameters(**{key: value for key, value in params.items() if value is not None})
+    return executor
+
+
+def _submit(executor, tasks: list) -> list[str]:
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except (FailedJobError, FailedSubmissionError) as err:  # sbatch refused (partition, account, size): its words
+        message = " ".join(str(err).split())
+        raise SlurmError(f"sbatch refused the job: {message[-400:]}") from err
+    return [job.job_id for job in jobs]
+
+
+def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.PathLike], options: SlurmOptions,
+                    name: str = "mugcp", log_folder: Optional[os.PathLike] = None, resume_args: Sequence[str] = ("--resume",),
+                    requeue: bool = True, resume_when: Optional[str] = None, max_requeues: int = 3,
+                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None) -> list[str]:
+    """One job array, one task per command, its output and state in its folder; returns the job ids in order.
+
+    workdir: where the commands run [the current directory, as with sbatch and the local launcher, so
+    relative paths in them mean the same]. log_folder: submitit's pickles and wrapper logs
+    [``<first folder's parent>/.submitit``].
+    requeue / resume_when / resume_args: see ``CommandTask``. max_requeues: time-limit requeues
+    allowed per task (pre-emption requeues are not counted).
+    """
+    if len(commands) != len(folders):
+        raise ValueError(f"{len(commands)} commands but {len(folders)} folders")
+    if not commands:
+        return []
+    folders = [Path(folder).resolve() for folder in folders]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    log_folder = Path(log_folder) if log_folder else folders[0].parent / ".submitit"
+    gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
+    executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
+                         cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
+                         additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
+    workdir = Path(workdir or Path.cwd()).resolve()
+    tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
+             for command, folder in zip(commands, folders)]
+    return _submit(executor, tasks)
+
+
+def submit_distributed(command: Sequence[str], folder: os.PathLike, options: SlurmOptions, name: str = "mugcp-train",
+                       tasks_per_node: Optional[int] = None, log_folder: Optional[os.PathLike] = None,
+                       resume_args: Sequence[str] = ("--resume",), requeue: bool = True, resume_when: Optional[str] = None,
+                       max_requeues: int = 3, env: Optional[Mapping[str, str]] = None,
+                       workdir: Optional[os.PathLike] = None) -> str:
+    """One data-parallel run: ``options.nodes`` nodes × one task per GPU (``gpus_per_node``; on CPUs,
+    ``tasks_per_node`` gloo processes), each with torchrun's environment; returns the job id.
+
+    A task that fails ends the others (``srun --kill-on-bad-exit``) instead of leaving them waiting
+    in a collective. Other arguments as for ``submit_commands``.
+    """
+    per_node = tasks_per_node if tasks_per_node is not None else options.gpus_per_node
+    if per_node < 1:
+        raise SlurmError("a distributed Slurm run needs --slurm-gpus-per-node >= 1 (or tasks_per_node for CPU processes).")
+    if options.gpus_per_node and tasks_per_node not in (None, options.gpus_per_node):
+        raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log_folder = Path(log_folder) if log_folder else folder / ".submitit"
+    gpus = {"gpus_per_node": options.gpus_per_node} if options.gpus_per_node else {}
+    executor = _executor(log_folder, options, name, max_requeues, nodes=options.nodes, ntasks_per_node=per_node,
+                         cpus_per_task=options.cpus_per_run, srun_args=["--kill-on-bad-exit=1"],
+                         additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
+    workdir = Path(workdir or Path.cwd()).resolve()
+    task = DistributedTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
+    return _submit(executor, [task])[0]
+
+
+# -- states --------------------------------------------------------------------------------------
+def _squeue_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """Slurm's state of each job it still remembers (MinJobAge after the end, 300 s by default)."""
+    base_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
+    states: dict[str, str] = {}
+    for base in base_ids:  # one by one: squeue fails the whole call when any id is unknown
+        result = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", base],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            if "Invalid job id" in result.stderr:
+                continue
+            raise SlurmError(f"squeue failed ({result.returncode}): {result.stderr.strip()}")
+        for line in result.stdout.splitlines():
+            job_id, _, state = line.strip().partition("|")
+            states[job_id] = state.split()[0] if state else ""
+    return states
+
+
+def _from_file(folder: Optional[Path], job_id: str) -> Optional[str]:
+    record = read_state(folder) if folder else {}
+    if record.get("job_id") != job_id:
+        return None
+    return {"requeued": "pending"}.get(record.get("state"), record.get("state"))
+
+
+def job_states(jobs: Mapping[str, Optional[os.PathLike]]) -> dict[str, str]:
+    """``{job id: pending | running | done | failed | interrupted}`` for ``{job id: its run folder}``.
+
+    squeue tells pending/running and, while Slurm remembers a finished job, how it ended; the run
+    folder's ``slurm_state.json`` tells it after that, and whether the command itself succeeded.
+    A job that neither knows is "interrupted" (it ended without its task finishing, e.g. cancelled
+    while pending): rerunning it is the way on.
+    """
+    slurm = _squeue_states(list(jobs))
+    result = {}
+    for job_id, folder in jobs.items():
+        folder = Path(folder) if folder else None
+        scheduler, own = slurm.get(job_id), _from_file(folder, job_id)
+        if scheduler in _PENDING:
+            state = "pending"
+        elif scheduler in _RUNNING:
+            state = own if scheduler == "COMPLETING" and own in FINISHED else "running"
+        elif scheduler in _INTERRUPTED:
+            state = "interrupted"
+        elif scheduler in _FAILED:
+            state = "interrupted" if own == "interrupted" else "failed"
+        elif scheduler == "COMPLETED":
+            state = own if own in ("failed", "interrupted") else "done"
+        else:  # forgotten by Slurm (or a state this table does not know): the task's own record
+            state = own if own in FINISHED else "interrupted"
+        result[job_id] = state
+    return result
+
+
+def wait_for_jobs(jobs: Mapping[str, Optional[os.PathLike]], timeout_s: Optional[float] = None, poll_s: float = 1.0,
+                  on_change: Optional[Callable[[dict], None]] = None) -> dict[str, str]:
+    """Poll ``job_states`` until every job has finished (or ``timeout_s``); returns the last states."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        states = job_states(jobs)
+        if states != last and on_change:
+            on_change(states)
+        last = states
+        if all(state in FINISHED for state in states.values()):
+            return states
+        if deadline is not None and time.monotonic() > deadline:
+            return states
+        time.sleep(poll_s)
+
+
+def cancel_jobs(job_ids: Sequence[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
+
+
+def state_file(folder: os.PathLike) -> Path:
+    return Path(folder) / STATE_FILE
+
+
+def last_log_line(folder: os.PathLike, job_id: str) -> str:
+    """The last non-empty line the job's command wrote (stderr first: errors and progress go there)."""
+    for suffix in (".err", ".out"):
+        path = Path(folder) / f"slurm-{job_id}{suffix}"
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(max(0, path.stat().st_size - 8192))
+                lines = [line.strip() for line in handle.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
+        except OSError:
+            continue
+        lines = [line for line in lines if line]
+        if lines:
+            return lines[-1]
+    return ""
