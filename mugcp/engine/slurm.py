@@ -213,14 +213,16 @@ def _submit(executor, tasks: list) -> list[str]:
 def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.PathLike], options: SlurmOptions,
                     name: str = "mugcp", log_folder: Optional[os.PathLike] = None, resume_args: Sequence[str] = ("--resume",),
                     requeue: bool = True, resume_when: Optional[str] = None, max_requeues: int = 3,
-                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None) -> list[str]:
+                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None,
+                    dependency: Optional[str] = None) -> list[str]:
     """One job array, one task per command, its output and state in its folder; returns the job ids in order.
 
     workdir: where the commands run [the current directory, as with sbatch and the local launcher, so
     relative paths in them mean the same]. log_folder: submitit's pickles and wrapper logs
     [``<first folder's parent>/.submitit``].
     requeue / resume_when / resume_args: see ``CommandTask``. max_requeues: time-limit requeues
-    allowed per task (pre-emption requeues are not counted).
+    allowed per task (pre-emption requeues are not counted). dependency: sbatch's ``--dependency``,
+    e.g. ``afterany:123`` (start once every task of job 123 has ended).
     """
     if len(commands) != len(folders):
         raise ValueError(f"{len(commands)} commands but {len(folders)} folders")
@@ -233,7 +235,7 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
     executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
                          cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
-                         additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
+                         additional_parameters=None if requeue else {"no-requeue": True}, dependency=dependency, **gpus)
     workdir = Path(workdir or Path.cwd()).resolve()
     tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
              for command, folder in zip(commands, folders)]
