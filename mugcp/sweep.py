@@ -25,6 +25,12 @@ run whose config differs from the sweep's now is reported key by key and left al
 (``--rerun-changed``: rerun it into ``<name>_v2``). A run another process owns is left to it. At the end the runs are
 summarised by ``mugcp.report`` in the protocol's layout (``ROOT/report/``). Published protocols:
 ``configs/sweeps/{base2new,cross_dataset,domain_generalization,fewshot}.yaml``.
+
+On a Slurm cluster, ``--launcher slurm`` submits the unfinished runs as one job array and returns
+(``--wait`` follows them); the same command again skips finished and queued runs, resumes interrupted
+ones and resubmits failed ones. ``--status`` prints each run's job id, state and last log line.
+Options: the ``--slurm-*`` flags, or a ``slurm:`` section in the sweep file (partition, time,
+gpus_per_run, cpus_per_run, mem, account, array_parallelism, setup).
 """
 from __future__ import annotations
 

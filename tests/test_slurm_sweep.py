@@ -57,7 +57,14 @@ def tiny_env(tmp_path, monkeypatch):
 
 def metrics_of(folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
-    return {key: value for key, value in metrics.items() if "time" not in key and "second" not in key}
+    return {key: value for key, value in metrics.items() if not key.endswith(("time_s", "memory_mb"))}  # how long, how much: not what
+
+
+def same_weights(first: Path, second: Path) -> bool:
+    from safetensors.torch import load_file
+
+    weights = [load_file(str(folder / "checkpoint" / "adapter_model.safetensors")) for folder in (first, second)]
+    return weights[0].keys() == weights[1].keys() and all((weights[0][key] == weights[1][key]).all() for key in weights[0])
 
 
 def recorded(root: Path) -> dict:
@@ -101,6 +108,7 @@ def test_launcher_flags_that_do_not_fit_are_parser_errors(tmp_path, capsys):
 
 # ---- on the cluster -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # 4 local + 4 Slurm runs: ~100 s measured on the 2 shared cores at load 4-7
 def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_cluster, tmp_path, tiny_env, capsys):
     sweep = grid(tmp_path, ["zsclip", "coop"], [1, 2])
     local, cluster = tmp_path / "local", tmp_path / "slurm"
@@ -122,6 +130,7 @@ def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_clust
     assert "sweep done: 4 done" in out and (cluster / "report" / "results.md").is_file()
     for name in names:
         assert metrics_of(cluster / name) == metrics_of(local / name)
+        assert name.startswith("zsclip") or same_weights(cluster / name, local / name)
         assert (cluster / name / f"slurm-{ids[name]}.err").is_file()  # the run's Slurm output sits in its folder
         assert re.search(rf"^{name}\s+{ids[name]}\s+done\s+\S", out, re.M)
     local_table = (local / "report" / "results.md").read_text()
@@ -142,9 +151,8 @@ def _until(condition, what: str, timeout: float = WAIT_S):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow  # 3 Slurm runs of 12 epochs: ~55 s measured at load 4-7
 def test_a_run_cancelled_mid_training_resumes_on_rerun_to_the_uninterrupted_weights(slurm_cluster, tmp_path, tiny_env, capsys):
-    from safetensors.torch import load_file
-
     sweep = grid(tmp_path, ["coop"], [1], **{"optim.epochs": 12})
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     for root in (stopped, whole):
@@ -166,11 +174,11 @@ def test_a_run_cancelled_mid_training_resumes_on_rerun_to_the_uninterrupted_weig
     assert "resumed from" in (run / "log.txt").read_text()
     assert json.loads((run / "slurm_state.json").read_text())["command"][5] == "--resume"
     assert sweep_main([str(sweep), "--root", str(whole), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
-    weights = [load_file(str(root / "coop_dtd_k1_s1" / "checkpoint" / "adapter_model.safetensors")) for root in (stopped, whole)]
-    assert weights[0].keys() == weights[1].keys() and all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+    assert same_weights(run, whole / "coop_dtd_k1_s1")
     assert metrics_of(run) == metrics_of(whole / "coop_dtd_k1_s1")
 
 
+@pytest.mark.slow  # 2 Slurm runs, one failing at once: ~50 s measured at load 4-7
 def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cluster, tmp_path, tiny_env, capsys):
     sweep = grid(tmp_path, ["zsclip"], [1], data=tmp_path / "data")  # not there yet
     root = tmp_path / "runs"
@@ -193,7 +201,8 @@ def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cl
     assert "status: 1 done" in out and (root / "report" / "results.md").is_file()
 
 
-def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, tiny_env):
+@pytest.mark.slow  # 2 submissions in their own processes, 2 Slurm runs: ~75 s measured at load 4-7
+def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, tiny_env, capsys):
     sweep = grid(tmp_path, ["zsclip"], [1, 2])
     root = tmp_path / "runs"
     command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--launcher", "slurm"]
@@ -209,9 +218,37 @@ def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, t
         other = outputs[1 - outputs.index(submitted[0])]
         assert re.search(rf"^(queued {name} — (pending|running) as Slurm job {jobs[name]['job_id']})$", other, re.M) or \
             "submitted" not in other and "finished" in other, outputs
+    # A local sweep on the same root leaves the runs to their Slurm jobs (or finds them finished).
+    launched = []
+    assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=lambda job, env, log: launched.append(job) or 0) == 0
+    assert launched == []
+    local = capsys.readouterr().out
+    for seed in (1, 2):
+        name = f"zsclip_dtd_k1_s{seed}"
+        assert re.search(rf"\] (elsewhere {name} — queued on Slurm: (pending|running) as job {jobs[name]['job_id']}|skipped {name})", local), local
     done = subprocess.run([*command, "--wait", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=tiny_env, timeout=WAIT_S)
     assert done.returncode == 0 and "sweep done: 2 done" in done.stdout, done.stdout + done.stderr
     for seed in (1, 2):
         run = root / f"zsclip_dtd_k1_s{seed}"
         assert (run / "log.txt").read_text().count("method zsclip on") == 1
         assert len(list(run.glob("slurm-*.out"))) == 1  # one Slurm job ever ran in it
+
+
+@pytest.mark.slow  # a Slurm training, then its evaluation
+def test_a_transfer_sweep_evaluates_each_target_after_its_training(slurm_cluster, tmp_path, tiny_env, capsys):
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
+    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
+                        methods=["coop"], shots=[1], overrides={"data.root": str(data), **TINY, "data.protocol": "all"},
+                        method_overrides={"coop": {"method.n_ctx": 2}})
+    root = tmp_path / "runs"
+    assert sweep_main([str(sweep), "--root", str(root), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    jobs = recorded(root)
+    train, evaluation = jobs["coop_dtd_k1_s1"]["job_id"], jobs["coop_dtd_k1_s1/eval_eurosat"]["job_id"]
+    assert f"submitted coop_dtd_k1_s1/eval_eurosat (new) as Slurm job {evaluation}" in out and evaluation != train
+    states = [json.loads((root / folder / "slurm_state.json").read_text()) for folder in ("coop_dtd_k1_s1", "coop_dtd_k1_s1/eval_eurosat")]
+    assert states[1]["started"] >= states[0]["ended"]  # the evaluation waited for its training
+    target = json.loads((root / "coop_dtd_k1_s1" / "eval_eurosat" / "metrics.json").read_text())
+    assert target["dataset"] == "eurosat" and target["all"]["classes"] == 3
+    assert "| method | source: dtd | eurosat | Average |" in (root / "report" / "results.md").read_text()

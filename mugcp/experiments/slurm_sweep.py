@@ -96,6 +96,24 @@ def recorded_states(jobs: list[Job], recorded: dict) -> dict[str, tuple[str, str
     return {name: (job_id, states[job_id]) for name, job_id in known.items()}
 
 
+def queued_on_slurm(job: Job, root: Path) -> Optional[str]:
+    """For the local runner: the pending or running Slurm job this sweep's record says will run ``job``, or None.
+
+    Without ``squeue`` here (a root shared with a machine outside the cluster) nothing can be known: None.
+    """
+    try:
+        record = read_jobs(root).get(job.name) if (Path(root) / STATE_FILE).is_file() else None
+    except SlurmError:
+        return None
+    if not record or record.get("folder") != str(job.folder) or shutil.which("squeue") is None:
+        return None
+    try:
+        state = job_states({record["job_id"]: job.folder})[record["job_id"]]
+    except SlurmError:  # squeue failed (controller down): the run-folder lock still keeps two trainings apart
+        return None
+    return f"queued on Slurm: {state} as job {record['job_id']}" if state in QUEUED else None
+
+
 def _local_owner(job: Job, root: Path) -> Optional[str]:
     """Who runs ``job`` outside Slurm right now: a process holding its folder, or a local sweep's claim."""
     owner = holder(job.folder)
