@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -201,23 +202,40 @@ def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cl
     assert "status: 1 done" in out and (root / "report" / "results.md").is_file()
 
 
-@pytest.mark.slow  # 2 submissions in their own processes, 2 Slurm runs: ~75 s measured at load 4-7
+@pytest.mark.slow  # 2 concurrent submissions, 2 Slurm runs: ~50-75 s measured at load 4-7
 def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, tiny_env, capsys):
+    from mugcp.engine.slurm import SlurmOptions
+    from mugcp.experiments import plan
+    from mugcp.experiments.slurm_sweep import submit_sweep
+
     sweep = grid(tmp_path, ["zsclip"], [1, 2])
     root = tmp_path / "runs"
-    command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--launcher", "slurm"]
-    submissions = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=tiny_env)
-                   for _ in range(2)]
-    outputs = [process.communicate(timeout=WAIT_S)[0] for process in submissions]
-    assert [process.returncode for process in submissions] == [0, 0], outputs
+    # Both planned, then released at the same instant: without the submission lock both would read an
+    # empty record and submit every run (checked: this test fails with the flock removed).
+    plans = [plan(load_sweep(sweep), root) for _ in range(2)]
+    start, said, errors = threading.Barrier(2), ([], []), []
+
+    def submit(index: int) -> None:
+        try:
+            start.wait()
+            submit_sweep(plans[index], root, SlurmOptions(time=5), say=said[index].append)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=submit, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert errors == []
+    outputs = ["\n".join(lines) for lines in said]
     jobs = recorded(root)
     for seed in (1, 2):
         name = f"zsclip_dtd_k1_s{seed}"
         submitted = [out for out in outputs if f"submitted {name} (new) as Slurm job {jobs[name]['job_id']}" in out]
         assert len(submitted) == 1, outputs
         other = outputs[1 - outputs.index(submitted[0])]
-        assert re.search(rf"^(queued {name} — (pending|running) as Slurm job {jobs[name]['job_id']})$", other, re.M) or \
-            "submitted" not in other and "finished" in other, outputs
+        assert re.search(rf"^queued {name} — (pending|running) as Slurm job {jobs[name]['job_id']}$", other, re.M), outputs
     # A local sweep on the same root leaves the runs to their Slurm jobs (or finds them finished).
     launched = []
     assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=lambda job, env, log: launched.append(job) or 0) == 0
@@ -226,6 +244,7 @@ def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, t
     for seed in (1, 2):
         name = f"zsclip_dtd_k1_s{seed}"
         assert re.search(rf"\] (elsewhere {name} — queued on Slurm: (pending|running) as job {jobs[name]['job_id']}|skipped {name})", local), local
+    command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--launcher", "slurm"]
     done = subprocess.run([*command, "--wait", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=tiny_env, timeout=WAIT_S)
     assert done.returncode == 0 and "sweep done: 2 done" in done.stdout, done.stdout + done.stderr
     for seed in (1, 2):
