@@ -25,6 +25,12 @@ run whose config differs from the sweep's now is reported key by key and left al
 (``--rerun-changed``: rerun it into ``<name>_v2``). A run another process owns is left to it. At the end the runs are
 summarised by ``mugcp.report`` in the protocol's layout (``ROOT/report/``). Published protocols:
 ``configs/sweeps/{base2new,cross_dataset,domain_generalization,fewshot}.yaml``.
+
+On a Slurm cluster, ``--launcher slurm`` submits the unfinished runs as one job array and returns
+(``--wait`` follows them); the same command again skips finished and queued runs, resumes interrupted
+ones and resubmits failed ones. ``--status`` prints each run's job id, state and last log line.
+Options: the ``--slurm-*`` flags, or a ``slurm:`` section in the sweep file (partition, time,
+gpus_per_run, cpus_per_run, mem, account, array_parallelism, setup).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mugcp.cli import run_cli
+from mugcp.engine.slurm import add_slurm_arguments
 
 
 def main(argv=None, launcher: Optional[Callable] = None) -> int:
@@ -47,9 +54,22 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
                         help="rerun finished runs whose config differs from the sweep's now into fresh folders (<name>_v2)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once: one GPU each with CUDA, else the CPU threads split [1]")
     parser.add_argument("--no-progress", action="store_true", help="no overall progress bar")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: run here [default]; slurm: submit the unfinished runs as one job array and return")
+    parser.add_argument("--wait", action="store_true", help="with --launcher slurm: follow the jobs until they end, then report")
+    parser.add_argument("--status", action="store_true", help="each run's Slurm job id, state and last log line; the report once all are done")
+    add_slurm_arguments(parser, only=["partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "array_parallelism", "setup"])
     args = parser.parse_args(argv)
     if args.json and not args.dry_run:
         parser.error("--json describes the planned runs: pass it with --dry-run")
+    if args.wait and args.launcher != "slurm":
+        parser.error("--wait follows Slurm jobs: pass it with --launcher slurm (a local sweep always runs to the end)")
+    if args.launcher == "slurm" and args.jobs != 1:
+        parser.error("--jobs is for the local launcher; on Slurm, --slurm-array-parallelism caps the runs at once")
+    if args.launcher == "slurm" and not args.dry_run:
+        from mugcp.engine.slurm import require_slurm
+
+        require_slurm()  # before planning: one line, exit 2
     from mugcp.config import ConfigError
     from mugcp.experiments import describe_counts, load_sweep, plan, run_jobs, write_report
     from mugcp.experiments.jobs import METRICS_FILE, describe_job, recipe_notes
@@ -74,6 +94,10 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     if changed:
         print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor overwritten. "
               "Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the settings they ran with.", file=sys.stderr)
+    if (args.launcher == "slurm" or args.status) and not args.dry_run:
+        from mugcp.experiments.slurm_sweep import run_command
+
+        return run_command(sweep, jobs, root, args)
     if args.dry_run:
         if args.json:
             for job in jobs:

@@ -179,7 +179,7 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
     def work(job: Job, slot: int) -> None:
         index = jobs.index(job) + 1
         claim = _claim(job, root)
-        if claim is not None and not _startable(job):
+        if claim is not None and not _startable(job, root):
             claim = claim.release()
         if claim is None:
             say(f"[{index}/{total}] {job.status} {job.name} — {job.message}")
@@ -288,11 +288,18 @@ def _claim(job: Job, root: Path) -> Optional[RunLock]:
         return None
 
 
-def _startable(job: Job) -> bool:
-    """With the claim held, look at the folder again: another process may own it or have finished it since the plan."""
+def _startable(job: Job, root: Path) -> bool:
+    """With the claim held, look at the folder again: another process may own it or have finished it since the
+    plan, or a Slurm job of the same sweep (``--launcher slurm``) may be about to."""
+    from mugcp.experiments.slurm_sweep import queued_on_slurm
+
     owner = holder(job.folder)
     if owner is not None:
         job.status, job.message = "elsewhere", f"its folder is in use by {describe_holder(owner)}"
+        return False
+    queued = queued_on_slurm(job, root)
+    if queued is not None:
+        job.status, job.message = "elsewhere", queued
         return False
     if refresh_mode(job) == "done":
         job.status, job.message = "skipped", "finished by another process since this sweep started"

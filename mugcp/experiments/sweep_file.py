@@ -24,7 +24,7 @@ PROTOCOLS: dict[str, dict] = {
 }
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
 SWEEP_KEYS = {"protocol", "datasets", "source", "targets", "seeds", "methods", "shots", "config", "overrides", "method_overrides",
-              "eval_overrides", "method_eval_overrides", "recipes"}
+              "eval_overrides", "method_eval_overrides", "recipes", "slurm"}
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Sweep:
     method_eval_overrides: dict
     train_protocol: Optional[str] = None
     recipes: bool = True  # each run starts from its method's released recipe for the protocol (mugcp.recipes)
+    slurm: Optional[dict] = None  # the `slurm:` section as written; checked by --launcher slurm (experiments.slurm_sweep)
 
 
 def _as_list(value, key: str, where: str, kind=str) -> list:
@@ -144,6 +145,6 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         method_overrides=per_method["method_overrides"],
         eval_overrides=_as_overrides(data.get("eval_overrides"), "eval_overrides", where),
         method_eval_overrides=per_method["method_eval_overrides"],
-        train_protocol=defaults["train_protocol"], recipes=recipes,
+        train_protocol=defaults["train_protocol"], recipes=recipes, slurm=data.get("slurm"),
     )
     return sweep
