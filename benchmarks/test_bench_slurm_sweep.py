@@ -24,17 +24,10 @@ ROUNDS = int(os.environ.get("MUGCP_BENCH_ROUNDS", "3"))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from slurm_cluster import ClusterUnavailable, running_cluster
+    from slurm_cluster import cluster_or_skip
 
-    cluster = running_cluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        running = cluster.__enter__()
-    except ClusterUnavailable as reason:
-        pytest.skip(f"no private Slurm cluster here: {reason}")
-    try:
+    with cluster_or_skip(tmp_path_factory.mktemp("slurm")) as running:
         yield running
-    finally:
-        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ def shared_clip(vit_b32):
 def slurm_cluster(tmp_path_factory):
     """A private single-node Slurm cluster for this test session (tests/slurm_cluster.py); skips with
     the reason where it cannot start (no slurm-wlm/munge, not root)."""
-    from slurm_cluster import ClusterUnavailable, running_cluster
+    from slurm_cluster import cluster_or_skip
 
-    cluster = running_cluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        running = cluster.__enter__()
-    except ClusterUnavailable as err:
-        pytest.skip(f"no private Slurm cluster here: {err}")
-    try:
+    with cluster_or_skip(tmp_path_factory.mktemp("slurm")) as running:
         yield running
-    finally:
-        cluster.__exit__(None, None, None)

@@ -246,3 +246,20 @@ def running_cluster(root: Path, partition: str = "debug"):
             _cancel_all_jobs(env)
     finally:
         _stop(processes)
+
+
+@contextlib.contextmanager
+def cluster_or_skip(folder: Path):
+    """A running private cluster for the ``with`` body; the calling test (or fixture) skips with the reason
+    where one cannot start."""
+    import pytest
+
+    cluster = running_cluster(folder)
+    try:
+        running = cluster.__enter__()
+    except ClusterUnavailable as err:
+        pytest.skip(f"no private Slurm cluster here: {err}")
+    try:
+        yield running
+    finally:
+        cluster.__exit__(None, None, None)

@@ -57,17 +57,10 @@ class RunLock:
         if fcntl is None or self._fd is not None:
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        deadline = time.monotonic() + PROBE_GRACE_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:  # perhaps only a sweep's probe (``holder``), which lets go at once
-                    time.sleep(0.05)
-                    continue
-                os.close(fd)
-                raise RunFolderBusy(self.folder, describe_holder(_read_holder(self.path))) from None
+        # A short grace: perhaps only a sweep's probe (``holder``) holds it, which lets go at once.
+        if not lock_within(fd, PROBE_GRACE_S, poll_s=0.05):
+            os.close(fd)
+            raise RunFolderBusy(self.folder, describe_holder(_read_holder(self.path)))
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         self._fd = fd
@@ -127,3 +120,16 @@ def holder(folder: Path, name: str = LOCK_NAME) -> Optional[dict]:
     finally:
         os.close(fd)
     return None
+
+
+def lock_within(fd, seconds: float, poll_s: float) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (a descriptor or file object), trying for ``seconds``; False if another holds it still."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from mugcp.engine.run_lock import LOCK_NAME, RunLock, describe_holder, holder
+from mugcp.engine.run_lock import LOCK_NAME, RunLock, describe_holder, holder, lock_within
 from mugcp.engine.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
 from mugcp.experiments.jobs import METRICS_FILE, Job, refresh_mode
 from mugcp.utils import atomic_write_json
@@ -68,16 +68,9 @@ def submission_lock(root: Path, wait_s: float = LOCK_WAIT_S):
     """Held across read → squeue → submit → write, so concurrent submissions of one root take turns."""
     path = Path(root) / SUBMIT_LOCK
     with open(path, "a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SlurmError(f"another submission of this sweep has held {path} for {wait_s:.0f} s; "
-                                     "wait for it to end, then rerun.") from None
-                time.sleep(0.2)
+        if not lock_within(handle, wait_s, poll_s=0.2):
+            raise SlurmError(f"another submission of this sweep has held {path} for {wait_s:.0f} s; "
+                             "wait for it to end, then rerun.")
         try:
             yield
         finally:
