@@ -112,6 +112,7 @@ def test_recipes_false_and_grid_sweeps_run_the_method_config_as_it_is(tmp_path, 
     ({"overrides": {"optim.max_steps": -3}}, "overrides: optim.max_steps=-3 is not allowed: expected"),
     ({"method_overrides": {"maple": {"optim.lr": "fast"}}}, "method_overrides.maple: optim.lr='fast' is not allowed"),
     ({"method_overrides": {"coop": {"method.n_ctxx": 2}}}, "method_overrides.coop: method: method 'coop' has no option 'n_ctxx'"),
+    ({"overrides": {"optim": {"lr": -1}}}, "overrides: optim.lr=-1 is not allowed: expected a number > 0"),
 ])
 def test_dry_run_checks_every_run_against_the_schema_in_one_line(tmp_path, fields, message):
     sweep = write_sweep(tmp_path / "bad.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2, 3], methods=["coop", "maple"],
