@@ -246,7 +246,7 @@ def alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.slow  # a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 10-15
+@pytest.mark.slow  # a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 4-15
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resumes(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=30)
@@ -280,7 +280,7 @@ def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resum
     assert len(logs) == 2 and all(b"\r" not in log.read_bytes() and b"epoch 30 step 30/30" in log.read_bytes() for log in logs)
 
 
-@pytest.mark.slow  # two concurrent sweeps of two runs: 73-94 s measured on the 2 shared cores at load 10-15
+@pytest.mark.slow  # two concurrent sweeps of two runs: 55-94 s measured on the 2 shared cores at load 4-15
 def test_two_sweeps_on_one_root_train_every_run_once(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=3)
     root = tmp_path / "runs"
