@@ -112,6 +112,7 @@ def test_recipes_false_and_grid_sweeps_run_the_method_config_as_it_is(tmp_path, 
     ({"overrides": {"optim.max_steps": -3}}, "overrides: optim.max_steps=-3 is not allowed: expected"),
     ({"method_overrides": {"maple": {"optim.lr": "fast"}}}, "method_overrides.maple: optim.lr='fast' is not allowed"),
     ({"method_overrides": {"coop": {"method.n_ctxx": 2}}}, "method_overrides.coop: method: method 'coop' has no option 'n_ctxx'"),
+    ({"overrides": {"optim": {"lr": -1}}}, "overrides: optim.lr=-1 is not allowed: expected a number > 0"),
 ])
 def test_dry_run_checks_every_run_against_the_schema_in_one_line(tmp_path, fields, message):
     sweep = write_sweep(tmp_path / "bad.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2, 3], methods=["coop", "maple"],
@@ -245,7 +246,7 @@ def alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.slow  # a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 10-15
+@pytest.mark.slow  # a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 4-15
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resumes(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=30)
@@ -282,7 +283,7 @@ def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resum
     assert all(b"epoch 30 step 30/30" in log.read_bytes() or b"(step 30)" in log.read_bytes() for log in logs)
 
 
-@pytest.mark.slow  # two concurrent sweeps of two runs: 73-94 s measured on the 2 shared cores at load 10-15
+@pytest.mark.slow  # two concurrent sweeps of two runs: 55-94 s measured on the 2 shared cores at load 4-15
 def test_two_sweeps_on_one_root_train_every_run_once(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=3)
     root = tmp_path / "runs"

@@ -18,14 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from mugcp.config import (
-    DEFAULTS,
-    ConfigError,
-    load_config,
-    merge,
-    parse_overrides,
-    read_yaml,
-)
+from mugcp.config import DEFAULTS, ConfigError, load_config, merge, read_yaml
 from mugcp.config_schema import check_value, flatten, show_value
 from mugcp.experiments.results import SUPERSEDED_FILE
 from mugcp.utils import atomic_write_json
@@ -35,8 +28,11 @@ _VERSION = re.compile(r"_v(\d+)$")
 
 def check_keys(overrides: Mapping[str, Any], where: str) -> None:
     """Every dotted key names a config key (method options are checked with the method)."""
-    for key in overrides:
-        tree = parse_overrides([f"{key}=0"])
+    for key, value in overrides.items():
+        path = ["method", "name"] if key == "method" else key.split(".")
+        tree = value
+        for part in reversed(path):
+            tree = {part: tree}
         merge(DEFAULTS, tree, where)  # raises: unknown config key 'optim.max_step'. Did you mean: max_steps?
 
 
@@ -50,7 +46,7 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
 
     def origin_of(key: str) -> str:
         for name, part in reversed(origins):
-            if key in part or (key == "method.name" and "method" in part):
+            if any(key == set_key or key.startswith(f"{set_key}.") or (key == "method.name" and set_key == "method") for set_key in part):
                 return name
         return f"config {config}"
 
