@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.fuse_prompts import fuse_prompts_expand_concat
+import mugcp.kernels as kernels
+from mugcp.kernels.fuse_prompts import fuse_prompts_expand_concat
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as conftest.bench_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

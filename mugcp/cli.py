@@ -1,7 +1,7 @@
 """What the command-line tools share: argument parsing and turning bad input into one clear line.
 
 The runner knows one error type, :class:`mugcp.errors.UserError`, which every layer's input errors
-derive from, and the kernels' own base (``kernels.errors.KernelError``), recognised only when the
+derive from, and the kernels' own base (``mugcp.kernels.errors.KernelError``), recognised only when the
 kernels were imported at all; so importing this module imports no layer and no torch.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mugcp.errors import UserError
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: printed as one line, no traceback, exit status 2."""
     errors: list[type[BaseException]] = [UserError, FileNotFoundError]
-    kernel_errors = sys.modules.get("kernels.errors")
+    kernel_errors = sys.modules.get("mugcp.kernels.errors")
     if kernel_errors is not None:  # an error of the kernels can only come after they were imported
         errors.append(kernel_errors.KernelError)
     return tuple(errors)

@@ -18,7 +18,17 @@ import yaml
 
 from mugcp.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """The shipped configs: ``mugcp/configs`` in an installed wheel (package data), else the checkout's
+    top-level ``configs/``, where they are edited (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class _Loader(yaml.SafeLoader):

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from kernels import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
+from mugcp.kernels import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from mugcp.config import DEFAULTS, ConfigError
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from kernels.attention import AttentionBackendError, attention
+from mugcp.kernels.attention import AttentionBackendError, attention
 from mugcp.backbones import PretrainedLoadError, load_clip, normalize_model_name, quick_gelu_setting
 
 TEXTS = ["a photo of a cat.", "a dog", "a very long description of a small red fox in the snow at dawn"]

@@ -2,7 +2,7 @@
 
 The interpreter runs kernels the GPU compiler would reject, so the interpreted tests are not enough.
 Compilation needs a process whose Triton was imported without TRITON_INTERPRET (see kernels.aot), so
-the compiling tests run ``python -m kernels.aot`` in a subprocess, with a fresh Triton cache so that
+the compiling tests run ``python -m mugcp.kernels.aot`` in a subprocess, with a fresh Triton cache so that
 every PTX and cubin is really produced by this run.
 
 * default: bfloat16 (the GPU training dtype) at MuGCP's shapes;
@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from kernels import aot  # noqa: E402
+from mugcp.kernels import aot  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("cuda:sm_90", "cuda:sm_80")
@@ -36,7 +36,7 @@ def run_aot(tmp_path, *arguments, timeout=3600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     completed = subprocess.run(
-        [sys.executable, "-m", "kernels.aot", *arguments], cwd=REPO_ROOT, env=env,
+        [sys.executable, "-m", "mugcp.kernels.aot", *arguments], cwd=REPO_ROOT, env=env,
         capture_output=True, text=True, timeout=timeout,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -94,7 +94,7 @@ def test_every_launch_configuration_compiles_for_every_dtype(tmp_path, record_pr
 
 
 def test_all_scope_covers_every_configuration_the_launchers_can_choose():
-    from kernels import fuse_prompts_triton, mutual_attention_triton
+    from mugcp.kernels import fuse_prompts_triton, mutual_attention_triton
 
     enumerated = {json.dumps(dict(launch.constexprs), sort_keys=True)
                   for launch in aot.every_launch("all", ["bfloat16"])}
@@ -146,5 +146,5 @@ def test_jit_signature_rejects_wrong_arguments():
 def test_compiling_under_the_interpreter_says_what_to_run_instead():
     kernel = JITFunction(_toy_kernel)
     x = torch.empty(8, device="meta")
-    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*python -m kernels.aot"):
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*python -m mugcp.kernels.aot"):
         aot.compile_kernel(kernel, (x, x, 3, 4, 0.5), {"BLOCK": 64}, aot.HOPPER)

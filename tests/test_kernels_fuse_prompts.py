@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import kernels  # noqa: E402
+import mugcp.kernels as kernels  # noqa: E402
 from kernel_testing import DEVICE, INTERPRETED, needs_triton  # noqa: E402
-from kernels.fuse_prompts import fuse_prompts_expand_concat, fuse_prompts_reference  # noqa: E402
+from mugcp.kernels.fuse_prompts import fuse_prompts_expand_concat, fuse_prompts_reference  # noqa: E402
 
 INPUT_NAMES = ("seq", "ctx", "cond", "gate")
 
@@ -157,7 +157,7 @@ def test_triton_matches_reference_fp32(batch, n_classes, length, dim, n_ctx, n_c
 
 @needs_triton
 def test_triton_splits_classes_over_programs(monkeypatch):
-    from kernels import fuse_prompts_triton
+    from mugcp.kernels import fuse_prompts_triton
 
     # A small program budget forces several classes per program and a shorter last chunk (7 = 3+3+1).
     monkeypatch.setattr(fuse_prompts_triton, "TARGET_PROGRAMS", 6)

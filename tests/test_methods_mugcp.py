@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import kernels
+import mugcp.kernels as kernels
 from mugcp.backbones.text_buckets import text_groups
 from mugcp.config import ConfigError, load_config
 from mugcp.methods import create_model, get_method, resolve_options

@@ -94,6 +94,35 @@ def test_loading_a_directory_without_a_model_names_it(tmp_path):
     message = str(info.value)
     assert f"could not load the MLLM '{tmp_path}'" in message
     assert "Offline loading needs a local directory holding the model's config, weights and processor" in message
+    assert "lacks config.json; weights (*.safetensors or *.bin); processor files" in message
+
+
+def test_a_complete_folder_that_fails_to_load_says_why_without_the_folder_hint(tmp_path, monkeypatch):
+    """The first line names the exception (what failed); the model-folder hint only when files are missing."""
+    import transformers
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)\nmore detail")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", broken)
+    with pytest.raises(MLLMError) as info:
+        load_text_config(str(tmp_path))
+    assert str(info.value) == (f"could not load the MLLM '{tmp_path}' (config): ImportError: cannot import name "
+                               "'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)")
+
+
+def test_a_failed_tasks_log_is_summarised_by_its_error_line_not_its_hint():
+    from mugcp.engine.slurm import telling_line
+
+    log = ["loading", "error: could not load the MLLM '/m' (config): ImportError: cannot import name 'X'",
+           "--mllm takes a Hugging Face image-text-to-text model ...", "Offline loading needs a local directory ..."]
+    assert telling_line(log) == log[1]
+    traceback = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: bad shape", "srun: error: task 0 exited"]
+    assert telling_line(traceback) == "ValueError: bad shape"
+    assert telling_line(["epoch 1/2", "epoch 2/2"]) == "epoch 2/2"
 
 
 def test_out_of_memory_detection():

@@ -2,7 +2,7 @@
 
 :class:`AMGRecorder` sets the ``recorder`` hook of every ``MutualGuidance`` layer for the length of a
 ``with`` block and keeps what each layer saw. The maps are then computed from the recorded kernel
-inputs by the reference path's formula (``kernels.mutual_attention.mutual_attention_weights``), so
+inputs by the reference path's formula (``mugcp.kernels.mutual_attention.mutual_attention_weights``), so
 they are the same whichever backend the model ran (the Triton kernel never materialises them).
 
 The AMG map of semantic token s at layer j is the visual→semantic softmax ``softmax_{N_v}(A)[:, s]``
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kernels.mutual_attention import mutual_attention_weights
+from mugcp.kernels.mutual_attention import mutual_attention_weights
 from mugcp.analysis.figures import new_figure, save_figure
 
 CELL = 150  # pixels per image in the map grid

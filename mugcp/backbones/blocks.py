@@ -1,7 +1,7 @@
 """Block-level primitives of the prompted CLIP towers, shared by the plain and the bucketed text paths.
 
 ``ClipBackbone`` (clip.py) and the bucketed text path (text_buckets.py) both build on these: one
-residual block with the attention core swapped for ``kernels.attention``, writing prompt tokens into a
+residual block with the attention core swapped for ``mugcp.kernels.attention``, writing prompt tokens into a
 layer's input, running a stack of blocks with per-layer prompts, and the output projections.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
+from mugcp.kernels.attention import attention
 
 # A layer hook gets (layer index, token sequence entering that layer) and returns the sequence to use.
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -47,7 +47,7 @@ def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, appended: bool, repla
 
 
 def residual_block(block: nn.Module, x: torch.Tensor, causal: bool, attention_backend: str) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock, with the attention core swapped for ``kernels.attention``."""
+    """open_clip's ResidualAttentionBlock, with the attention core swapped for ``mugcp.kernels.attention``."""
     mha = block.attn
     batch, length, width = x.shape
     heads = mha.num_heads

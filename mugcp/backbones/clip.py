@@ -2,7 +2,7 @@
 
 ``ClipBackbone`` runs open_clip's own modules (embeddings, residual blocks, norms, projections) with
 two additions prompt learning needs: prompt tokens can be written into every layer's input, and the
-attention inside each block goes through ``kernels.attention`` so the backend is a config choice.
+attention inside each block goes through ``mugcp.kernels.attention`` so the backend is a config choice.
 With no prompts it computes exactly ``model.encode_text`` / ``model.encode_image``.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import check_attention_backend
+from mugcp.kernels.attention import check_attention_backend
 from mugcp.backbones.blocks import DeepPrompts, LayerHook, TextEmbeddings, insert_prompts, project, residual_block, run_blocks
 from mugcp.backbones.text_buckets import encode_text_bucketed
 

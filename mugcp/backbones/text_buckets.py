@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
+from mugcp.kernels.attention import attention
 from mugcp.backbones.blocks import DeepPrompts, TextEmbeddings, insert_prompts, project
 
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the

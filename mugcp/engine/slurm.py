@@ -356,7 +356,9 @@ def state_file(folder: os.PathLike) -> Path:
 
 
 def last_log_line(folder: os.PathLike, job_id: str) -> str:
-    """The last non-empty line the job's command wrote (stderr first: errors and progress go there)."""
+    """The line of the job's log that says what happened (stderr first: errors and progress go there):
+    the first line of a command's ``error:`` message (a hint may follow it on later lines), else the
+    exception line of a traceback, else the last non-empty line."""
     for suffix in (".err", ".out"):
         path = Path(folder) / f"slurm-{job_id}{suffix}"
         try:
@@ -367,5 +369,13 @@ def last_log_line(folder: os.PathLike, job_id: str) -> str:
             continue
         lines = [line for line in lines if line]
         if lines:
-            return lines[-1]
+            return telling_line(lines)
     return ""
+
+
+def telling_line(lines: Sequence[str]) -> str:
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    exceptions = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    return (exceptions or lines)[-1]

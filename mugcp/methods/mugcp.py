@@ -6,7 +6,7 @@ guide each other, giving the visual conditional prompts VCP^j and S^{j+1}; MPF w
 ``[F^j(ctx_t^j) ; σ(g_v^j)⊙VCP^j]`` after the visual tokens. Layer 0 works on the tokens before
 ``ln_pre`` and its prompts are normalised by ``ln_pre`` with them: the paper follows MaPLe, and this is
 where MaPLe's released code puts its first vision prompts (``ClipBackbone`` does the placement). The text encoder then runs over B×C
-sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``kernels.fuse_prompts``).
+sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``mugcp.kernels.fuse_prompts``).
 
 Its semantic inputs (which source a run uses, captions encoded once by the frozen CLIP text encoder)
 are in :mod:`mugcp.methods.mugcp_semantics`; its layers (attention pooling, AMG) in
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import mugcp.kernels as kernels
 from mugcp.backbones import ClipBackbone
 from mugcp.config import ConfigError
 from mugcp.methods.base import PromptLearner

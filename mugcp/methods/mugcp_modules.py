@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import mugcp.kernels as kernels
 from mugcp.config import ConfigError
 
 
@@ -71,7 +71,7 @@ class MutualGuidance(nn.Module):
     """AMG at one prompted vision layer j: visual tokens X and semantic tokens S^j guide each other.
 
     Per head, one affinity ``A = (LN(X)·W_a)(LN(S)·W_b)ᵀ/√d_h`` drives both directions through
-    ``kernels.mutual_attention``:
+    ``mugcp.kernels.mutual_attention``:
 
     - semantic→visual: ``X + tanh(γ_v)·W_ox(softmax_{n_s}(A)·S·W_vs)``;
     - visual→semantic: ``U = softmax_{N_v}(A)ᵀ·X·W_vx``, ``VCP = LN(U·W_ov)`` and, when this layer

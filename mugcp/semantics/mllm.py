@@ -61,13 +61,39 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+_FOLDER_HINT = (
+    "--mllm takes a Hugging Face image-text-to-text model (AutoProcessor + AutoModelForImageTextToText). "
+    "Offline loading needs a local directory holding the model's config, weights and processor files "
+    "(e.g. written by save_pretrained or `hf download MODEL_ID --local-dir DIR`)."
+)
+
+
+def missing_model_files(folder: Path) -> list[str]:
+    """What a model folder lacks of config, weights and processor files ([] when nothing is missing)."""
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("weights (*.safetensors or *.bin)")
+    processor_files = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
+    if not any((folder / file).is_file() for file in processor_files):
+        missing.append("processor files (" + ", ".join(processor_files) + ")")
+    return missing
+
+
 def _load_failure(name: str, what: str, err: BaseException) -> MLLMError:
-    return MLLMError(
-        f"could not load the MLLM {name!r} ({what}): {type(err).__name__}: {err}\n"
-        "--mllm takes a Hugging Face image-text-to-text model (AutoProcessor + AutoModelForImageTextToText). "
-        "Offline loading needs a local directory holding the model's config, weights and processor files "
-        "(e.g. written by save_pretrained or `hf download MODEL_ID --local-dir DIR`)."
-    )
+    """The error first (its type and first line), then a hint only where the hint is what is wrong:
+    a local folder that lacks model files, or a hub id that is not in the local cache."""
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    message = f"could not load the MLLM {name!r} ({what}): {type(err).__name__}: {first_line}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        missing = missing_model_files(folder)
+        if missing:
+            message += f"\n{folder} lacks {'; '.join(missing)}. {_FOLDER_HINT}"
+    elif isinstance(err, OSError):
+        message += f"\n{_FOLDER_HINT}"
+    return MLLMError(message)
 
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):

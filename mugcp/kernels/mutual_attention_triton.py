@@ -1,4 +1,4 @@
-"""Triton implementation of :func:`kernels.mutual_attention` (imported only when asked for).
+"""Triton implementation of :func:`mugcp.kernels.mutual_attention` (imported only when asked for).
 
 Design. One program per (batch, head). Everything about ``b`` (``Nb`` ≤ 64 tokens) stays in
 registers while the program walks over ``a`` in tiles of ``BLOCK_NA`` rows, in a single pass:
@@ -287,7 +287,7 @@ def _leading_strides(tensor: torch.Tensor) -> tuple[int, int, int]:
 
 
 def forward_launch(a, b, va, vb, scale, interpreted=None):
-    """(grid, positional args, config, outputs) of one forward launch; ``kernels.aot`` uses it too."""
+    """(grid, positional args, config, outputs) of one forward launch; ``mugcp.kernels.aot`` uses it too."""
     bt, heads, n_a, head_dim = a.shape
     n_b, value_dim = b.shape[2], va.shape[3]
     config = launch_config(n_b, head_dim, value_dim, a.dtype, interpreted)

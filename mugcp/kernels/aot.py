@@ -11,9 +11,9 @@ It must run in a process where Triton was imported with ``TRITON_INTERPRET`` uns
 interpreter even Triton's own library functions (``tl.zeros``...) are interpreter objects that the
 compiler cannot use. From a test, run the command line in a subprocess::
 
-    python -m kernels.aot                  # the configurations MuGCP's shapes use, every dtype
-    python -m kernels.aot --all            # every configuration the launchers can choose
-    python -m kernels.aot --dtype bfloat16 # one dtype
+    python -m mugcp.kernels.aot                  # the configurations MuGCP's shapes use, every dtype
+    python -m mugcp.kernels.aot --all            # every configuration the launchers can choose
+    python -m mugcp.kernels.aot --dtype bfloat16 # one dtype
 
 Each compilation prints one JSON line: kernel, dtype, target, block sizes, PTX target, cubin size
 and whether the Hopper code uses ``wgmma``.
@@ -70,7 +70,7 @@ def _check_compiler_available() -> None:
     if not isinstance(triton.language.zeros, JITFunction):
         raise RuntimeError(
             "kernels.aot cannot compile in a process where Triton was imported with TRITON_INTERPRET=1 "
-            "(its functions are interpreter objects); run `python -m kernels.aot` in a process without "
+            "(its functions are interpreter objects); run `python -m mugcp.kernels.aot` in a process without "
             "TRITON_INTERPRET set"
         )
 
@@ -221,7 +221,7 @@ def every_launch(scope: str, dtype_names: Sequence[str]) -> Iterator[Launch]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mugcp.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="every configuration the launchers can choose")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
     parser.add_argument("--target", action="append", type=int, choices=(80, 90), help="SM arch; default: 90 and 80")

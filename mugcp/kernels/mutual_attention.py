@@ -6,7 +6,7 @@ With ``A = a·bᵀ·scale`` per (batch, head):
 * ``ob = softmax(A, dim=-2)ᵀ · va`` — every ``b`` token attends over the ``Na`` tokens of ``a``.
 
 ``Nb`` (semantic tokens) is small and ``Na`` (visual tokens) large, so ``A`` is a tall, thin matrix.
-The Triton path lives in ``kernels.mutual_attention_triton`` and is imported on first use.
+The Triton path lives in ``mugcp.kernels.mutual_attention_triton`` and is imported on first use.
 """
 from __future__ import annotations
 

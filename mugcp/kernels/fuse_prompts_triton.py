@@ -1,4 +1,4 @@
-"""Triton implementation of :func:`kernels.fuse_prompts` (imported only when asked for).
+"""Triton implementation of :func:`mugcp.kernels.fuse_prompts` (imported only when asked for).
 
 Design. The grid is (image b, chunk of classes, tile of D). A program builds the prompt rows of
 image ``b`` once — ``ctx`` and ``sigmoid(gate)·cond[b]`` for its D tile — and reuses them for every
@@ -141,7 +141,7 @@ def launch_config(batch: int, n_classes: int, length: int, dim: int, n_prompt: i
 
     The compile-time blocks take few values — ``BLOCK_P`` in 8..128 and ``BLOCK_D`` in 16..128 with
     ``BLOCK_P·BLOCK_D ≤ 4096`` (the fp32 prompt accumulator's register budget) — so every variant
-    can be compiled ahead of time (see ``kernels.aot``).
+    can be compiled ahead of time (see ``mugcp.kernels.aot``).
     """
     if not 1 <= n_prompt <= MAX_PROMPT_TOKENS:
         raise ValueError(
@@ -167,7 +167,7 @@ def _grid(batch: int, dim: int, config: LaunchConfig) -> tuple[int, int, int]:
 
 
 def forward_launch(seq, ctx, cond, gate, start):
-    """(grid, positional args, config, out) of one forward launch; ``kernels.aot`` uses it too."""
+    """(grid, positional args, config, out) of one forward launch; ``mugcp.kernels.aot`` uses it too."""
     batch, n_classes, length, dim = seq.shape
     n_ctx, n_cond = ctx.shape[0], cond.shape[1]
     config = launch_config(batch, n_classes, length, dim, n_ctx + n_cond)

@@ -1,7 +1,7 @@
 """Fused ops for prompt learning, each with a PyTorch reference and a Triton path behind one call.
 
-``kernels.set_backend("triton")`` (or ``MUGCP_KERNELS=triton``, or ``backend=`` per call) switches
-every op; see :mod:`kernels.backend`. Importing this package never imports Triton.
+``mugcp.kernels.set_backend("triton")`` (or ``MUGCP_KERNELS=triton``, or ``backend=`` per call) switches
+every op; see :mod:`mugcp.kernels.backend`. Importing this package never imports Triton.
 """
 from .attention import ATTENTION_BACKENDS, attention
 from .backend import BACKENDS, KernelBackendError, get_backend, set_backend, use_backend
