@@ -52,7 +52,7 @@ def build_step(method: str, classes: int, path: str, memory_mb: float | None, ba
     import torch
 
     from mugcp.backbones import load_clip
-    from mugcp.engine.run_setup import configure_text_path
+    from mugcp.runs.run_setup import configure_text_path
     from mugcp.methods import create_model
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "list_methods": "mugcp.methods",
     "get_tokenizer": "mugcp.backbones",
     "load_clip": "mugcp.backbones",
-    "load_run": "mugcp.engine.inference",
+    "load_run": "mugcp.inference.inference",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

@@ -7,7 +7,7 @@ one line naming the key, the value, what is allowed and the default.
 Adding a config key means adding it to ``DEFAULTS`` (``mugcp.config``) and a ``Spec`` here; a test
 checks that every default has one. Specs for keys absent from a config are simply not used.
 Method options are checked against each method's own defaults (``mugcp.methods.registry``), and the
-names that need a registry (method, backbone, dataset) by ``mugcp.engine.run_setup.check_run_config``.
+names that need a registry (method, backbone, dataset) by ``mugcp.runs.run_setup.check_run_config``.
 """
 from __future__ import annotations
 

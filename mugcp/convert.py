@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint folder --out if it exists")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option the file cannot tell, e.g. ctx_init='a photo of a'")
     args = parser.parse_args(argv)
-    from mugcp.engine.released_checkpoint import convert
+    from mugcp.runs.released_checkpoint import convert
 
     folder, ignored = convert(args.method, args.backbone, args.dassl_file, args.out, args.pretrained, parse_options(args.option),
                               overwrite=args.overwrite)

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     config_arguments(parser)
     args = parser.parse_args(argv)
 
-    from mugcp.engine.evaluate_checkpoint import evaluate_checkpoint
+    from mugcp.training.evaluate_checkpoint import evaluate_checkpoint
 
     overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
     metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output)

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mugcp.engine.slurm_launch import add_launcher_arguments
+from mugcp.launch.slurm_launch import add_launcher_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.launcher == "slurm":
-            from mugcp.engine.slurm import require_slurm
+            from mugcp.launch.slurm import require_slurm
 
             require_slurm()  # before any dataset or model is read
         if args.merge:
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit_to_slurm(args, argv, parser, source, settings) -> int:
-    from mugcp.engine.slurm import SlurmOptions
-    from mugcp.engine.slurm_extract import finish_extraction, submit_extraction
-    from mugcp.engine.slurm_launch import task_arguments
+    from mugcp.launch.slurm import SlurmOptions
+    from mugcp.launch.slurm_extract import finish_extraction, submit_extraction
+    from mugcp.launch.slurm_launch import task_arguments
 
     options = SlurmOptions().updated_from_args(args)
     task_args = task_arguments(argv, parser, drop=("shards", "shard"))

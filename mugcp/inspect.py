@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from mugcp.experiments.inspection import inspect_run
+    from mugcp.inference.inspection import inspect_run
 
     classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
     result = inspect_run(args.run, args.images, args.out, k=args.top_k, classnames=classes, semantic_cache=args.semantic_cache,

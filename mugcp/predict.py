@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     from mugcp.config import ConfigError
-    from mugcp.engine.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, predict_files, result_rows, rows_csv,
+    from mugcp.inference.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, predict_files, result_rows, rows_csv,
                                           rows_jsonl, table)
-    from mugcp.engine.inference import load_run
+    from mugcp.inference.inference import load_run
     from mugcp.utils import atomic_write_text
 
     if args.top_k < 1:

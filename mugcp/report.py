@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mugcp.cli import run_cli
-from mugcp.experiments.tables import LAYOUTS
+from mugcp.reports.tables import LAYOUTS
 
 
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="report", help="output folder (default: report/)")
     parser.add_argument("--layout", default="groups", choices=LAYOUTS, help="table layout (default: groups)")
     args = parser.parse_args(argv)
-    from mugcp.experiments import write_report
+    from mugcp.reports import write_report
 
     write_report(args.runs, args.out, args.layout)
     return 0

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mugcp.cli import run_cli
-from mugcp.engine.slurm import add_slurm_arguments
+from mugcp.launch.slurm import add_slurm_arguments
 
 
 def main(argv=None, launcher: Optional[Callable] = None) -> int:
@@ -67,13 +67,14 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     if args.launcher == "slurm" and args.jobs != 1:
         parser.error("--jobs is for the local launcher; on Slurm, --slurm-array-parallelism caps the runs at once")
     if args.launcher == "slurm" and not args.dry_run:
-        from mugcp.engine.slurm import require_slurm
+        from mugcp.launch.slurm import require_slurm
 
         require_slurm()  # before planning: one line, exit 2
     from mugcp.config import ConfigError
-    from mugcp.experiments import describe_counts, load_sweep, plan, run_jobs, write_report
-    from mugcp.experiments.jobs import METRICS_FILE, describe_job, recipe_notes
-    from mugcp.experiments.run_configs import describe_changes, to_json
+    from mugcp.sweeps import describe_counts, load_sweep, plan, run_jobs
+    from mugcp.reports import write_report
+    from mugcp.sweeps.jobs import METRICS_FILE, describe_job, recipe_notes
+    from mugcp.sweeps.run_configs import describe_changes, to_json
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}.")
@@ -95,7 +96,7 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
         print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor overwritten. "
               "Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the settings they ran with.", file=sys.stderr)
     if (args.launcher == "slurm" or args.status) and not args.dry_run:
-        from mugcp.experiments.slurm_sweep import run_command
+        from mugcp.launch.slurm_sweep import run_command
 
         return run_command(sweep, jobs, root, args)
     if args.dry_run:
@@ -110,7 +111,9 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
             print(f"[{index}/{len(jobs)}] {job.mode:9s} {job.name}\n    {shlex.join(job.command())}")
         return 0
     try:
-        counts = run_jobs(jobs, root, args.jobs, launcher=launcher, progress=not args.no_progress)
+        from mugcp.launch.slurm_sweep import queued_on_slurm
+
+        counts = run_jobs(jobs, root, args.jobs, launcher=launcher, progress=not args.no_progress, queued_elsewhere=queued_on_slurm)
     except KeyboardInterrupt as stop:
         counts = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else {}
         print(f"interrupted ({describe_counts(counts)}); rerun the same command to continue: finished runs are skipped, "

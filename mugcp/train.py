@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mugcp.cli import config_arguments, run_cli
 from mugcp.config import CONFIG_DIR, load_config
-from mugcp.engine.slurm_launch import add_launcher_arguments
+from mugcp.launch.slurm_launch import add_launcher_arguments
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.launcher == "slurm":
-        from mugcp.engine.slurm import require_slurm
+        from mugcp.launch.slurm import require_slurm
 
         require_slurm()  # before the config is read: no Slurm here is one line, at once
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         parser.error("under torchrun, pass --output: every process must write to the same run folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
-    from mugcp.engine.run_setup import check_resume_folder, check_run_config, run_config_text
+    from mugcp.runs.run_setup import check_resume_folder, check_run_config, run_config_text
 
     config = args.config or DEMO_CONFIG
     if args.resume:
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     if args.launcher == "slurm":
         return submit_to_slurm(args, argv, parser, cfg, output)
 
-    from mugcp.engine.stopping import StopOnSignal
-    from mugcp.engine.trainer import train
+    from mugcp.training.stopping import StopOnSignal
+    from mugcp.training.trainer import train
 
     with StopOnSignal() as stop:  # SIGTERM: save the step in flight and stop (a Slurm stop or requeue)
         metrics = train(cfg, output, resume=args.resume, overwrite=args.overwrite, stop=stop)
@@ -92,8 +92,8 @@ def describe_metrics(metrics: dict) -> str:
 def submit_to_slurm(args, argv, parser, cfg: dict, output: Path) -> int:
     import json
 
-    from mugcp.engine.slurm import SlurmOptions
-    from mugcp.engine.slurm_launch import follow, job_report, submit_training, task_arguments
+    from mugcp.launch.slurm import SlurmOptions
+    from mugcp.launch.slurm_launch import follow, job_report, submit_training, task_arguments
 
     options = SlurmOptions().updated_from_args(args)
     job = submit_training(cfg, task_arguments(argv, parser, drop=("output", "overwrite")), output, options,

@@ -22,7 +22,7 @@ def vit_b32():
 @pytest.fixture(scope="module")
 def shared_clip(vit_b32):
     """Runs built in this module use the shared ViT-B-32 instead of building their own."""
-    from mugcp.engine import run_setup
+    from mugcp.runs import run_setup
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)

@@ -14,7 +14,7 @@ from mugcp.analysis.amg import GATES_SIZE, map_grid_size
 from mugcp.analysis.confusion import figure_size
 from mugcp.analysis.curves import CURVES_SIZE, read_metrics
 from mugcp.config import load_config
-from mugcp.engine import train
+from mugcp.training import train
 from released_reference import register_tiny_clip
 from test_analysis import CLASSES, assert_png
 

@@ -15,7 +15,7 @@ from mugcp.config import DEFAULTS, ConfigError
 from mugcp.config_schema import check_value
 from mugcp.data import BadImageError, build_dataset, open_image_file
 from mugcp.data.__main__ import main as data_main
-from mugcp.engine import train
+from mugcp.training import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main

@@ -13,7 +13,7 @@ from fixtures import make_coop_dataset, make_imagefolder, write_image
 from mugcp.cli import run_cli
 from mugcp.data import build_dataset
 from mugcp.data.classnames import ClassNamesError, read_classnames_file, validate_classnames
-from mugcp.engine import train
+from mugcp.training import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.convert import main as convert_main
-from mugcp.engine.checkpoint import read_checkpoint
+from mugcp.runs.checkpoint import read_checkpoint
 from mugcp.methods import create_model
 from fixtures import make_imagefolder
 from released_reference import (

@@ -1,8 +1,8 @@
 """The house's layering, read from every module's imports (ast): nothing imports a layer above its own,
 no module imports itself back through others, and ``mugcp/kernels/`` stands alone.
 
-Layers, bottom up: errors/utils → config → backbones and data → methods, semantics and analysis →
-engine → experiments (sweeps, reports, inspection) → commands. Every import counts, also one inside a function: a lazy import
+Layers, bottom up: errors/utils → config → backbones and data → methods, semantics and analysis → runs →
+training and inference → reports → sweeps → launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
 of a higher layer is still a dependency running back up.
 """
 from __future__ import annotations
@@ -18,8 +18,11 @@ LAYERS = [
     ("config", ("mugcp.config", "mugcp.config_schema", "mugcp.recipes")),
     ("backbones and data", ("mugcp.backbones", "mugcp.data")),
     ("methods, semantics and analysis", ("mugcp.methods", "mugcp.semantics", "mugcp.analysis")),
-    ("engine", ("mugcp.engine",)),
-    ("experiments", ("mugcp.experiments",)),
+    ("runs", ("mugcp.runs",)),
+    ("training and inference", ("mugcp.training", "mugcp.inference")),
+    ("reports", ("mugcp.reports",)),
+    ("sweeps", ("mugcp.sweeps",)),
+    ("launch", ("mugcp.launch",)),
 ]
 COMMANDS = "commands"
 KERNELS = "mugcp.kernels"
@@ -88,8 +91,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_layer_test_sees_the_project():
     graph = import_graph()
-    assert "mugcp.engine.trainer" in graph and "mugcp.kernels.attention" in graph
-    assert "mugcp.config" in graph["mugcp.engine.trainer"]
+    assert "mugcp.training.trainer" in graph and "mugcp.kernels.attention" in graph
+    assert "mugcp.config" in graph["mugcp.training.trainer"]
     assert layer_of("mugcp.data.__main__") == (len(LAYERS), COMMANDS)
     assert layer_of("mugcp.semantics.cache")[1] == "methods, semantics and analysis"
 

@@ -11,7 +11,7 @@ import mugcp
 from fixtures import make_imagefolder, write_corrupt_image, write_image
 from mugcp.cli import run_cli
 from mugcp.config import ConfigError
-from mugcp.engine import train
+from mugcp.training import train
 from mugcp.predict import main as predict_main
 from test_engine import CLASSES, small_config, write_semantic_cache
 
@@ -165,7 +165,7 @@ def test_no_image_classified_is_exit_2_and_out_says_why(tmp_path, coop_run, caps
 
 
 def test_symlinked_folders_are_followed_once(tmp_path):
-    from mugcp.engine.image_files import collect_images
+    from mugcp.inference.image_files import collect_images
     from mugcp.semantics.sources import image_dir_source
 
     photos, shared = tmp_path / "photos", tmp_path / "shared"

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from fixtures import make_imagefolder, write_image
-from mugcp.engine import run_setup, train
+from mugcp.runs import run_setup
+from mugcp.training import train
 from test_engine import CLASSES, small_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -9,7 +9,7 @@ import pytest
 from mugcp import recipes
 from mugcp.config import ConfigError, load_config, merge
 from mugcp.data.registry import DATASET_NAMES
-from mugcp.engine.run_setup import check_run_config
+from mugcp.runs.run_setup import check_run_config
 from mugcp.methods.registry import list_methods
 from mugcp.recipes import RECIPE_PROTOCOLS, list_recipes, read_recipe_file, recipe_for
 

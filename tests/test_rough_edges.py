@@ -5,7 +5,8 @@ from fixtures import make_imagefolder
 from mugcp.cli import run_cli
 from mugcp.data import DatasetError, build_dataset
 from mugcp.data.__main__ import main as data_main
-from mugcp.engine import run_setup, train
+from mugcp.runs import run_setup
+from mugcp.training import train
 from test_engine import CLASSES, small_config
 
 

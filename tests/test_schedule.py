@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from fixtures import make_imagefolder
 from mugcp.config import DEFAULTS, load_config
-from mugcp.engine import run_setup, train, trainer
-from mugcp.engine.optim import build_scheduler, learning_rate, run_length
+from mugcp.runs import run_setup
+from mugcp.training import train, trainer
+from mugcp.training.optim import build_scheduler, learning_rate, run_length
 
 
 class DasslConstantWarmup(torch.optim.lr_scheduler.LRScheduler):
@@ -188,7 +189,7 @@ def test_a_run_has_dassls_rates_logs_each_steps_own_rate_and_resumes_mid_epoch_e
 
 
 def test_a_checkpoint_that_does_not_fit_the_data_is_refused_on_resume(tmp_path, dataset_root, recorded):
-    from mugcp.engine.checkpoint import CheckpointError
+    from mugcp.runs.checkpoint import CheckpointError
 
     train(run_config(dataset_root, "optim.max_steps=3"), tmp_path / "cut")
     with pytest.raises(CheckpointError, match=r"stopped at step 3 after 1 epochs, which does not fit 1 batches per epoch"):

@@ -115,7 +115,7 @@ def test_a_complete_folder_that_fails_to_load_says_why_without_the_folder_hint(t
 
 
 def test_a_failed_tasks_log_is_summarised_by_its_error_line_not_its_hint():
-    from mugcp.engine.slurm import telling_line
+    from mugcp.launch.slurm import telling_line
 
     log = ["loading", "error: could not load the MLLM '/m' (config): ImportError: cannot import name 'X'",
            "--mllm takes a Hugging Face image-text-to-text model ...", "Offline loading needs a local directory ..."]

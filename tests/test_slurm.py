@@ -1,4 +1,4 @@
-"""mugcp.engine.slurm against a real single-node Slurm (the `slurm_cluster` fixture, tests/slurm_cluster.py).
+"""mugcp.launch.slurm against a real single-node Slurm (the `slurm_cluster` fixture, tests/slurm_cluster.py).
 
 Every job runs a small Python script of this file in its own folder; the scripts block on a file
 the test creates, so the states seen in between (pending, running) are certain, not timed.
@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("submitit", reason="submitit is not installed: pip install -e '.[slurm]'")
 
-from mugcp.engine.slurm import SlurmOptions, job_states, last_log_line, submit_commands, submit_distributed, wait_for_jobs  # noqa: E402
-from mugcp.engine.slurm_task import read_state  # noqa: E402
+from mugcp.launch.slurm import SlurmOptions, job_states, last_log_line, submit_commands, submit_distributed, wait_for_jobs  # noqa: E402
+from mugcp.launch.slurm_task import read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 45
@@ -158,15 +158,15 @@ def test_without_requeue_the_signal_ends_the_task_interrupted(slurm_cluster, tmp
     assert [call["argv"] for call in _calls(folders[0])] == [["once", str(folders[0])]]
 
 
-# The real mugcp.engine.distributed, imported without running the package __init__ files (they load
+# The real mugcp.training.distributed, imported without running the package __init__ files (they load
 # open_clip: ~10 s per process on a busy 2-core machine).
 DISTRIBUTED = """
 import json, os, pathlib, sys, types, torch
-for name in ("mugcp", "mugcp.engine"):
+for name in ("mugcp", "mugcp.training"):
     package = types.ModuleType(name)
     package.__path__ = [os.path.join(os.environ["PYTHONPATH"], *name.split("."))]
     sys.modules[name] = package
-from mugcp.engine.distributed import Distributed
+from mugcp.training.distributed import Distributed
 d = Distributed.from_env(torch.device("cpu"))
 total = d.mean(torch.tensor([float(d.rank + 1)])) * d.world_size   # an all_reduce over the ranks
 names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -195,7 +195,7 @@ def test_a_two_task_gloo_job_gets_ranks_from_slurm_and_all_reduces(slurm_cluster
 
 
 def test_options_reach_sbatch_and_a_refusal_is_one_slurm_error(slurm_cluster, tmp_path):
-    from mugcp.engine.slurm import SlurmError
+    from mugcp.launch.slurm import SlurmError
 
     folder = tmp_path / "opts"
     options = SlurmOptions(partition=slurm_cluster.partition, time="0:03:00", cpus_per_run=1, mem="100M",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mugcp.cli import run_cli
-from mugcp.engine.slurm_launch import task_arguments
+from mugcp.launch.slurm_launch import task_arguments
 from mugcp.extract import build_parser
 from mugcp.extract import main as extract_main
 from mugcp.semantics import SemanticCache, read_manifest
@@ -50,7 +50,7 @@ def test_without_slurm_the_launcher_says_so_in_one_line(hidden, reason, monkeypa
 
 
 def shard_job(out: Path, index: int) -> str:
-    from mugcp.engine.slurm_task import read_state
+    from mugcp.launch.slurm_task import read_state
 
     return read_state(out / ".slurm" / f"shard-{index}-of-2")["job_id"]
 
@@ -58,8 +58,8 @@ def shard_job(out: Path, index: int) -> str:
 @pytest.mark.slow  # each task imports torch + transformers: ~20-40 s on 2 busy cores
 def test_two_shard_extraction_on_slurm_gives_the_single_process_cache(slurm_cluster, tiny_mllm, image_dir, single_process,  # noqa: F811
                                                                       tmp_path, monkeypatch, capsys):
-    from mugcp.engine.slurm import wait_for_jobs
-    from mugcp.engine.slurm_task import read_state
+    from mugcp.launch.slurm import wait_for_jobs
+    from mugcp.launch.slurm_task import read_state
 
     monkeypatch.chdir(ROOT)  # tasks run from here, so `python -m mugcp.extract` imports this checkout
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -4,7 +4,7 @@ import builtins
 
 import pytest
 
-from mugcp.engine.slurm import SlurmError, SlurmOptions, add_slurm_arguments, parse_time_minutes, slurm_available
+from mugcp.launch.slurm import SlurmError, SlurmOptions, add_slurm_arguments, parse_time_minutes, slurm_available
 from mugcp.errors import UserError
 
 
@@ -92,7 +92,7 @@ def test_without_submitit_the_reason_says_how_to_install_it(monkeypatch, tmp_pat
 
 
 def test_the_last_log_line_prefers_stderr_and_reads_progress_bars(tmp_path):
-    from mugcp.engine.slurm import last_log_line
+    from mugcp.launch.slurm import last_log_line
 
     (tmp_path / "slurm-7_1.out").write_text("epoch 1\nepoch 2\n\n")
     assert last_log_line(tmp_path, "7_1") == "epoch 2"

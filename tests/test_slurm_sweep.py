@@ -19,8 +19,8 @@ import yaml
 
 from fixtures import make_coop_dataset
 from released_reference import TINY_CLIP, TINY_CONFIG
-from mugcp.engine.slurm import SlurmError
-from mugcp.experiments import load_sweep
+from mugcp.launch.slurm import SlurmError
+from mugcp.sweeps import load_sweep
 from mugcp.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def tiny_env(tmp_path, monkeypatch):
     (site / "sitecustomize.py").write_text("import pathlib, open_clip\nopen_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{ROOT}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("mugcp.experiments.slurm_sweep.POLL_S", 0.5)
+    monkeypatch.setattr("mugcp.launch.slurm_sweep.POLL_S", 0.5)
     return dict(os.environ)
 
 
@@ -75,7 +75,7 @@ def recorded(root: Path) -> dict:
 # ---- without the cluster ----------------------------------------------------------------------
 
 def test_slurm_section_and_flags_make_the_options(tmp_path):
-    from mugcp.experiments.slurm_sweep import sweep_options
+    from mugcp.launch.slurm_sweep import sweep_options
 
     sweep = load_sweep(grid(tmp_path, ["coop"], [1], data=tmp_path))
     assert sweep.slurm is None
@@ -204,9 +204,9 @@ def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cl
 
 @pytest.mark.slow  # 2 concurrent submissions, 2 Slurm runs: ~50-75 s measured at load 4-7
 def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, tiny_env, capsys):
-    from mugcp.engine.slurm import SlurmOptions
-    from mugcp.experiments import plan
-    from mugcp.experiments.slurm_sweep import submit_sweep
+    from mugcp.launch.slurm import SlurmOptions
+    from mugcp.sweeps import plan
+    from mugcp.launch.slurm_sweep import submit_sweep
 
     sweep = grid(tmp_path, ["zsclip"], [1, 2])
     root = tmp_path / "runs"

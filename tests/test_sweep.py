@@ -14,8 +14,9 @@ import yaml
 from fixtures import make_coop_dataset
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
-from mugcp.engine import run_setup, trainer
-from mugcp.experiments import load_sweep, plan
+from mugcp.runs import run_setup
+from mugcp.training import trainer
+from mugcp.sweeps import load_sweep, plan
 from mugcp.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from fixtures import make_coop_dataset
 from released_reference import TINY_CLIP, TINY_CONFIG, tiny_clip
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
-from mugcp.engine import run_setup
-from mugcp.engine.run_lock import RunFolderBusy, RunLock, holder
+from mugcp.runs import run_setup
+from mugcp.runs.run_lock import RunFolderBusy, RunLock, holder
 from mugcp.recipes import recipe_for
 from mugcp.sweep import main as sweep_main
 

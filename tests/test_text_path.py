@@ -13,7 +13,7 @@ import torch
 
 from mugcp.backbones.text_buckets import eot_block, plan_chunks, text_groups
 from mugcp.config import ConfigError
-from mugcp.engine.run_setup import configure_text_path
+from mugcp.runs.run_setup import configure_text_path
 from mugcp.methods import create_model
 
 # EOT positions from 3 to 17: several buckets, one name alone at its length.

@@ -6,7 +6,7 @@ import os
 import yaml
 
 from fixtures import make_imagefolder
-from mugcp.engine import run_setup
+from mugcp.runs import run_setup
 from mugcp.train import main as train_main
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]

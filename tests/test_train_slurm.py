@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from fixtures import make_imagefolder
 from mugcp.cli import run_cli
-from mugcp.engine.checkpoint import read_trainer_state
+from mugcp.runs.checkpoint import read_trainer_state
 from mugcp.methods import get_method
 from mugcp.train import main
 
@@ -90,7 +90,7 @@ def test_sigterm_saves_the_step_in_flight_and_resume_ends_as_an_uninterrupted_ru
 @pytest.mark.slow  # two fresh processes import torch and open_clip and train: ~30-60 s on 2 busy cores
 def test_a_two_task_gloo_run_under_slurm_learns_what_one_process_learns(slurm_cluster, data_root, uninterrupted, tmp_path,
                                                                          monkeypatch, capsys):
-    from mugcp.engine.slurm import job_states
+    from mugcp.launch.slurm import job_states
 
     monkeypatch.chdir(ROOT)  # tasks run from here, so `python -m mugcp.train` imports this checkout
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # exported to the job (sbatch passes the environment on)

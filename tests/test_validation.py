@@ -9,10 +9,11 @@ from fixtures import make_imagefolder
 from mugcp.cli import run_cli
 from mugcp.config import DEFAULTS, ConfigError, load_config
 from mugcp.config_schema import CLASS_SUBSETS, PRECISIONS, PROTOCOLS, SCHEMA, check_values, flatten
-from mugcp.engine import run_setup, trainer
-from mugcp.engine.checkpoint import CheckpointError, read_trainer_state
-from mugcp.engine.run_setup import RunInterrupted, check_run_config
-from mugcp.engine.evaluate_checkpoint import evaluation_config
+from mugcp.runs import run_setup
+from mugcp.training import trainer
+from mugcp.runs.checkpoint import CheckpointError, read_trainer_state
+from mugcp.runs.run_setup import RunInterrupted, check_run_config
+from mugcp.training.evaluate_checkpoint import evaluation_config
 from mugcp.train import main as train_main
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
@@ -64,7 +65,7 @@ def test_every_default_key_has_a_schema_entry_that_accepts_the_default():
 
 def test_schema_choices_match_the_code_that_reads_them():
     from mugcp.data.protocol import ALL_CLASS_PROTOCOLS, BASE2NEW, SUBSETS
-    from mugcp.engine import runtime
+    from mugcp.runs import runtime
 
     assert PRECISIONS == ("auto", *runtime.PRECISIONS)
     assert PROTOCOLS == (BASE2NEW, *ALL_CLASS_PROTOCOLS)

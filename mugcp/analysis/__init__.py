@@ -5,5 +5,5 @@ Layering: beside methods and semantics. ``figures``, ``predictions``, ``confusio
 ``per_class`` use only numpy, torch, matplotlib and ``mugcp.utils``, so the engine (evaluation,
 trainer) and the reports may call them; ``nearest_words`` and ``amg`` read a built method. Inspecting
 a trained run (``python -m mugcp.inspect``) loads it through the engine, so it lives above it, in
-:mod:`mugcp.experiments.inspection`. Nothing is imported here eagerly.
+:mod:`mugcp.inference.inspection`. Nothing is imported here eagerly.
 """

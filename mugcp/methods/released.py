@@ -3,7 +3,7 @@
 Each method that has released checkpoints declares a :class:`ReleasedNames` next to its own code
 (``register_method(..., released=...)``): a function that maps the released tensors onto ours and
 reads the options their shapes imply, and the released keys that hold no trained prompt. The
-converter (:mod:`mugcp.engine.released_checkpoint`) is generic over these declarations.
+converter (:mod:`mugcp.runs.released_checkpoint`) is generic over these declarations.
 """
 from __future__ import annotations
 

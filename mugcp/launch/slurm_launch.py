@@ -3,7 +3,7 @@ and what ``mugcp.extract`` shares with it (the flags, the command line each task
 
 The command line a task runs is the one the user typed, minus the launcher's own options, so every
 other option (and its default) means in the job what it means locally. Tasks run from the directory
-the command was started in, so relative paths do too (see ``mugcp.engine.slurm``). Importing this module
+the command was started in, so relative paths do too (see ``mugcp.launch.slurm``). Importing this module
 loads neither torch nor the models (commands build their parsers with it).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mugcp.engine.slurm import (
+from mugcp.launch.slurm import (
     FINISHED,
     SlurmError,
     SlurmOptions,
@@ -27,7 +27,7 @@ from mugcp.engine.slurm import (
     submit_distributed,
     wait_for_jobs,
 )
-from mugcp.engine.slurm_task import read_state, write_state
+from mugcp.launch.slurm_task import read_state, write_state
 
 LAUNCHER_DESTS = ("launcher", "wait")
 ACTIVE = ("pending", "running")
@@ -133,8 +133,8 @@ def submit_training(cfg: dict, args: Sequence[str], output: Path, options: Slurm
     processes). A requeued job continues with ``--resume`` once the run has written its config.
     When the folder's previous job is still queued or running, that job is returned, not a new one.
     """
-    from mugcp.engine.distributed import Distributed
-    from mugcp.engine.run_setup import check_output_free, check_resume_folder
+    from mugcp.training.distributed import Distributed
+    from mugcp.runs.run_setup import check_output_free, check_resume_folder
 
     require_slurm()
     output = Path(output)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from mugcp.engine import slurm_task
-from mugcp.engine.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
+from mugcp.launch import slurm_task
+from mugcp.launch.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
 from mugcp.errors import UserError
 
 INSTALL_HINT = "pip install -e '.[slurm]'"

@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 
 from mugcp.config import ConfigError
-from mugcp.engine.semantic_inputs import SemanticInputs
+from mugcp.inference.semantic_inputs import SemanticInputs
 
 
 @dataclass
@@ -98,7 +98,7 @@ class TrainedModel(nn.Module):
 
     def forward(self, images: torch.Tensor, **semantic) -> torch.Tensor:
         """Logits ``(B, C)`` over ``classnames`` for a preprocessed batch ``(B, 3, S, S)``."""
-        from mugcp.engine.runtime import autocast
+        from mugcp.runs.runtime import autocast
 
         images = self.check_images(images)
         if self.semantics.needed and "semantic" not in semantic:
@@ -169,9 +169,9 @@ def load_run(run, classnames: Optional[Sequence[str]] = None, device: str = "cpu
     ``model.predict(images)`` the top-k classes. MuGCP runs trained on MLLM answers need
     ``semantic_cache`` (a cache from ``mugcp.extract``) or ``mllm`` (a model to run now).
     """
-    from mugcp.engine.run_setup import SemanticContext, build_run_model
-    from mugcp.engine.runtime import resolve_device, resolve_precision
-    from mugcp.engine.trained_run import read_trained_run
+    from mugcp.runs.run_setup import SemanticContext, build_run_model
+    from mugcp.runs.runtime import resolve_device, resolve_precision
+    from mugcp.runs.trained_run import read_trained_run
 
     trained = read_trained_run(run)
     names = trained.resolve_classnames(classnames)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mugcp.experiments.results import in_paper_order, mean
+from mugcp.reports.results import in_paper_order, mean
 from mugcp.utils import atomic_write
 
 

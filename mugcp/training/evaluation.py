@@ -7,8 +7,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mugcp.data import ImageDataset, build_loader, build_transform
-from mugcp.engine.learned_classes import RETRAIN_HINT, is_class_specific_model, learned_classes_problem
-from mugcp.engine.runtime import autocast
+from mugcp.runs.learned_classes import RETRAIN_HINT, is_class_specific_model, learned_classes_problem
+from mugcp.runs.runtime import autocast
 from mugcp.utils import progress_wanted
 
 log = logging.getLogger("mugcp")

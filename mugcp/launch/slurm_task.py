@@ -6,7 +6,7 @@ matter which checkout the compute node's ``python`` would import.
 
 ``<folder>/slurm_state.json`` is the run's own record, written atomically at each change:
 ``{"job_id", "state": running | done | failed | interrupted | requeued, "returncode", "restarts",
-"command", "host", "updated"}``. ``mugcp.engine.slurm.job_states`` reads it beside ``squeue``, so job
+"command", "host", "updated"}``. ``mugcp.launch.slurm.job_states`` reads it beside ``squeue``, so job
 states need no accounting daemon (``sacct``). The command's stdout and stderr go to
 ``<folder>/slurm-<job id>.out`` / ``.err`` (rank r > 0 of a distributed job: ``slurm-<job id>.rank<r>.out``).
 
@@ -219,7 +219,7 @@ class CommandTask:
 class DistributedTask(CommandTask):
     """One task of a data-parallel job (one per GPU, or per CPU process with gloo): torchrun's
     environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set from
-    Slurm's, which ``mugcp.engine.distributed.Distributed.from_env`` reads like under torchrun."""
+    Slurm's, which ``mugcp.training.distributed.Distributed.from_env`` reads like under torchrun."""
 
     def prepare_env(self) -> dict:
         env = super().prepare_env()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
-from mugcp.experiments.results import GROUP_KEYS, METRICS, harmonic_mean, in_paper_order, mean
+from mugcp.reports.results import GROUP_KEYS, METRICS, harmonic_mean, in_paper_order, mean
 
 LAYOUTS = ("groups", "base2new", "fewshot", "cross_dataset", "domain_generalization")
 

@@ -1,7 +1,7 @@
 """A sweep on a Slurm cluster: submit what is not finished, follow it, and say where each run stands.
 
 ``submit_sweep`` sends every training run that is neither finished nor already queued as one job
-array (one task per run, through ``mugcp.engine.slurm``), and records ``{run: job id, folder}`` in
+array (one task per run, through ``mugcp.launch.slurm``), and records ``{run: job id, folder}`` in
 ``ROOT/slurm_jobs.json``. Rerunning it skips finished runs, leaves pending and running ones alone,
 resumes interrupted ones (their command gets ``--resume`` when the folder holds a checkpoint) and
 resubmits failed ones. The whole "read the record → ask squeue → submit → write the record" step
@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from mugcp.engine.run_lock import LOCK_NAME, RunLock, describe_holder, holder, lock_within
-from mugcp.engine.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
-from mugcp.experiments.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.runs.run_lock import LOCK_NAME, RunLock, describe_holder, holder, lock_within
+from mugcp.launch.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
+from mugcp.sweeps.jobs import METRICS_FILE, Job, refresh_mode
 from mugcp.utils import atomic_write_json
 
 STATE_FILE = "slurm_jobs.json"
@@ -258,7 +258,7 @@ def follow(jobs: list[Job], root: Path, progress: bool = True, poll_s: Optional[
     and a line per change; returns ``sweep_rows``."""
     from tqdm.auto import tqdm
 
-    from mugcp.engine.slurm import wait_for_jobs
+    from mugcp.launch.slurm import wait_for_jobs
 
     recorded = read_jobs(root)
     names = {recorded[job.name]["job_id"]: job.name for job in jobs
@@ -290,7 +290,7 @@ def follow(jobs: list[Job], root: Path, progress: bool = True, poll_s: Optional[
 
 def report_when_done(rows: list[dict], root: Path, protocol: str, say: Callable[[str], None] = print) -> bool:
     """Write ``ROOT/report`` once nothing is pending or running and some run finished; True if written."""
-    from mugcp.experiments.report import write_report
+    from mugcp.reports.report import write_report
 
     if any(row["state"] in QUEUED for row in rows) or not any(row["state"] == "done" for row in rows):
         return False

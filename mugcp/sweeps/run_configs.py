@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from mugcp.config import DEFAULTS, ConfigError, load_config, merge, read_yaml
 from mugcp.config_schema import check_value, flatten, show_value
-from mugcp.experiments.results import SUPERSEDED_FILE
+from mugcp.reports.results import SUPERSEDED_FILE
 from mugcp.utils import atomic_write_json
 
 _VERSION = re.compile(r"_v(\d+)$")
@@ -65,7 +65,7 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
 def with_resolved_semantics(cfg: dict) -> dict:
     """``cfg`` with ``semantic.source`` as the run will record it (what ``auto`` becomes), quietly: the run
     itself says why when it starts."""
-    from mugcp.engine.run_setup import resolve_semantics, resolved_run_config
+    from mugcp.runs.run_setup import resolve_semantics, resolved_run_config
 
     engine_log = logging.getLogger("mugcp")
     level = engine_log.level

@@ -56,7 +56,7 @@ def find_images(arguments: Sequence[str]) -> list[tuple[str, list[str]]]:
 def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, classnames: Optional[Sequence[str]] = None,
                 semantic_cache=None, mllm: Optional[str] = None, device: str = "cpu", progress: bool = True) -> Inspection:
     """Write the inspection of ``run`` (a run or checkpoint folder) for ``images`` under ``out``."""
-    from mugcp.engine.inference import load_run
+    from mugcp.inference.inference import load_run
     from mugcp.analysis.nearest_words import nearest_words, nearest_words_csv, nearest_words_markdown
 
     if k < 1:

@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 
 from mugcp.config import ConfigError, load_config
-from mugcp.engine.checkpoint import ADAPTER_CONFIG
+from mugcp.runs.checkpoint import ADAPTER_CONFIG
 from mugcp.methods.registry import get_method, list_methods
-from mugcp.engine.torch_files import read_weights_only
+from mugcp.runs.torch_files import read_weights_only
 from mugcp.methods.released import split_state
 
 
@@ -23,7 +23,7 @@ def methods_with_released_checkpoints() -> list[str]:
 
 
 def read_dassl_file(path: Path) -> dict:
-    """The pickled dict, read weights-only (either torch format; see :mod:`mugcp.engine.torch_files`)."""
+    """The pickled dict, read weights-only (either torch format; see :mod:`mugcp.runs.torch_files`)."""
     if not path.is_file():
         raise ConfigError(f"Dassl checkpoint not found: {path}. Pass a model.pth.tar-N or model-best.pth.tar file.")
     content = read_weights_only(path, "a Dassl model.pth.tar-N file")
@@ -62,7 +62,7 @@ def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str
     keys left out (class-name buffers, frozen CLIP weights). An existing checkpoint folder ``out`` is
     replaced only with ``overwrite``; any other existing ``out`` is refused."""
     from mugcp.backbones import load_clip, normalize_model_name
-    from mugcp.engine.checkpoint import save_checkpoint
+    from mugcp.runs.checkpoint import save_checkpoint
     from mugcp.methods import create_model, resolve_options
 
     known = methods_with_released_checkpoints()

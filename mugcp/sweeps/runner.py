@@ -4,7 +4,7 @@ A failed job does not stop the others; a job whose training failed blocks its ev
 (or SIGINT / SIGTERM to the sweep alone) stops starting jobs, forwards the signal to the running
 ones, waits for them to save, and re-raises with the counts so far. A job another process owns is
 left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` by the sweep running it, and
-each run folder is locked by the process training in it (``mugcp.engine.run_lock``).
+each run folder is locked by the process training in it (``mugcp.runs.run_lock``).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mugcp.config import ConfigError
-from mugcp.engine.run_lock import RunFolderBusy, RunLock, describe_holder, holder
-from mugcp.experiments.jobs import METRICS_FILE, Job, refresh_mode
-from mugcp.experiments.run_configs import describe_changes, mark_superseded
+from mugcp.runs.run_lock import RunFolderBusy, RunLock, describe_holder, holder
+from mugcp.sweeps.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.sweeps.run_configs import describe_changes, mark_superseded
 
 RESEND_S = 10.0  # a stopped job still running after this long did not hear its SIGINT: send it again
 CLAIMS = ".claims"  # under the sweep root: one lock per job, held by the sweep process running it
@@ -135,14 +135,16 @@ def _last_error(log_path: Path) -> str:
 
 
 def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launcher: Optional[Callable] = None,
-             progress: bool = True, slots: Optional[list[dict]] = None) -> dict:
+             progress: bool = True, slots: Optional[list[dict]] = None,
+             queued_elsewhere: Optional[Callable[[Job, Path], Optional[str]]] = None) -> dict:
     """Run every pending job, at most ``jobs_in_parallel`` at once; a failed one does not stop the others.
 
     Returns counts per status. A job another live process owns (another sweep's claim, or a process
     holding its run folder) is left to it: ``elsewhere``. A finished run whose config changed is not
     run: ``changed``. SIGINT or SIGTERM stops starting jobs, asks the running ones to stop (they
     keep their checkpoint), waits for them, and raises KeyboardInterrupt with the counts; a second
-    signal kills them.
+    signal kills them. ``queued_elsewhere(job, root)`` says who else will run a job (e.g. a Slurm job of
+    the same sweep), or None; the command passes the launcher's, so this layer knows no launcher.
     """
     from tqdm.auto import tqdm
 
@@ -179,7 +181,7 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
     def work(job: Job, slot: int) -> None:
         index = jobs.index(job) + 1
         claim = _claim(job, root)
-        if claim is not None and not _startable(job, root):
+        if claim is not None and not _startable(job, root, queued_elsewhere):
             claim = claim.release()
         if claim is None:
             say(f"[{index}/{total}] {job.status} {job.name} — {job.message}")
@@ -288,16 +290,14 @@ def _claim(job: Job, root: Path) -> Optional[RunLock]:
         return None
 
 
-def _startable(job: Job, root: Path) -> bool:
+def _startable(job: Job, root: Path, queued_elsewhere: Optional[Callable[[Job, Path], Optional[str]]]) -> bool:
     """With the claim held, look at the folder again: another process may own it or have finished it since the
     plan, or a Slurm job of the same sweep (``--launcher slurm``) may be about to."""
-    from mugcp.experiments.slurm_sweep import queued_on_slurm
-
     owner = holder(job.folder)
     if owner is not None:
         job.status, job.message = "elsewhere", f"its folder is in use by {describe_holder(owner)}"
         return False
-    queued = queued_on_slurm(job, root)
+    queued = queued_elsewhere(job, root) if queued_elsewhere else None
     if queued is not None:
         job.status, job.message = "elsewhere", queued
         return False

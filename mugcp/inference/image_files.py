@@ -20,7 +20,7 @@ from mugcp.config import ConfigError
 from mugcp.errors import UserError
 from mugcp.data.dataset import IMAGE_EXTENSIONS
 from mugcp.data.image_tree import find_images
-from mugcp.engine.inference import Prediction, Preprocess, TrainedModel, key_candidates, open_image
+from mugcp.inference.inference import Prediction, Preprocess, TrainedModel, key_candidates, open_image
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 

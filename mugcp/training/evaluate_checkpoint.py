@@ -14,12 +14,12 @@ from mugcp.backbones import normalize_model_name
 from mugcp.config import DEFAULTS, ConfigError, dump_config, load_yaml_with_bases, merge, parse_overrides
 from mugcp.config_schema import SCHEMA, flatten, show_value
 from mugcp.data import build_protocol
-from mugcp.engine.checkpoint import check_compatible, read_checkpoint
-from mugcp.engine.evaluation import evaluate_subsets
-from mugcp.engine.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
-from mugcp.engine.runtime import peak_memory_mb, resolve_device, resolve_precision
-from mugcp.engine.learned_classes import check_checkpoint_classes
-from mugcp.engine.trained_run import apply_checkpoint_settings, run_classnames
+from mugcp.runs.checkpoint import check_compatible, read_checkpoint
+from mugcp.training.evaluation import evaluate_subsets
+from mugcp.runs.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
+from mugcp.runs.runtime import peak_memory_mb, resolve_device, resolve_precision
+from mugcp.runs.learned_classes import check_checkpoint_classes
+from mugcp.runs.trained_run import apply_checkpoint_settings, run_classnames
 from mugcp.utils import atomic_write_json
 
 

@@ -2,7 +2,7 @@
 
 A sweep file names a protocol and the grid to run (``configs/sweeps/*.yaml`` are the published
 ones); ``load_sweep`` returns a checked :class:`Sweep`, every problem naming the file, the key and
-what is allowed. What each run of it executes is :mod:`mugcp.experiments.jobs`'s business.
+what is allowed. What each run of it executes is :mod:`mugcp.sweeps.jobs`'s business.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mugcp.config import ConfigError, parse_value
-from mugcp.experiments.run_configs import check_keys, config_changes, next_version, recorded_config, resolve_run, run_versions
-from mugcp.experiments.sweep_file import Sweep
+from mugcp.sweeps.run_configs import check_keys, config_changes, next_version, recorded_config, resolve_run, run_versions
+from mugcp.sweeps.sweep_file import Sweep
 
 PLACEHOLDERS = ("dataset", "method", "seed", "shots")
 METRICS_FILE = "metrics.json"

@@ -1,14 +1,10 @@
-"""Training, evaluation and checkpoints.
-
-Names are imported on first use: the Slurm launcher's modules (``mugcp.engine.slurm*``) are imported by
-commands before they know whether they train at all, and must not load open_clip and the methods.
-"""
+"""Training and evaluation: the trainer, optimiser and schedule, stopping on signals, data-parallel
+processes, evaluation of a model and of a saved checkpoint. Names are imported on first use."""
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "CheckpointError": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "evaluate": "evaluation", "evaluate_subsets": "evaluation", "harmonic_mean": "evaluation",
     "TrainingDiverged": "trainer", "train": "trainer",
 }

@@ -18,15 +18,15 @@ from mugcp.analysis.curves import METRICS_FILE, MetricsLog, write_curves
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.data.loader import set_loader_epoch
-from mugcp.engine.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
-from mugcp.engine.distributed import Distributed
-from mugcp.engine.evaluation import evaluate_subsets
-from mugcp.engine.optim import build_optimizer, build_scheduler, run_length
-from mugcp.engine.run_setup import (
+from mugcp.runs.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
+from mugcp.training.distributed import Distributed
+from mugcp.training.evaluation import evaluate_subsets
+from mugcp.training.optim import build_optimizer, build_scheduler, run_length
+from mugcp.runs.run_setup import (
     RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
 )
-from mugcp.engine.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
-from mugcp.engine.stopping import NeverStop, RunStopped, rng_state, set_rng_state
+from mugcp.runs.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
+from mugcp.training.stopping import NeverStop, RunStopped, rng_state, set_rng_state
 from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, progress_wanted, seed_everything
 
@@ -54,8 +54,8 @@ def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool =
     ``RunFolder``), with the error in ``log.txt`` and a true account of its checkpoint. ``overwrite``
     empties a previous run's folder once this process owns it (never under a live run).
 
-    ``stop``: a ``mugcp.engine.stopping.StopOnSignal`` the caller entered; on its signal the run saves
-    the checkpoint of the step in flight and raises ``RunStopped`` (see ``mugcp.engine.stopping``).
+    ``stop``: a ``mugcp.training.stopping.StopOnSignal`` the caller entered; on its signal the run saves
+    the checkpoint of the step in flight and raises ``RunStopped`` (see ``mugcp.training.stopping``).
     """
     output = Path(output)
     started = time.time()

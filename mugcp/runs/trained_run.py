@@ -15,8 +15,8 @@ import torch
 
 from mugcp.config import DEFAULTS, ConfigError, merge
 from mugcp.data.classnames import validate_classnames
-from mugcp.engine.checkpoint import read_checkpoint
-from mugcp.engine.learned_classes import is_class_specific, learned_classes_problem
+from mugcp.runs.checkpoint import read_checkpoint
+from mugcp.runs.learned_classes import is_class_specific, learned_classes_problem
 
 SPLITS_FILE = "splits.json"
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mugcp.engine.slurm import SlurmError, SlurmOptions, cancel_jobs, require_slurm, submit_commands
-from mugcp.engine.slurm_launch import active_jobs, follow, job_report, record_submission
+from mugcp.launch.slurm import SlurmError, SlurmOptions, cancel_jobs, require_slurm, submit_commands
+from mugcp.launch.slurm_launch import active_jobs, follow, job_report, record_submission
 from mugcp.semantics.cache_writer import scan_shards
 from mugcp.semantics.extraction_shards import (
     CacheIncomplete,

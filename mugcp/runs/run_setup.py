@@ -15,8 +15,8 @@ from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
 from mugcp.data.registry import check_data_config
-from mugcp.engine.run_lock import LOCK_NAME, RunLock
-from mugcp.engine.runtime import resolve_device
+from mugcp.runs.run_lock import LOCK_NAME, RunLock
+from mugcp.runs.runtime import resolve_device
 from mugcp.methods import create_model, get_method, resolve_options
 
 log = logging.getLogger("mugcp")
