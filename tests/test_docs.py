@@ -12,6 +12,7 @@
   table lists every registered method with its config file; dependencies and the layout are complete.
 - docs/changes.md: every new import path imports and no old one does.
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,7 +22,7 @@ import re
 import runpy
 import sys
 from contextlib import redirect_stdout
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -34,16 +35,33 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 
 # Paths of other repositories that the released-recipes table names (PromptSRC's docs/TRAIN.md).
 EXTERNAL_PATHS = {"docs/TRAIN.md"}
 # Flags of the outside tools the pages show beside ours (torchrun, sbatch, srun, pip, pytest, scontrol).
 EXTERNAL_FLAGS = {
-    "--nproc-per-node", "--nnodes", "--rdzv-id", "--rdzv-backend", "--rdzv-endpoint",  # torchrun
-    "--array", "--gpus", "--time", "--output", "--wrap", "--dependency", "--signal", "--requeue",  # sbatch
-    "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--kill-on-bad-exit",  # sbatch / srun
-    "--durations", "--benchmark-only", "--benchmark-json",  # pytest
+    "--nproc-per-node",
+    "--nnodes",
+    "--rdzv-id",
+    "--rdzv-backend",
+    "--rdzv-endpoint",  # torchrun
+    "--array",
+    "--gpus",
+    "--time",
+    "--output",
+    "--wrap",
+    "--dependency",
+    "--signal",
+    "--requeue",  # sbatch
+    "--nodes",
+    "--ntasks-per-node",
+    "--gpus-per-node",
+    "--cpus-per-task",
+    "--kill-on-bad-exit",  # sbatch / srun
+    "--durations",
+    "--benchmark-only",
+    "--benchmark-json",  # pytest
 }
 # Keys the pages show on purpose as wrong (an error message for a mistyped key).
 WRONG_ON_PURPOSE = {"optim.max_step"}
@@ -97,8 +115,15 @@ def test_readme_is_at_most_300_lines():
 def test_readme_quick_start_runs_what_ci_runs():
     quick = README.read_text(encoding="utf-8").split("## Quick start", 1)[1].split("\n## ", 1)[0]
     lines = [line.split("#", 1)[0].strip() for line in fenced(quick, "bash")[0].strip().splitlines()]
-    assert lines == ["bash .ci/install && .venv/bin/python -m mugcp.train", "bash .ci/install && .venv/bin/python -m pytest -q"]
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert lines == [
+        "bash .ci/install && .venv/bin/python -m mugcp.train",
+        "bash .ci/install && .venv/bin/python -m pytest -q",
+    ]
+    ci = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert " && ".join(ci) == lines[1]
 
 
@@ -124,23 +149,35 @@ def test_relative_links_point_to_files_and_anchors(page):
 
 
 def docs_python_blocks() -> list[tuple[str, int, str]]:
-    return [(rel(page), index, block) for page in DOCS for index, block in enumerate(fenced(page.read_text(encoding="utf-8"), "python"))]
+    return [
+        (rel(page), index, block)
+        for page in DOCS
+        for index, block in enumerate(fenced(page.read_text(encoding="utf-8"), "python"))
+    ]
 
 
-@pytest.mark.parametrize("page, index, block", docs_python_blocks(), ids=[f"{p}-{i}" for p, i, _ in docs_python_blocks()])
+@pytest.mark.parametrize(
+    "page, index, block", docs_python_blocks(), ids=[f"{p}-{i}" for p, i, _ in docs_python_blocks()]
+)
 def test_docs_python_blocks_run_as_written(page, index, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, f"{page} python block {index}", "exec"), {})
 
 
-PATH = re.compile(r"(?<![\w/.$<-])((?:mugcp|configs|tests|benchmarks|docs|\.ci)/[\w./*{},-]*|setup\.py|constraints\.txt|pytest\.ini)")
+PATH = re.compile(
+    r"(?<![\w/.$<-])((?:mugcp|configs|tests|benchmarks|docs|\.ci)/[\w./*{},-]*|setup\.py|constraints\.txt|pytest\.ini)"
+)
 
 
 def expand_braces(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match:
         return [pattern]
-    return [out for choice in match.group(1).split(",") for out in expand_braces(pattern[:match.start()] + choice + pattern[match.end():])]
+    return [
+        out
+        for choice in match.group(1).split(",")
+        for out in expand_braces(pattern[: match.start()] + choice + pattern[match.end() :])
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
@@ -164,7 +201,7 @@ def command_lines(text: str) -> list[tuple[str, str]]:
     return [(module, rest.split(" #", 1)[0]) for module, rest in COMMAND.findall(text.replace("\\\n", " "))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(module: str, sub: tuple = ()) -> str:
     """What ``python -m MODULE [SUB] --help`` prints, run in this process."""
     argv, printed = sys.argv, io.StringIO()
@@ -192,15 +229,29 @@ def test_commands_take_the_flags_written_after_them(page):
     assert wrong == []
 
 
-COMMANDS = ["mugcp.train", "mugcp.evaluate", "mugcp.predict", "mugcp.inspect", "mugcp.sweep", "mugcp.extract",
-            "mugcp.report", "mugcp.convert"]
+COMMANDS = [
+    "mugcp.train",
+    "mugcp.evaluate",
+    "mugcp.predict",
+    "mugcp.inspect",
+    "mugcp.sweep",
+    "mugcp.extract",
+    "mugcp.report",
+    "mugcp.convert",
+]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_flags_named_in_prose_belong_to_a_command(page):
     everything = "".join(help_text(module) for module in COMMANDS) + help_text("mugcp.data", ("check",))
-    flags = {flag for span in inline_code(page.read_text(encoding="utf-8")) for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span)}
-    unknown = [flag for flag in sorted(flags - EXTERNAL_FLAGS) if not re.search(re.escape(flag) + r"(?![\w-])", everything)]
+    flags = {
+        flag
+        for span in inline_code(page.read_text(encoding="utf-8"))
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span)
+    }
+    unknown = [
+        flag for flag in sorted(flags - EXTERNAL_FLAGS) if not re.search(re.escape(flag) + r"(?![\w-])", everything)
+    ]
     assert unknown == []
 
 
@@ -246,13 +297,20 @@ def resolves(dotted: str) -> bool:
 
 @pytest.mark.parametrize("page", [page for page in PAGES if page.name != "changes.md"], ids=rel)
 def test_python_names_in_prose_import(page):
-    names = {match for span in inline_code(page.read_text(encoding="utf-8")) for match in re.findall(r"^(mugcp(?:\.\w+)+)", span)}
+    names = {
+        match
+        for span in inline_code(page.read_text(encoding="utf-8"))
+        for match in re.findall(r"^(mugcp(?:\.\w+)+)", span)
+    }
     assert sorted(name for name in names if not resolves(name)) == []
 
 
 def table_rows(text: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("|") and not re.match(r"\|[-|: ]+\|$", line.strip())]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|") and not re.match(r"\|[-|: ]+\|$", line.strip())
+    ]
 
 
 def test_configuration_table_lists_every_key_with_its_default():
@@ -277,23 +335,35 @@ def test_readme_methods_table_lists_every_method_and_its_config():
 
 
 def requirement_names() -> set[str]:
+    """Every package setup.py requires, extras included, read from its syntax tree (nothing is run)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
-    namespace: dict = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
-            exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
-    call = next(node.value for node in tree.body if isinstance(node, ast.Expr) and getattr(node.value.func, "id", "") == "setup")
-    kwargs = {kw.arg: eval(compile(ast.Expression(kw.value), "setup.py", "eval"), namespace) for kw in call.keywords
-              if kw.arg in ("install_requires", "extras_require")}
-    requirements = kwargs["install_requires"] + [r for extra in kwargs["extras_require"].values() for r in extra]
+    lists = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.List)
+    }
+    call = next(
+        node.value for node in tree.body if isinstance(node, ast.Expr) and getattr(node.value.func, "id", "") == "setup"
+    )
+    requirements = []
+    for keyword in call.keywords:
+        if keyword.arg in ("install_requires", "extras_require"):
+            for node in ast.walk(keyword.value):
+                if isinstance(node, ast.Name):  # a module-level list: EXPORT, or *EXPORT inside a list
+                    requirements += lists[node.id]
+                elif isinstance(node, ast.List):
+                    requirements += [item.value for item in node.elts if isinstance(item, ast.Constant)]
     return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-") for r in requirements}
 
 
 def test_every_dependency_says_why():
     page = (ROOT / "docs" / "installation.md").read_text(encoding="utf-8")
     table = page.split("## Why each dependency", 1)[1].split("\n## ", 1)[0]
-    named = {re.sub(r"\s*\(.*", "", name).strip().lower().replace("_", "-")
-             for cells in table_rows(table)[1:] for name in cells[0].split(", ")}
+    named = {
+        re.sub(r"\s*\(.*", "", name).strip().lower().replace("_", "-")
+        for cells in table_rows(table)[1:]
+        for name in cells[0].split(", ")
+    }
     assert requirement_names() - named == set()
 
 
@@ -306,7 +376,12 @@ def test_layout_names_every_package_folder():
 
 
 def changes_rows() -> list[tuple[str, str]]:
-    section = (ROOT / "docs" / "changes.md").read_text(encoding="utf-8").split("## Moved import paths", 1)[1].split("\n## ", 1)[0]
+    section = (
+        (ROOT / "docs" / "changes.md")
+        .read_text(encoding="utf-8")
+        .split("## Moved import paths", 1)[1]
+        .split("\n## ", 1)[0]
+    )
     pairs = []
     for cells in table_rows(section):
         olds, news = re.findall(r"`([\w.]+)`", cells[0]), re.findall(r"`([\w.]+)`", cells[1])
