@@ -14,7 +14,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("From Python, in the style of open_clip"):text.index("### Predicting with a trained prompt")]
+    start = text.index("From Python, in the style of open_clip")
+    section = text[start:].split("\n## ", 1)[0]  # to the end of "Using it"
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 

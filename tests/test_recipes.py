@@ -197,9 +197,12 @@ def test_follows_merges_over_the_followed_recipe_and_refuses_cycles(tmp_path, mo
         recipe_for("kgcoop", "base2new")
 
 
-def test_readme_table_states_each_recipes_key_values():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Released recipes", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+RECIPES_PAGE = ROOT / "docs" / "sweeps-and-recipes.md"  # the released-recipes table and its example
+
+
+def test_docs_table_states_each_recipes_key_values():
+    page = RECIPES_PAGE.read_text(encoding="utf-8")
+    section = page.split("## Released recipes", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -224,11 +227,11 @@ def test_readme_table_states_each_recipes_key_values():
             assert Path(path).stem in line, (method, protocol, path)
 
 
-def test_readme_recipe_example_runs_and_shows_what_it_returns():
-    section = (ROOT / "README.md").read_text().split("### Released recipes", 1)[1].split("| method |", 1)[0]
+def test_docs_recipe_example_runs_and_shows_what_it_returns():
+    section = RECIPES_PAGE.read_text(encoding="utf-8").split("## Released recipes", 1)[1].split("| method |", 1)[0]
     block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, str(RECIPES_PAGE), "exec"), namespace)
     shown = re.search(r"recipe\.dotted\(\)\s+# (\{.*?), \.\.\.\}", block).group(1) + "}"
     assert eval(shown) == {key: namespace["recipe"].dotted()[key] for key in eval(shown)}
     assert namespace["recipe"].sources[:2] == ("KaiyangZhou/CoOp:scripts/coop/main.sh", "KaiyangZhou/CoOp:COOP.md")

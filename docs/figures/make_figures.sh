@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's figures of what a run learned (issue 17), from tiny CPU runs: MuGCP, ViT-B-32 with
+# The figures of docs/predict-and-inspect.md, of what a run learned (issue 17), from tiny CPU runs: MuGCP, ViT-B-32 with
 # random weights (pretrained none), base-to-novel on Fashion-MNIST, 4 shots, 2 epochs, 2 seeds.
 # Usage (from the repository root): bash docs/figures/make_figures.sh
 set -euo pipefail
