@@ -55,7 +55,8 @@ def csv_text(rows: list[dict]) -> str:
     for row in rows:
         stats = {name: row.get(name) or ("", "", "") for name in ("base", "new", "hm_per_seed", "all")}
         writer.writerow([*(row[k] for k in GROUP_KEYS), " ".join(map(str, row["seeds"])), row["pretrained"],
-                         *stats["base"], *stats["new"], row.get("hm_of_means", ""), *stats["hm_per_seed"], *stats["all"]])
+                         *stats["base"], *stats["new"], row.get("hm_of_means", ""), *stats["hm_per_seed"],
+                         *stats["all"]])
     return buffer.getvalue()
 
 
@@ -79,7 +80,8 @@ def _labels(rows: list[dict], keys=("shots", "backbone")) -> dict[int, str]:
 
 
 def base2new_markdown(rows: list[dict]) -> str:
-    """Per dataset: methods × base / new (mean ± std over seeds) / HM of those means; first, the average over datasets.
+    """Per dataset: methods × base / new (mean ± std over seeds) / HM of those means; first, the average
+    over datasets.
 
     The average row takes the mean of each dataset's mean base and new accuracy and, as the papers
     do, the HM of those two averages.
@@ -100,7 +102,8 @@ def base2new_markdown(rows: list[dict]) -> str:
     for dataset in datasets:
         lines += ["", f"### {dataset}", "", "| method | base | new | HM of means | seeds |", "|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
-            lines.append(f"| {labels[id(row)]} | {_cell(row['base'])} | {_cell(row['new'])} | {_hm_of_means_cell(row)} | "
+            lines.append(f"| {labels[id(row)]} | {_cell(row['base'])} | {_cell(row['new'])} | "
+                         f"{_hm_of_means_cell(row)} | "
                          f"{','.join(map(str, row['seeds']))} |")
     return "\n".join(lines) + "\n"
 
