@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mugcp.reports.results import in_paper_order, mean
+from mugcp.reports.tables import at_k, fewshot_ks
 from mugcp.utils import atomic_write
 
 
@@ -28,17 +29,19 @@ def plot_fewshot(rows: list[dict], path: Path) -> None:
     rows = [r for r in rows if "all" in r]
     datasets = in_paper_order(r["dataset"] for r in rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    every_k = fewshot_ks(rows)
     panels = ["Average", *datasets] if len(datasets) > 1 else datasets
     columns = min(4, len(panels))
     fig, axes = plt.subplots((len(panels) + columns - 1) // columns, columns, figsize=(3.2 * columns, 2.6 * ((len(panels) + columns - 1) // columns)), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for method in methods:
             mine = [r for r in rows if r["method"] == method and (panel == "Average" or r["dataset"] == panel)]
-            shots = sorted({r["shots"] for r in mine})
-            means = [mean([r["all"][0] for r in mine if r["shots"] == k]) for k in shots]
+            shots = [k for k in every_k if any(at_k(r, k) for r in mine)]
+            means = [mean([r["all"][0] for r in mine if at_k(r, k)]) for k in shots]
             ax.plot(shots, means, marker="o", label=method)
         ax.set_title(panel, fontsize=9)
-        ax.set_xscale("log", base=2)
+        if None not in every_k:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("shots per class (K)", fontsize=8)
         ax.set_ylabel("accuracy %", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:

@@ -108,10 +108,22 @@ def base2new_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fewshot_ks(rows: list[dict]) -> list:
+    """The K columns of a few-shot table: every K some run trained with (a run without K, zero-shot CLIP,
+    shows on each)."""
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    return shots or [None]
+
+
+def at_k(row: dict, k) -> bool:
+    """A run shows at K: trained with K shots, or without K (``shots: null``: nothing trained, the same at every K)."""
+    return row["shots"] == k or row["shots"] is None
+
+
 def fewshot_markdown(rows: list[dict]) -> str:
     """Per dataset: methods × K (accuracy on all classes, mean ± std over seeds); first, the average over datasets."""
     rows = [r for r in rows if "all" in r]
-    shots = sorted({r["shots"] for r in rows}, key=lambda k: (k is None, k or 0))
+    shots = fewshot_ks(rows)
     labels = _labels(rows, keys=("backbone",))  # K is the column, not part of the method label
     methods = list(dict.fromkeys(labels[id(r)] for r in rows))
     datasets = in_paper_order(r["dataset"] for r in rows)
@@ -122,15 +134,16 @@ def fewshot_markdown(rows: list[dict]) -> str:
     for method in methods:
         cells = []
         for k in shots:
-            values = [r["all"][0] for r in rows if labels[id(r)] == method and r["shots"] == k]
+            values = [r["all"][0] for r in rows if labels[id(r)] == method and at_k(r, k)]
             cells.append(f"{mean(values):.2f}" if values else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for dataset in datasets:
         lines += ["", f"### {dataset}", "", header, rule]
         for method in methods:
-            by_k = {r["shots"]: r for r in rows if r["dataset"] == dataset and labels[id(r)] == method}
-            if by_k:
-                lines.append(f"| {method} | " + " | ".join(_cell(by_k[k]["all"]) if k in by_k else "" for k in shots) + " |")
+            mine = [r for r in rows if r["dataset"] == dataset and labels[id(r)] == method]
+            if mine:
+                by_k = [next((r for r in mine if at_k(r, k)), None) for k in shots]
+                lines.append(f"| {method} | " + " | ".join(_cell(r["all"]) if r else "" for r in by_k) + " |")
     return "\n".join(lines) + "\n"
 
 
