@@ -43,7 +43,7 @@ def undone_if_refused(folders: Sequence[Path], log_folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
     try:
         yield
-    except BaseException:
+    except SlurmError:  # refused: nothing was queued (an interrupt might come after sbatch queued it: left alone)
         for entry in (set(log_folder.iterdir()) - before) if log_folder.is_dir() else ():
             if entry.is_file() or entry.is_symlink():  # its own pickles, .submission_file_*.sh
                 entry.unlink()
