@@ -20,7 +20,7 @@ A recipe file::
     config: {method: {...}, data: {...}, optim: {...}}   # our config keys, nested as in a run config
     per_shots: {1: {optim: {epochs: 50}}}                # applied over `config` for that K
     per_dataset: {imagenet: {optim: {epochs: 50}}}      # applied last: a dataset's setting wins over K's
-    follows: maple            # start from that method's recipe for the same protocol
+    follows: maple            # start from that method's recipe for the same protocol (then released: false)
     note: "..."               # what a run using this recipe should be told
 
 This module sits at the config layer (it reads YAML and checks keys against ``DEFAULTS``); method
@@ -60,7 +60,9 @@ class Recipe:
     shots: Optional[int]
     overrides: dict
     sources: tuple
-    released: bool  # the released scripts run this protocol, dataset and K so (for a ``follows`` file: the followed method's)
+    # The released scripts run this protocol, dataset and K so. Never for a ``follows`` file: its method's authors
+    # released nothing; the settings are borrowed from the followed method's (``follows`` names it).
+    released: bool
     trains: bool
     eval_epoch: Optional[int]  # the epoch whose checkpoint the released code evaluates; None: nothing is trained
     path: Path
@@ -219,7 +221,7 @@ def recipe_for(method: str, protocol: str, dataset: Optional[str] = None, shots:
         overrides = merge(overrides, data["per_shots"][shots], str(data["path"]), strict=False)
     if dataset is not None and dataset in data["per_dataset"]:
         overrides = merge(overrides, data["per_dataset"][dataset], str(data["path"]), strict=False)
-    released = bool(data.get("released", True))
+    released = bool(data.get("released", True)) and not data.get("follows")  # borrowed settings are not released ones
     notes = [f"{method} has no released recipes and follows {data['follows']}'s."] if data.get("follows") else []
     notes += [data["note"].strip()] if data.get("note") else []
     if released and dataset is not None and data["datasets"] is not None and dataset not in data["datasets"]:

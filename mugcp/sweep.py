@@ -80,6 +80,10 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}.")
 
     sweep = load_sweep(args.sweep)
+    if sweep.slurm is not None or args.launcher == "slurm":
+        from mugcp.launch.slurm_sweep import sweep_options
+
+        sweep_options(sweep, args)  # a bad `slurm:` key or value is one line, even with --dry-run
     root = Path(args.root) if args.root else Path("runs") / "sweeps" / sweep.path.stem
     jobs = plan(sweep, root, rerun_changed=args.rerun_changed)
     runs = sum(job.module == "mugcp.train" for job in jobs)

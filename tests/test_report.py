@@ -60,7 +60,7 @@ def test_base2new_layout_has_a_block_per_dataset_and_the_average(tmp_path):
     average = table.split("### Average over 2 datasets\n")[1].split("###")[0]
     # mean of the per-dataset means (81, 90) and (61, 70); HM of those averages
     assert "| coop | 85.50 | 65.50 | 74.18 | 2 of 2 |" in average
-    assert "### dtd\n\n| method | base | new | HM | seeds |\n|---|---|---|---|---|\n| coop | 81.00 ± 1.41 | 61.00 ± 1.41 | 69.59 ± 1.44 | 1,2 |" in table
+    assert "### dtd\n\n| method | base | new | HM of means | seeds |\n|---|---|---|---|---|\n| coop | 81.00 ± 1.41 | 61.00 ± 1.41 | 69.59 | 1,2 |" in table
 
 
 def test_fewshot_layout_has_a_column_per_k(tmp_path):
@@ -98,10 +98,33 @@ def test_a_datasets_hm_is_the_hm_of_its_seed_averaged_base_and_new(tmp_path):
     write_run(tmp_path / "runs" / "b", 2, 10.0, 90.0)
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "base2new"]) == 0
     table = (tmp_path / "report" / "results.md").read_text()
-    assert "| coop | 50.00 ± 56.57 | 50.00 ± 56.57 | 50.00 ± 0.00 | 1,2 |" in table
+    assert "| method | base | new | HM of means | seeds |" in table
+    assert "| coop | 50.00 ± 56.57 | 50.00 ± 56.57 | 50.00 | 1,2 |" in table
+
+
+def test_the_hm_of_means_is_named_for_what_it_is_and_has_no_spread(tmp_path, monkeypatch):
+    # Issue 21.4: base/new 13.33/33.33 and 33.33/13.33 have an HM of 19.05 each; the HM of the seed-averaged
+    # base and new (23.33, 23.33) is 23.33. It used to read "hm 23.33 ± 0.00" in a column "hm_mean".
+    write_run(tmp_path / "runs" / "a", 1, 13.33, 33.33)
+    write_run(tmp_path / "runs" / "b", 2, 33.33, 13.33)
+    figures = []
+    monkeypatch.setattr("mugcp.reports.plots._save", lambda fig, plt, path: figures.append(fig))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "groups")]) == 0
+    table = (tmp_path / "groups" / "results.md").read_text()
+    assert "| dataset | method | protocol | shots | backbone | seeds | base | new | HM of means | per-seed HM |" in table
+    assert "| dtd | coop | base2new | 16 | ViT-B-16 | 1,2 | 23.33 ± 14.14 | 23.33 ± 14.14 | 23.33 | 19.04 ± 0.00 |" in table
+    assert "HM of means: the harmonic mean of the seed-averaged base and new accuracies" in table
     coop = next(csv.DictReader(open(tmp_path / "groups" / "results.csv")))
-    assert float(coop["hm_mean"]) == pytest.approx(50.0) and float(coop["hm_std"]) == pytest.approx(0.0)
+    assert "hm_mean" not in coop and "hm_std" not in coop
+    assert float(coop["hm_of_means"]) == pytest.approx(23.33)
+    assert float(coop["hm_per_seed_mean"]) == pytest.approx(2 * 13.33 * 33.33 / 46.66)
+    assert (float(coop["hm_per_seed_std"]), coop["hm_per_seed_n"]) == (0.0, "2")
+    ax = figures[0].axes[0]
+    assert ax.get_ylabel() == "HM of mean base, mean new %"
+    assert ax.get_title() == "HM of the seed-averaged base and new accuracies"
+    assert [round(bar.get_height(), 2) for bar in ax.patches] == [23.33] and not ax.lines  # no error bar
+
+
 def test_a_layout_with_nothing_to_show_is_one_line(tmp_path, capsys):
     from mugcp.cli import run_cli
 

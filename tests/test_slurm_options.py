@@ -32,7 +32,7 @@ def test_unknown_keys_are_named_with_the_valid_ones():
     with pytest.raises(SlurmError) as err:
         SlurmOptions.from_mapping({"partitoin": "gpu", "gpus": 2}, where="base2new.yaml slurm")
     message = str(err.value)
-    assert message.startswith("base2new.yaml slurm: unknown key(s) gpus, partitoin; valid keys: partition, time,")
+    assert message.startswith("base2new.yaml slurm: unknown key(s) gpus, partitoin (did you mean partition?); valid keys: partition, time,")
     assert isinstance(err.value, UserError)
 
 

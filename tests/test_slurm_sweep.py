@@ -127,7 +127,8 @@ def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_clust
 
     assert sweep_main([str(sweep), "--root", str(cluster), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "submitted" not in out  # all four are queued, running or finished already
+    # All four are queued, running or finished already.
+    assert "slurm: nothing submitted: 4 already queued or running (left alone)" in out and not re.search("^submitted ", out, re.M)
     assert "sweep done: 4 done" in out and (cluster / "report" / "results.md").is_file()
     for name in names:
         assert metrics_of(cluster / name) == metrics_of(local / name)
@@ -139,7 +140,7 @@ def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_clust
 
     assert sweep_main([str(sweep), "--root", str(cluster), "--launcher", "slurm"]) == 0  # nothing left to do
     out = capsys.readouterr().out
-    assert "slurm: 4 finished" in out and "submitted" not in out
+    assert "slurm: nothing submitted: 4 finished" in out and "Follow with" not in out
     assert {name: record["job_id"] for name, record in recorded(cluster).items()} == ids
 
 

@@ -105,16 +105,17 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     assert metrics_of(root, "coop_eurosat_k1_s1")["steps"] == metrics_of(root, "coop_eurosat_k1_s2")["steps"] == 2
     assert "resumed from" in (interrupted / "log.txt").read_text()
 
-    # 4. The table: per dataset and method, base / new / HM mean ± std over the two seeds, and the average.
+    # 4. The table: per dataset and method, base / new mean ± std over the two seeds, the HM of those means, and the average.
     table = (root / "report" / "results.md").read_text()
     assert (root / "report" / "results.png").read_bytes()[:4] == b"\x89PNG"
     for dataset in ("dtd", "eurosat"):
         section = table.split(f"### {dataset}\n")[1].split("###")[0]
         for method in ("zsclip", "coop"):
             runs = [metrics_of(root, f"{method}_{dataset}_k1_s{seed}") for seed in (1, 2)]
-            cells = [f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" for v in (
-                [r["base"]["accuracy"] for r in runs], [r["new"]["accuracy"] for r in runs], [r["hm"] for r in runs])]
-            assert f"| {method} (random weights) | {cells[0]} | {cells[1]} | {cells[2]} | 1,2 |" in section
+            base, new = ([r[subset]["accuracy"] for r in runs] for subset in ("base", "new"))
+            cells = [f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" for v in (base, new)]
+            hm_of_means = statistics.harmonic_mean([statistics.fmean(base), statistics.fmean(new)])
+            assert f"| {method} (random weights) | {cells[0]} | {cells[1]} | {hm_of_means:.2f} | 1,2 |" in section
     for method in ("zsclip", "coop"):
         runs = [metrics_of(root, f"{method}_{d}_k1_s{s}") for d in ("dtd", "eurosat") for s in (1, 2)]
         base = statistics.fmean(statistics.fmean(r["base"]["accuracy"] for r in runs[i:i + 2]) for i in (0, 2))
@@ -195,7 +196,7 @@ def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_pat
 
 
 @pytest.mark.parametrize("name, runs, evaluations", [
-    ("base2new", 8 * 11 * 3, 0), ("fewshot", 6 * 11 * 5 * 3, 0), ("cross_dataset", 6 * 3, 6 * 3 * 10), ("domain_generalization", 6 * 3, 6 * 3 * 4),
+    ("base2new", 8 * 11 * 3, 0), ("fewshot", 5 * 11 * 5 * 3 + 11 * 3, 0), ("cross_dataset", 6 * 3, 6 * 3 * 10), ("domain_generalization", 6 * 3, 6 * 3 * 4),
 ])
 def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, runs, evaluations):
     monkeypatch.setenv("DATA", "/datasets")
@@ -209,6 +210,40 @@ def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, r
     if evaluations:
         targets = {a.split("=")[1] for j in jobs if j.module == "mugcp.evaluate" for a in j.args if a.startswith("data.dataset=")}
         assert targets == set(sweep.targets) and "imagenet" not in targets
+
+
+def test_the_fewshot_sweep_runs_zero_shot_clip_once_per_dataset_and_seed(monkeypatch, tmp_path):
+    # Issue 21.7: zero-shot CLIP trains nothing, so its K is unused; it used to run once per K (165 runs).
+    monkeypatch.setenv("DATA", "/datasets")
+    jobs = [j for j in plan(load_sweep("fewshot"), tmp_path) if j.fields["method"] == "zsclip"]
+    assert len(jobs) == 11 * 3 and {j.fields["shots"] for j in jobs} == {None}
+    dtd = next(j for j in jobs if j.name == "zsclip_dtd_s1")
+    assert "data.shots=null" in dtd.args and dtd.config["data"]["shots"] is None and dtd.folder == tmp_path / "zsclip_dtd_s1"
+
+
+def test_a_fewshot_sweeps_zero_shot_run_is_shown_at_every_k(tmp_path, shared_clip, capsys):
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    sweep = write_sweep(tmp_path / "few.yaml", protocol="fewshot", datasets=["dtd"], seeds=[1], methods=["zsclip"], shots=[1, 2],
+                        overrides={"data.root": str(data), **TINY})
+    assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=in_process) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("zsclip")) == ["zsclip_dtd_s1"]
+    metrics = metrics_of(tmp_path / "runs", "zsclip_dtd_s1")
+    assert metrics["shots"] is None
+    for k, accuracy in ((1, 40.0), (2, 60.0)):  # a trained method beside it, in another folder
+        (tmp_path / "coop" / f"k{k}").mkdir(parents=True)
+        (tmp_path / "coop" / f"k{k}" / "metrics.json").write_text(json.dumps({
+            "method": "coop", "dataset": "dtd", "protocol": "all", "shots": k, "backbone": "ViT-B-32", "seed": 1,
+            "pretrained": False, "all": {"accuracy": accuracy}}))
+    from mugcp.report import main as report_main
+
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "runs"), str(tmp_path / "coop"), "--out", str(tmp_path / "report"), "--layout", "fewshot"]) == 0
+    table = (tmp_path / "report" / "results.md").read_text()
+    zero_shot = f"{metrics['all']['accuracy']:.2f}"
+    assert "| method | K=1 | K=2 |" in table
+    assert f"| zsclip (random weights) | {zero_shot} | {zero_shot} |" in table  # the average over datasets
+    assert f"| zsclip (random weights) | {zero_shot} ± 0.00 | {zero_shot} ± 0.00 |" in table
+    assert "| coop (random weights) | 40.00 ± 0.00 | 60.00 ± 0.00 |" in table
 
 
 @pytest.mark.slow  # four subprocess runs, ~28 s

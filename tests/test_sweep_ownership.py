@@ -97,6 +97,17 @@ def test_every_run_gets_its_released_recipe_and_dry_run_json_is_what_config_yaml
     assert dry_run_json(argv, capsys)[0][0]["mode"] == "done"  # the same config: nothing changed
 
 
+def test_mugcps_borrowed_recipe_is_not_released_and_said_once_per_method(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "b2n.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2], methods=["mugcp", "maple"],
+                        shots=[16], overrides={"data.root": str(tmp_path)})
+    runs, err = dry_run_json([str(sweep), "--root", str(tmp_path / "runs")], capsys)
+    mugcp = [r["recipe"] for r in runs if r["method"] == "mugcp"]
+    assert len(mugcp) == 4 and all((r["released"], r["follows"]) == (False, "maple") for r in mugcp)
+    assert all((r["recipe"]["released"], r["recipe"]["follows"]) == (True, None) for r in runs if r["method"] == "maple")
+    assert err.count("recipe: mugcp (base2new): mugcp has no released recipes and follows maple's.\n") == 1
+    assert "recipe: maple" not in err
+
+
 def test_recipes_false_and_grid_sweeps_run_the_method_config_as_it_is(tmp_path, capsys):
     common = dict(datasets=["dtd"], seeds=[1], methods=["coop"], shots=[1], overrides={"data.root": str(tmp_path)})
     for name, fields in (("off", dict(protocol="base2new", recipes=False)), ("grid", dict(protocol="grid"))):

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mugcp.analysis.figures import new_figure, save_figure
+from mugcp.analysis.figures import new_figure, save_figure, use_fonts_for_labels
 from mugcp.utils import atomic_write_text
 
 FULL_LIMIT = 40  # classes up to which every row and column is labelled
@@ -147,6 +147,7 @@ def _matrix(fig, ax, counts, rates, order, classnames, labelled: bool, annotate:
         font = 8 if len(order) <= 20 else 6
         ax.set_xticks(range(len(order)), names, rotation=90, fontsize=font)
         ax.set_yticks(range(len(order)), names, fontsize=font)
+        use_fonts_for_labels(ax, names)
     else:
         ax.set_xticks([])
         ax.set_yticks([])

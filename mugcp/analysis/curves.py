@@ -93,6 +93,8 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list[int], li
 
 def plot_curves(records: list[dict], path: str | Path, size: tuple[int, int] = CURVES_SIZE, title: str = "") -> Path:
     """Three panels: loss and its terms, learning rate, evaluation accuracy (%), each against the step."""
+    from matplotlib.ticker import MaxNLocator
+
     series = curve_series(records)
     last_step = max((int(r.get("step", 0)) for r in records), default=0)
     plt, fig, axes = new_figure(size, ncols=3)
@@ -110,6 +112,7 @@ def plot_curves(records: list[dict], path: str | Path, size: tuple[int, int] = C
         ax.grid(alpha=0.3)
         if last_step:
             ax.set_xlim(0, last_step * 1.04 + 0.5)  # one step axis for the three panels
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5-step ticks on short runs
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, size)

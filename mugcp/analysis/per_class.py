@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mugcp.analysis.figures import new_figure, save_figure
+from mugcp.analysis.figures import new_figure, save_figure, use_fonts_for_labels
 from mugcp.utils import atomic_write_text
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -130,15 +130,21 @@ def plot_per_class(members: Sequence[dict], path: str | Path, title: str) -> tup
     size = plot_size(len(members))
     plt, fig, ax = new_figure(size)
     positions = list(range(len(shown)))[::-1]
-    ax.barh(positions, [r["mean"] for r in shown], xerr=[r["std"] for r in shown], color="#4C72B0", capsize=2, label="prompted (mean ± std)")
+    means = [r["mean"] for r in shown]
+    # The spread over seeds, cut at 0 and 100 %: an accuracy cannot leave them.
+    spread = [[min(r["std"], r["mean"]) for r in shown], [min(r["std"], 100.0 - r["mean"]) for r in shown]]
+    ax.barh(positions, means, xerr=spread, color="#4C72B0", capsize=2, label="prompted (mean ± std)")
     zero = [(p, r["zeroshot"]) for p, r in zip(positions, shown) if "zeroshot" in r]
     if zero:
         ax.scatter([z for _, z in zero], [p for p, _ in zero], marker="|", s=120, color="#DD8452", zorder=3, label="zero-shot")
-    ax.set_yticks(positions, [r["class"] for r in shown], fontsize=7 if len(shown) > 20 else 8)
+    names = [r["class"] for r in shown]
+    ax.set_yticks(positions, names, fontsize=7 if len(shown) > 20 else 8)
+    use_fonts_for_labels(ax, names)
     ax.set_xlabel("accuracy %", fontsize=9)
     ax.set_xlim(0, 100)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    # Outside the axes, to their right: inside, it would cover some class's bar or zero-shot marker.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return save_figure(fig, path, size), size
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mugcp.config import ConfigError
-from mugcp.utils import atomic_write_text
+from mugcp.utils import atomic_write_text, progress_wanted
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -61,6 +61,7 @@ def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, clas
 
     if k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {k}.")
+    progress = progress_wanted(progress)  # bars only on a terminal: never into a redirected log
     files = find_images(images)
     model, preprocess = load_run(run, classnames=classnames, device=device, semantic_cache=semantic_cache, mllm=mllm)
     learner = model.learner

@@ -16,6 +16,9 @@ requeue``) and the re-run appends ``resume_args`` (``--resume``). A requeue by S
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import io
 import os
 import re
 import shutil
@@ -26,22 +29,19 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from mugcp.launch import slurm_task
+from mugcp.launch.slurm_refusals import SlurmError, undone_if_refused, unreachable_hint
 from mugcp.launch.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
-from mugcp.errors import UserError
 
 INSTALL_HINT = "pip install -e '.[slurm]'"
-STATES = ("pending", "running", "done", "failed", "interrupted")
-FINISHED = ("done", "failed", "interrupted")
+# cancelled: scancel ended the job before its task started (it was pending); interrupted: it stopped mid-run.
+STATES = ("pending", "running", "done", "failed", "interrupted", "cancelled")
+FINISHED = ("done", "failed", "interrupted", "cancelled")
 
 # squeue's job states (man squeue, JOB STATE CODES) in our five words.
 _PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 _RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
 _FAILED = {"FAILED", "OUT_OF_MEMORY"}
 _INTERRUPTED = {"CANCELLED", "PREEMPTED", "TIMEOUT", "DEADLINE", "NODE_FAIL", "BOOT_FAIL", "REVOKED"}
-
-
-class SlurmError(UserError):
-    """Slurm or submitit is missing, an option is wrong, or a Slurm command refused: one line says which."""
 
 
 def slurm_available() -> Optional[str]:
@@ -143,7 +143,10 @@ class SlurmOptions:
         values = {str(key).replace("-", "_"): value for key, value in mapping.items()}
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
-            raise SlurmError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}.")
+            close = [match for key in unknown for match in difflib.get_close_matches(key, cls.keys(), n=1, cutoff=0.6)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SlurmError(f"{where}: unknown key(s) {', '.join(unknown)}{hint}; "
+                             f"valid keys: {', '.join(cls.keys())}.")
         try:
             return cls(**values)
         except SlurmError as err:
@@ -204,12 +207,18 @@ def _executor(log_folder: Path, options: SlurmOptions, name: str, max_requeues: 
 def _submit(executor, tasks: list) -> list[str]:
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
+    sbatch_said = io.StringIO()
     try:
-        with executor.batch():
+        # submitit prints sbatch's stderr when it fails, then raises with the same text: it is said once, below.
+        with contextlib.redirect_stderr(sbatch_said), executor.batch():
             jobs = [executor.submit(task) for task in tasks]
     except (FailedJobError, FailedSubmissionError) as err:  # sbatch refused (partition, account, size): its words
-        message = " ".join(str(err).split())
-        raise SlurmError(f"sbatch refused the job: {message[-400:]}") from err
+        message = " ".join(str(err).split()) or " ".join(sbatch_said.getvalue().split())
+        hint = unreachable_hint(message)
+        if hint:
+            raise SlurmError(f"sbatch could not submit: {hint} sbatch said: {message[-300:]}") from None
+        raise SlurmError(f"sbatch refused the job: {message[-400:]} (`sinfo -o '%P %c %m %G'` lists each partition's "
+                         "CPUs, memory and GPUs)") from None
     return [job.job_id for job in jobs]
 
 
@@ -232,17 +241,17 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     if not commands:
         return []
     folders = [Path(folder).resolve() for folder in folders]
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
     log_folder = Path(log_folder) if log_folder else folders[0].parent / ".submitit"
     gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
-    executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
-                         cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
-                         additional_parameters=None if requeue else {"no-requeue": True}, dependency=dependency, **gpus)
     workdir = Path(workdir or Path.cwd()).resolve()
     tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
              for command, folder in zip(commands, folders)]
-    return _submit(executor, tasks)
+    with undone_if_refused(folders, log_folder):
+        executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
+                             cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
+                             additional_parameters=None if requeue else {"no-requeue": True}, dependency=dependency,
+                             **gpus)
+        return _submit(executor, tasks)
 
 
 def submit_distributed(command: Sequence[str], folder: os.PathLike, options: SlurmOptions, name: str = "mugcp-train",
@@ -264,15 +273,15 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
     if options.gpus_per_node and tasks_per_node not in (None, options.gpus_per_node):
         raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     log_folder = Path(log_folder) if log_folder else folder / ".submitit"
     gpus = {"gpus_per_node": options.gpus_per_node} if options.gpus_per_node else {}
-    executor = _executor(log_folder, options, name, max_requeues, nodes=options.nodes, ntasks_per_node=per_node,
-                         cpus_per_task=options.cpus_per_run, srun_args=["--kill-on-bad-exit=1"],
-                         additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
     workdir = Path(workdir or Path.cwd()).resolve()
     task = DistributedTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
-    return _submit(executor, [task])[0]
+    with undone_if_refused([folder], log_folder):
+        executor = _executor(log_folder, options, name, max_requeues, nodes=options.nodes, ntasks_per_node=per_node,
+                             cpus_per_task=options.cpus_per_run, srun_args=["--kill-on-bad-exit=1"],
+                             additional_parameters=None if requeue else {"no-requeue": True}, **gpus)
+        return _submit(executor, [task])[0]
 
 
 # -- states --------------------------------------------------------------------------------------
@@ -286,7 +295,10 @@ def _squeue_states(job_ids: Sequence[str]) -> dict[str, str]:
         if result.returncode != 0:
             if "Invalid job id" in result.stderr:
                 continue
-            raise SlurmError(f"squeue failed ({result.returncode}): {result.stderr.strip()}")
+            said = " ".join(result.stderr.split())
+            hint = unreachable_hint(said)
+            raise SlurmError(f"squeue could not tell the jobs' states: {hint} squeue said: {said[-300:]}" if hint
+                             else f"squeue failed ({result.returncode}): {said}")
         for line in result.stdout.splitlines():
             job_id, _, state = line.strip().partition("|")
             states[job_id] = state.split()[0] if state else ""
@@ -305,8 +317,8 @@ def job_states(jobs: Mapping[str, Optional[os.PathLike]]) -> dict[str, str]:
 
     squeue tells pending/running and, while Slurm remembers a finished job, how it ended; the run
     folder's ``slurm_state.json`` tells it after that, and whether the command itself succeeded.
-    A job that neither knows is "interrupted" (it ended without its task finishing, e.g. cancelled
-    while pending): rerunning it is the way on.
+    A job cancelled before its task started (``scancel`` while pending) is "cancelled"; one that neither
+    knows is "interrupted" (it ended without its task finishing): rerunning either is the way on.
     """
     slurm = _squeue_states(list(jobs))
     result = {}
@@ -317,6 +329,8 @@ def job_states(jobs: Mapping[str, Optional[os.PathLike]]) -> dict[str, str]:
             state = "pending"
         elif scheduler in _RUNNING:
             state = own if scheduler == "COMPLETING" and own in FINISHED else "running"
+        elif scheduler == "CANCELLED" and own in (None, "submitted"):  # its task never started: cancelled while pending
+            state = "cancelled"
         elif scheduler in _INTERRUPTED:
             state = "interrupted"
         elif scheduler in _FAILED:

@@ -22,7 +22,7 @@ import fcntl
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -158,6 +158,20 @@ def _decide(jobs: list[Job], root: Path, states: dict) -> tuple[list[Job], list[
     return trainings, evaluations
 
 
+@contextmanager
+def _root_removed_if_refused(root: Path):
+    """Create the sweep's root; if nothing could be submitted into it, remove it again (with its lock file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except SlurmError:
+        if not read_jobs(root):
+            (root / SUBMIT_LOCK).unlink(missing_ok=True)
+            with suppress(OSError):
+                root.rmdir()  # only if empty: a run another process started there stays
+        raise
+
+
 def submit_sweep(jobs: list[Job], root: Path, options: SlurmOptions, name: str = "mugcp-sweep",
                  say: Callable[[str], None] = print) -> dict:
     """Submit every job that is not finished, queued or run elsewhere; returns counts per status.
@@ -167,7 +181,9 @@ def submit_sweep(jobs: list[Job], root: Path, options: SlurmOptions, name: str =
     """
     require_slurm()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.exists():  # a refused first submission leaves no empty root behind
+        with _root_removed_if_refused(root):
+            return submit_sweep(jobs, root, options, name, say)
     env = {"OMP_NUM_THREADS": str(options.cpus_per_run), "MKL_NUM_THREADS": str(options.cpus_per_run)} if options.cpus_per_run else {}
     with submission_lock(root):
         recorded = read_jobs(root)
@@ -220,18 +236,27 @@ def sweep_rows(jobs: list[Job], root: Path) -> list[dict]:
     """Per job: ``{"job", "job_id", "state", "line"}``; state is pending / running / done / failed /
     interrupted from Slurm and the run folder, ``done`` for a run finished by any launcher, ``changed``,
     or ``not submitted``."""
-    states = recorded_states(jobs, read_jobs(root))
+    recorded = read_jobs(root)
+    finished = {job.name for job in jobs if job.mode != "changed" and (job.folder / METRICS_FILE).is_file()
+                and (job.depends_on is None or (job.depends_on.folder / METRICS_FILE).is_file())}
+    # A finished run's job has ended: only the others need squeue (and a reachable controller).
+    states = recorded_states([job for job in jobs if job.name not in finished], recorded)
     rows = []
     for job in jobs:
-        job_id, state = states.get(job.name, ("", None))
-        finished = (job.folder / METRICS_FILE).is_file() and (job.depends_on is None or (job.depends_on.folder / METRICS_FILE).is_file())
-        if state not in QUEUED and finished and job.mode != "changed":
+        job_id, state = states.get(job.name, (_recorded_id(job, recorded), None))
+        if state not in QUEUED and job.name in finished:
             state = "done"
         elif state is None:
             state = "changed" if job.mode == "changed" else "not submitted"
         line = last_log_line(job.folder, job_id) if job_id else ""
         rows.append({"job": job, "job_id": job_id, "state": state, "line": line})
     return rows
+
+
+def _recorded_id(job: Job, recorded: dict) -> str:
+    """The job id the record holds for ``job`` in the folder it runs in now ("" if none)."""
+    entry = recorded.get(job.name, {})
+    return entry.get("job_id", "") if entry.get("folder") == str(job.folder) else ""
 
 
 def format_rows(rows: list[dict], width: int = 140) -> str:
@@ -248,7 +273,7 @@ def summarise(rows: list[dict]) -> str:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    order = ("done", "running", "pending", "failed", "interrupted", "not submitted", "changed")
+    order = ("done", "running", "pending", "failed", "interrupted", "cancelled", "not submitted", "changed")
     return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
 
 
@@ -276,7 +301,8 @@ def follow(jobs: list[Job], root: Path, progress: bool = True, poll_s: Optional[
                 seen[job_id] = state
                 tqdm.write(f"{time.strftime('%H:%M:%S')} {state} {names[job_id]} ({job_id})")
         bar.n = sum(state in FINISHED for state in states.values())
-        counts = {s: sum(v == s for v in states.values()) for s in ("running", "pending", "failed", "interrupted")}
+        counts = {s: sum(v == s for v in states.values())
+                  for s in ("running", "pending", "failed", "interrupted", "cancelled")}
         bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in counts.items() if n))
         bar.refresh()
 
@@ -304,7 +330,8 @@ def report_when_done(rows: list[dict], root: Path, protocol: str, say: Callable[
 
 
 def status_code(rows: list[dict]) -> int:
-    """0 when every job is done (or still queued), 1 when some need a rerun (failed, interrupted, not submitted, changed)."""
+    """0 when every job is done (or still queued), 1 when some need a rerun (failed, interrupted, cancelled,
+    not submitted, changed)."""
     return 0 if all(row["state"] in ("done", *QUEUED) for row in rows) else 1
 
 
@@ -319,8 +346,10 @@ def run_command(sweep, jobs: list[Job], root: Path, args) -> int:
         return status_code(rows)
     options = sweep_options(sweep, args)
     counts = submit_sweep(jobs, root, options, name=f"mugcp-{sweep.path.stem}")
-    print(f"slurm: {describe_submission(counts)}" + ("" if args.wait else
-          f". Follow with: python -m mugcp.sweep {args.sweep} --root {root} --status"))
+    follow_hint = "" if args.wait or not (counts.get("submitted") or counts.get("queued")) else \
+        f". Follow with: python -m mugcp.sweep {args.sweep} --root {root} --status"
+    nothing = "" if counts.get("submitted") else "nothing submitted: "
+    print(f"slurm: {nothing}{describe_submission(counts)}{follow_hint}")
     if counts.get("changed"):
         print(f"{counts['changed']} finished run(s) differ from what this sweep runs now and were not submitted. "
               "Pass --rerun-changed to rerun them into fresh folders (<name>_v2).", file=sys.stderr)

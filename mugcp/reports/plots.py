@@ -4,19 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from mugcp.reports.results import in_paper_order, mean
+from mugcp.reports.tables import at_k, fewshot_ks
 from mugcp.utils import atomic_write
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """A bar per group: the HM of its seed-averaged base and new (no error bar: it has no spread over seeds),
+    else its accuracy on all classes with the std over seeds."""
     plt = _pyplot()
-    metric = "hm" if any("hm" in r for r in rows) else "all"
-    shown = [r for r in rows if metric in r]
+    by_hm = any("hm_of_means" in r for r in rows)
+    shown = [r for r in rows if ("hm_of_means" if by_hm else "all") in r]
+    heights = [r["hm_of_means"] if by_hm else r["all"][0] for r in shown]
     labels = [f"{r['method']}\n{r['dataset']}" for r in shown]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(shown)), 3.5))
-    ax.bar(range(len(shown)), [r[metric][0] for r in shown], yerr=[r[metric][1] for r in shown], capsize=4, color="#4C72B0")
+    ax.bar(range(len(shown)), heights, yerr=None if by_hm else [r["all"][1] for r in shown], capsize=4, color="#4C72B0")
     ax.set_xticks(range(len(shown)), labels, fontsize=8)
-    ax.set_ylabel({"hm": "harmonic mean (base, new) %", "all": "accuracy %"}[metric])
-    ax.set_title("mean ± std over seeds")
+    ax.set_ylabel("HM of mean base, mean new %" if by_hm else "accuracy %")
+    ax.set_title("HM of the seed-averaged base and new accuracies" if by_hm else "mean ± std over seeds", fontsize=9)
     _save(fig, plt, path)
 
 
@@ -25,17 +29,19 @@ def plot_fewshot(rows: list[dict], path: Path) -> None:
     rows = [r for r in rows if "all" in r]
     datasets = in_paper_order(r["dataset"] for r in rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    every_k = fewshot_ks(rows)
     panels = ["Average", *datasets] if len(datasets) > 1 else datasets
     columns = min(4, len(panels))
     fig, axes = plt.subplots((len(panels) + columns - 1) // columns, columns, figsize=(3.2 * columns, 2.6 * ((len(panels) + columns - 1) // columns)), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for method in methods:
             mine = [r for r in rows if r["method"] == method and (panel == "Average" or r["dataset"] == panel)]
-            shots = sorted({r["shots"] for r in mine})
-            means = [mean([r["all"][0] for r in mine if r["shots"] == k]) for k in shots]
+            shots = [k for k in every_k if any(at_k(r, k) for r in mine)]
+            means = [mean([r["all"][0] for r in mine if at_k(r, k)]) for k in shots]
             ax.plot(shots, means, marker="o", label=method)
         ax.set_title(panel, fontsize=9)
-        ax.set_xscale("log", base=2)
+        if None not in every_k:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("shots per class (K)", fontsize=8)
         ax.set_ylabel("accuracy %", fontsize=8)
     for ax in list(axes.flat)[len(panels):]:

@@ -20,7 +20,10 @@ SUPERSEDED_FILE = "superseded.json"
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
 
 
-METRICS = ("base", "new", "hm", "all")
+# Accuracies averaged over seeds as mean ± std. The HM is not among them: a group's HM is the HM of its
+# seed-averaged base and new accuracies (``hm_of_means``, as the papers report it; one number, no spread),
+# and the per-seed HMs are kept apart as ``hm_per_seed`` (mean ± std), which is a different, smaller number.
+METRICS = ("base", "new", "all")
 
 
 def _all_metrics(folders) -> list[dict]:
@@ -77,11 +80,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
             values = [v for v in (value(m, name) for m in members) if v is not None]
             if values:
                 row[name] = _stat(values)
+        per_seed_hms = [h for h in (_run_hm(m) for m in members) if h is not None]
+        if per_seed_hms:
+            row["hm_per_seed"] = _stat(per_seed_hms)
         if "base" in row and "new" in row:
-            # As the papers' tables: the HM of the seed-averaged base and new accuracies (not the mean of
-            # per-seed HMs); the ± stays the spread of the per-seed HMs.
-            spread = row["hm"][1] if "hm" in row else 0.0
-            row["hm"] = (harmonic_mean(row["base"][0], row["new"][0]), spread, min(row["base"][2], row["new"][2]))
+            row["hm_of_means"] = harmonic_mean(row["base"][0], row["new"][0])
         rows.append(row)
     return rows
 
@@ -108,6 +111,14 @@ def aggregate_transfer(evaluations: list[dict]) -> list[dict]:
                 row["targets"][target] = _stat(values)
         rows.append(row)
     return rows
+
+
+def _run_hm(metrics: dict):
+    """One run's HM: the one it recorded, else the HM of its base and new accuracies (None without them)."""
+    if metrics.get("hm") is not None:
+        return metrics["hm"]
+    base, new = value(metrics, "base"), value(metrics, "new")
+    return harmonic_mean(base, new) if base is not None and new is not None else None
 
 
 def _stat(values: list[float]) -> tuple[float, float, int]:

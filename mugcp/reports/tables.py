@@ -9,32 +9,59 @@ from __future__ import annotations
 import csv
 import io
 
-from mugcp.reports.results import GROUP_KEYS, METRICS, harmonic_mean, in_paper_order, mean
+from mugcp.reports.results import GROUP_KEYS, harmonic_mean, in_paper_order, mean
 
 LAYOUTS = ("groups", "base2new", "fewshot", "cross_dataset", "domain_generalization")
 
 
+# The group table's columns after the seeds: (header, how a row's cell reads).
+HM_OF_MEANS_HEADER = "HM of means"
+PER_SEED_HM_HEADER = "per-seed HM"
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(header, row key) of every result some row has, in the table's order."""
+    columns = [(m, m) for m in ("base", "new") if any(m in r for r in rows)]
+    if any("hm_of_means" in r for r in rows):
+        columns += [(HM_OF_MEANS_HEADER, "hm_of_means"), (PER_SEED_HM_HEADER, "hm_per_seed")]
+    return columns + [("all", "all")] * any("all" in r for r in rows)
+
+
 def markdown(rows: list[dict]) -> str:
-    present = [m for m in METRICS if any(m in r for r in rows)]
-    header = ["dataset", "method", "protocol", "shots", "backbone", "seeds", *present]
+    columns = _columns(rows)
+    header = ["dataset", "method", "protocol", "shots", "backbone", "seeds", *(h for h, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row[k]) for k in GROUP_KEYS] + [",".join(map(str, row["seeds"]))]
-        cells += [f"{row[m][0]:.2f} ± {row[m][1]:.2f}" if m in row else "" for m in present]
+        cells += [_hm_of_means_cell(row) if key == "hm_of_means" else _cell(row.get(key)) for _, key in columns]
         if not row["pretrained"]:
             cells[1] += " (random weights)"
         lines.append("| " + " | ".join(cells) + " |")
+    if any("hm_of_means" in r for r in rows):
+        lines += ["", f"{HM_OF_MEANS_HEADER}: the harmonic mean of the seed-averaged base and new accuracies, as the "
+                  f"papers report it (one number, no spread). {PER_SEED_HM_HEADER}: mean ± std of each seed's own HM."]
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: list[dict]) -> str:
+    """One line per group: each accuracy's mean/std/n, ``hm_of_means`` (no spread) and the per-seed HMs' stats."""
+    def stat_header(name):
+        return [f"{name}_{s}" for s in ("mean", "std", "n")]
+
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([*GROUP_KEYS, "seeds", "pretrained", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n"))])
+    writer.writerow([*GROUP_KEYS, "seeds", "pretrained", *stat_header("base"), *stat_header("new"), "hm_of_means",
+                     *stat_header("hm_per_seed"), *stat_header("all")])
     for row in rows:
+        stats = {name: row.get(name) or ("", "", "") for name in ("base", "new", "hm_per_seed", "all")}
         writer.writerow([*(row[k] for k in GROUP_KEYS), " ".join(map(str, row["seeds"])), row["pretrained"],
-                         *(x for m in METRICS for x in (row[m] if m in row else ("", "", "")))])
+                         *stats["base"], *stats["new"], row.get("hm_of_means", ""), *stats["hm_per_seed"],
+                         *stats["all"]])
     return buffer.getvalue()
+
+
+def _hm_of_means_cell(row: dict) -> str:
+    return f"{row['hm_of_means']:.2f}" if "hm_of_means" in row else ""
 
 
 def _cell(stat) -> str:
@@ -53,7 +80,8 @@ def _labels(rows: list[dict], keys=("shots", "backbone")) -> dict[int, str]:
 
 
 def base2new_markdown(rows: list[dict]) -> str:
-    """Per dataset: methods × base / new / HM (mean ± std over seeds); first, the average over datasets.
+    """Per dataset: methods × base / new (mean ± std over seeds) / HM of those means; first, the average
+    over datasets.
 
     The average row takes the mean of each dataset's mean base and new accuracy and, as the papers
     do, the HM of those two averages.
@@ -63,25 +91,39 @@ def base2new_markdown(rows: list[dict]) -> str:
     datasets = in_paper_order(r["dataset"] for r in rows)
     methods = list(dict.fromkeys(labels[id(r)] for r in rows))
     lines = ["## Base-to-novel generalisation", "",
-             "Accuracy (%) on the base classes (trained on) and the new classes (never seen), HM = 2·base·new/(base+new); "
-             "mean ± std over seeds.", "", f"### Average over {len(datasets)} datasets", "",
-             "| method | base | new | HM | datasets |", "|---|---|---|---|---|"]
+             "Accuracy (%) on the base classes (trained on) and the new classes (never seen), mean ± std over seeds; "
+             "HM of means = 2·base·new/(base+new) of those seed-averaged accuracies, as the papers report it "
+             "(one number: it has no spread over seeds).", "", f"### Average over {len(datasets)} datasets", "",
+             "| method | base | new | HM of means | datasets |", "|---|---|---|---|---|"]
     for method in methods:
         mine = [r for r in rows if labels[id(r)] == method]
         base, new = mean([r["base"][0] for r in mine]), mean([r["new"][0] for r in mine])
         lines.append(f"| {method} | {base:.2f} | {new:.2f} | {harmonic_mean(base, new):.2f} | {len(mine)} of {len(datasets)} |")
     for dataset in datasets:
-        lines += ["", f"### {dataset}", "", "| method | base | new | HM | seeds |", "|---|---|---|---|---|"]
+        lines += ["", f"### {dataset}", "", "| method | base | new | HM of means | seeds |", "|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
-            lines.append(f"| {labels[id(row)]} | {_cell(row['base'])} | {_cell(row['new'])} | {_cell(row.get('hm'))} | "
+            lines.append(f"| {labels[id(row)]} | {_cell(row['base'])} | {_cell(row['new'])} | "
+                         f"{_hm_of_means_cell(row)} | "
                          f"{','.join(map(str, row['seeds']))} |")
     return "\n".join(lines) + "\n"
+
+
+def fewshot_ks(rows: list[dict]) -> list:
+    """The K columns of a few-shot table: every K some run trained with (a run without K, zero-shot CLIP,
+    shows on each)."""
+    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
+    return shots or [None]
+
+
+def at_k(row: dict, k) -> bool:
+    """A run shows at K: trained with K shots, or without K (``shots: null``: nothing trained, the same at every K)."""
+    return row["shots"] == k or row["shots"] is None
 
 
 def fewshot_markdown(rows: list[dict]) -> str:
     """Per dataset: methods × K (accuracy on all classes, mean ± std over seeds); first, the average over datasets."""
     rows = [r for r in rows if "all" in r]
-    shots = sorted({r["shots"] for r in rows}, key=lambda k: (k is None, k or 0))
+    shots = fewshot_ks(rows)
     labels = _labels(rows, keys=("backbone",))  # K is the column, not part of the method label
     methods = list(dict.fromkeys(labels[id(r)] for r in rows))
     datasets = in_paper_order(r["dataset"] for r in rows)
@@ -92,15 +134,16 @@ def fewshot_markdown(rows: list[dict]) -> str:
     for method in methods:
         cells = []
         for k in shots:
-            values = [r["all"][0] for r in rows if labels[id(r)] == method and r["shots"] == k]
+            values = [r["all"][0] for r in rows if labels[id(r)] == method and at_k(r, k)]
             cells.append(f"{mean(values):.2f}" if values else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for dataset in datasets:
         lines += ["", f"### {dataset}", "", header, rule]
         for method in methods:
-            by_k = {r["shots"]: r for r in rows if r["dataset"] == dataset and labels[id(r)] == method}
-            if by_k:
-                lines.append(f"| {method} | " + " | ".join(_cell(by_k[k]["all"]) if k in by_k else "" for k in shots) + " |")
+            mine = [r for r in rows if r["dataset"] == dataset and labels[id(r)] == method]
+            if mine:
+                by_k = [next((r for r in mine if at_k(r, k)), None) for k in shots]
+                lines.append(f"| {method} | " + " | ".join(_cell(r["all"]) if r else "" for r in by_k) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -77,8 +77,9 @@ def _override_args(overrides: dict, fields: dict, where: str) -> list[str]:
     return [f"{key}={_render(_fill(value, fields, f'{where}: {key}'))}" for key, value in overrides.items()]
 
 
-def run_name(method: str, dataset: str, shots: int, seed: int) -> str:
-    return f"{method}_{dataset}_k{shots}_s{seed}"
+def run_name(method: str, dataset: str, shots: Optional[int], seed: int) -> str:
+    """``coop_dtd_k16_s1``; a run whose K is unused (zero-shot CLIP in a few-shot sweep) has no ``_k``."""
+    return f"{method}_{dataset}_s{seed}" if shots is None else f"{method}_{dataset}_k{shots}_s{seed}"
 
 
 def recipe_of(sweep: Sweep, method: str, dataset: str, shots: int):
@@ -88,6 +89,16 @@ def recipe_of(sweep: Sweep, method: str, dataset: str, shots: int):
     if sweep.protocol == "grid" or not sweep.recipes or method not in recipe_methods():
         return None
     return recipe_for(method, sweep.protocol, dataset, shots)
+
+
+def shots_of(sweep: Sweep, method: str, dataset: str) -> list:
+    """The K a method runs at: every K of the sweep, or ``[None]`` (once, ``data.shots: null``) for a method whose
+    recipe trains nothing in a few-shot sweep: zero-shot CLIP's accuracy is the same at every K."""
+    if sweep.protocol == "fewshot":
+        recipe = recipe_of(sweep, method, dataset, None)
+        if recipe is not None and not recipe.trains:
+            return [None]
+    return list(sweep.shots)
 
 
 def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
@@ -106,13 +117,13 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
         check_keys(overrides, f"{sweep.path}: method_overrides.{method}")
     for dataset in sweep.datasets:
         for method in sweep.methods:
-            for shots in sweep.shots:
+            for shots in shots_of(sweep, method, dataset):
                 for seed in sweep.seeds:
                     fields = {"dataset": dataset, "method": method, "seed": seed, "shots": shots}
                     name = run_name(method, dataset, shots, seed)
                     config = sweep.config or f"methods/{method}"
                     overrides = [f"method={method}"] if sweep.config else []
-                    overrides += [f"data.dataset={dataset}", f"data.shots={shots}", f"train.seed={seed}"]
+                    overrides += [f"data.dataset={dataset}", f"data.shots={_render(shots)}", f"train.seed={seed}"]
                     if sweep.train_protocol:
                         overrides.append(f"data.protocol={sweep.train_protocol}")
                     if (method, dataset, shots) not in recipes:
@@ -201,7 +212,7 @@ def recipe_notes(jobs: list[Job], protocol: str) -> list[str]:
             continue
         datasets = sorted({job.fields["dataset"] for job in runs if not recipe_for(method, protocol, job.fields["dataset"]).released})
         shots = sorted({job.fields["shots"] for job in runs if not recipe_for(method, protocol, None, job.fields["shots"]).released})
-        parts = [f"{method} has no released recipes and follows {base.follows}'s."] if base.follows else []
+        parts = []
         if datasets:
             parts.append(f"The released scripts do not train on {', '.join(datasets)}; the same settings are used there.")
         if shots:
@@ -215,7 +226,8 @@ def describe_job(job: Job) -> dict:
     recipe = job.recipe
     return {
         "name": job.name, "folder": str(job.folder), "mode": job.mode, **job.fields, "command": job.command(),
-        "recipe": None if recipe is None else {"path": str(recipe.path), "released": recipe.released, "sources": list(recipe.sources),
+        "recipe": None if recipe is None else {"path": str(recipe.path), "released": recipe.released,
+                                               "follows": recipe.follows, "sources": list(recipe.sources),
                                                "note": recipe.note},
         "changes": {key: {"run": was, "now": now} for key, (was, now) in job.changes.items()},
         "supersedes": str(job.supersedes) if job.supersedes else None,
