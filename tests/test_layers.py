@@ -1,8 +1,9 @@
 """The house's layering, read from every module's imports (ast): nothing imports a layer above its own,
 no module imports itself back through others, and ``mugcp/kernels/`` stands alone.
 
-Layers, bottom up: errors/utils → config → backbones and data → methods, semantics and analysis → runs →
-training and inference → reports → sweeps → launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
+Layers, bottom up: errors/utils (and ``mugcp.runs.layout``, the names of a run folder, which imports nothing) →
+config → backbones and data → methods, semantics and analysis → runs → training and inference → reports → sweeps →
+launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
 of a higher layer is still a dependency running back up.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    ("errors/utils", ("mugcp.errors", "mugcp.utils")),
+    ("errors/utils", ("mugcp.errors", "mugcp.utils", "mugcp.runs.layout")),
     ("config", ("mugcp.config", "mugcp.config_schema", "mugcp.recipes")),
     ("backbones and data", ("mugcp.backbones", "mugcp.data")),
     ("methods, semantics and analysis", ("mugcp.methods", "mugcp.semantics", "mugcp.analysis")),

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from mugcp.launch import slurm_task
-from mugcp.launch.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
+from mugcp.launch.slurm_task import CommandTask, DistributedTask, read_state
+from mugcp.runs.layout import SUBMITIT_DIR
 from mugcp.errors import UserError
 
 INSTALL_HINT = "pip install -e '.[slurm]'"
@@ -234,7 +235,7 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     folders = [Path(folder).resolve() for folder in folders]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    log_folder = Path(log_folder) if log_folder else folders[0].parent / ".submitit"
+    log_folder = Path(log_folder) if log_folder else folders[0].parent / SUBMITIT_DIR
     gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
     executor = _executor(log_folder, options, name, max_requeues, nodes=1, ntasks_per_node=1,
                          cpus_per_task=options.cpus_per_run, array_parallelism=options.array_parallelism,
@@ -265,7 +266,7 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
         raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    log_folder = Path(log_folder) if log_folder else folder / ".submitit"
+    log_folder = Path(log_folder) if log_folder else folder / SUBMITIT_DIR
     gpus = {"gpus_per_node": options.gpus_per_node} if options.gpus_per_node else {}
     executor = _executor(log_folder, options, name, max_requeues, nodes=options.nodes, ntasks_per_node=per_node,
                          cpus_per_task=options.cpus_per_run, srun_args=["--kill-on-bad-exit=1"],
@@ -349,10 +350,6 @@ def wait_for_jobs(jobs: Mapping[str, Optional[os.PathLike]], timeout_s: Optional
 def cancel_jobs(job_ids: Sequence[str]) -> None:
     if job_ids:
         subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
-
-
-def state_file(folder: os.PathLike) -> Path:
-    return Path(folder) / STATE_FILE
 
 
 def last_log_line(folder: os.PathLike, job_id: str) -> str:

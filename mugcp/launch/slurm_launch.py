@@ -9,7 +9,6 @@ loads neither torch nor the models (commands build their parsers with it).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from mugcp.launch.slurm import (
     wait_for_jobs,
 )
 from mugcp.launch.slurm_task import read_state, write_state
+from mugcp.runs.layout import CONFIG_FILE
+from mugcp.runs.run_lock import empty_run_folder
 
 LAUNCHER_DESTS = ("launcher", "wait")
 ACTIVE = ("pending", "running")
@@ -151,9 +152,9 @@ def submit_training(cfg: dict, args: Sequence[str], output: Path, options: Slurm
         check_resume_folder(output)
     check_output_free(output, resume, overwrite)
     if overwrite and output.exists():
-        shutil.rmtree(output)  # here, not in the job: the job's own log and state live in this folder
+        empty_run_folder(output)  # here, not in the job: the job's own log and state live in this folder
     command = [python, "-m", "mugcp.train", *args, "--output", str(output)]
-    job_id = submit_distributed(command, output, options, name=f"mugcp-train-{output.name}", resume_when="config.yaml")
+    job_id = submit_distributed(command, output, options, name=f"mugcp-train-{output.name}", resume_when=CONFIG_FILE)
     record_submission(output, job_id)
     return TrainingJob(job_id, output, world_size)
 

@@ -3,7 +3,7 @@
 A failed job does not stop the others; a job whose training failed blocks its evaluations; Ctrl-C
 (or SIGINT / SIGTERM to the sweep alone) stops starting jobs, forwards the signal to the running
 ones, waits for them to save, and re-raises with the counts so far. A job another process owns is
-left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` by the sweep running it, and
+left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` (``SWEEP_CLAIMS_DIR``) by the sweep running it, and
 each run folder is locked by the process training in it (``mugcp.runs.run_lock``).
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Callable, Optional, Sequence
 
 from mugcp.config import ConfigError
 from mugcp.runs.run_lock import RunFolderBusy, RunLock, describe_holder, holder
-from mugcp.sweeps.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.runs.layout import (CHECKPOINT_DIR, FINAL_METRICS_FILE, SWEEP_CLAIMS_DIR, SWEEP_LOGS_DIR, TRAINER_STATE_FILE,
+                                sweep_claim_file, sweep_log_file)
+from mugcp.sweeps.jobs import Job, refresh_mode
 from mugcp.sweeps.run_configs import describe_changes, mark_superseded
 
 RESEND_S = 10.0  # a stopped job still running after this long did not hear its SIGINT: send it again
-CLAIMS = ".claims"  # under the sweep root: one lock per job, held by the sweep process running it
 
 
 class SubprocessLauncher:
@@ -119,7 +120,7 @@ def _interrupted_message(job: Job) -> str:
     """What a rerun will do with an interrupted job, from what is on disk (not what we hope is there)."""
     if job.module != "mugcp.train":
         return "a rerun evaluates it again"
-    state = job.folder / "checkpoint" / "trainer_state.pt"
+    state = job.folder / CHECKPOINT_DIR / TRAINER_STATE_FILE
     if state.is_file():
         return f"its last epoch checkpoint is in {state.parent}; a rerun resumes from it"
     return "nothing to resume from yet; a rerun starts it again"
@@ -150,9 +151,9 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
 
     launcher = launcher or subprocess_launcher()
     slots = slots or device_slots(jobs_in_parallel)
-    logs = root / "logs"
+    logs = root / SWEEP_LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    (root / CLAIMS).mkdir(exist_ok=True)
+    (root / SWEEP_CLAIMS_DIR).mkdir(exist_ok=True)
     total = len(jobs)
     for job in jobs:
         if job.mode == "done":
@@ -193,7 +194,7 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
             say(f"[{index}/{total}] {action} {job.name}" + (f" in {job.folder.name} (config changed: {describe_changes(job.changes)})"
                                                              if job.supersedes else ""))
             env = dict(os.environ, **slots[slot])
-            log_path = logs / (job.name.replace("/", "__") + ".txt")
+            log_path = logs / sweep_log_file(job.name)
             started = time.time()
             try:
                 code = launcher(job, env, log_path)
@@ -282,11 +283,11 @@ UNFINISHED = ("failed", "interrupted", "blocked", "changed", "elsewhere")
 
 def _claim(job: Job, root: Path) -> Optional[RunLock]:
     """This sweep's hold on ``job`` (another sweep on the same root skips it), or None with the job marked ``elsewhere``."""
-    claim = RunLock(root / CLAIMS, job.name.replace("/", "__") + ".lock")
+    claim = RunLock(root / SWEEP_CLAIMS_DIR, sweep_claim_file(job.name))
     try:
         return claim.acquire()
     except RunFolderBusy:
-        job.status, job.message = "elsewhere", f"another sweep runs it ({describe_holder(holder(root / CLAIMS, claim.path.name) or {})})"
+        job.status, job.message = "elsewhere", f"another sweep runs it ({describe_holder(holder(root / SWEEP_CLAIMS_DIR, claim.path.name) or {})})"
         return None
 
 
@@ -308,7 +309,7 @@ def _startable(job: Job, root: Path, queued_elsewhere: Optional[Callable[[Job, P
 
 
 def _set_status(job: Job, code: int, log_path: Path) -> None:
-    finished = (job.folder / METRICS_FILE).is_file()
+    finished = (job.folder / FINAL_METRICS_FILE).is_file()
     owner = holder(job.folder) if code != 0 else None
     if code == 0 or (code in (130, -2) and finished):  # interrupted while it was exiting: its results are complete
         job.status = "ok"
