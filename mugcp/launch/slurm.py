@@ -188,13 +188,18 @@ def add_slurm_arguments(parser: argparse.ArgumentParser, only: Optional[Sequence
 
 
 # -- submission ----------------------------------------------------------------------------------
+def pickle_tasks_by_value() -> None:
+    """The task classes travel by value: the job needs submitit, not an importable mugcp (see slurm_task)."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(slurm_task)
+
+
 def _executor(log_folder: Path, options: SlurmOptions, name: str, max_requeues: int, **parameters):
     require_slurm()
-    import cloudpickle
     import submitit
 
-    # The task classes travel by value: the job needs submitit, not an importable mugcp (see slurm_task).
-    cloudpickle.register_pickle_by_value(slurm_task)
+    pickle_tasks_by_value()
     executor = submitit.SlurmExecutor(folder=Path(log_folder) / "%j", max_num_timeout=max_requeues)
     params = {"job_name": name, "time": options.time, "partition": options.partition, "account": options.account,
               "mem": options.mem, "setup": options.setup or None, **parameters}
