@@ -140,8 +140,8 @@ def _run_here(sweep, jobs: list, root: Path, args: argparse.Namespace, launcher:
               "they were left to it. Rerun the same command once they end to include them in the report.", file=sys.stderr)
     failed = counts.get("failed", 0) + counts.get("blocked", 0)
     if failed:
-        print(f"{failed} job(s) did not finish; their logs are under {root / SWEEP_LOGS_DIR}. Fix the cause and rerun the same command.",
-              file=sys.stderr)
+        print(f"{failed} job(s) did not finish; their logs are under {root / SWEEP_LOGS_DIR}. "
+              "Fix the cause and rerun the same command.", file=sys.stderr)
     return 1 if failed or counts.get("changed") else 0
 
 
@@ -154,7 +154,8 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     sweep = load_sweep(args.sweep)
     root = Path(args.root) if args.root else Path("runs") / "sweeps" / sweep.path.stem
     jobs = plan(sweep, root, rerun_changed=args.rerun_changed)
-    _announce(sweep, jobs, root, console=sys.stderr if args.json else sys.stdout)  # --json: stdout holds the JSON lines alone
+    console = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON lines alone
+    _announce(sweep, jobs, root, console)
     if (args.launcher == "slurm" or args.status) and not args.dry_run:
         from mugcp.launch.slurm_sweep import run_command
 

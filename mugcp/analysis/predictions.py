@@ -130,7 +130,8 @@ def write_subset_outputs(folder: str | Path, subset: str, result: SubsetPredicti
     from mugcp.analysis.confusion import write_confusion
 
     folder = Path(folder)
-    written = {"predictions": folder / PREDICTIONS_DIR / f"{subset}.csv", "per_class": folder / PER_CLASS_DIR / f"{subset}.csv"}
+    written = {"predictions": folder / PREDICTIONS_DIR / f"{subset}.csv",
+               "per_class": folder / PER_CLASS_DIR / f"{subset}.csv"}
     atomic_write_text(written["predictions"], predictions_csv(result))
     rows = per_class_rows(result, zero_shot.per_class_accuracy() if zero_shot is not None else None)
     atomic_write_text(written["per_class"], per_class_csv(rows))

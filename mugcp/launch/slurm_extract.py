@@ -135,7 +135,8 @@ def finish_extraction(jobs: ExtractionJobs, source: ImageSource, on_change: Opti
     """Follow the shard jobs until they have ended, then merge here; ``CacheIncomplete`` names what is missing
     and how each unfinished job ended."""
     states = follow(jobs.jobs, on_change=on_change)
-    unfinished = [job_report(job, jobs.jobs[job], state, jobs.out / SLURM_DIR / SUBMITIT_DIR) for job, state in states.items()
+    submitit_logs = jobs.out / SLURM_DIR / SUBMITIT_DIR
+    unfinished = [job_report(job, jobs.jobs[job], state, submitit_logs) for job, state in states.items()
                   if state != "done"]
     try:
         _, jobs.completeness = merge_checked(jobs.out, source, jobs.shards)

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from mugcp.runs.layout import (CONFIG_FILE, FINAL_METRICS_FILE, REPORT_DIR, RESULTS_TABLE_FILE, SUBMITIT_DIR, SWEEP_CLAIMS_DIR,
-                                SWEEP_SLURM_JOBS_FILE, SWEEP_SUBMIT_LOCK_FILE, sweep_claim_file)
+from mugcp.runs.layout import (CONFIG_FILE, FINAL_METRICS_FILE, REPORT_DIR, RESULTS_TABLE_FILE, SUBMITIT_DIR,
+                                SWEEP_CLAIMS_DIR, SWEEP_SLURM_JOBS_FILE, SWEEP_SUBMIT_LOCK_FILE, sweep_claim_file)
 from mugcp.runs.run_lock import describe_holder, empty_run_folder, holder, lock_within
 from mugcp.launch.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
 from mugcp.sweeps.jobs import Job, refresh_mode
@@ -52,7 +52,8 @@ def read_jobs(root: Path) -> dict:
     except FileNotFoundError:
         return {}
     except ValueError as err:
-        raise SlurmError(f"{Path(root) / SWEEP_SLURM_JOBS_FILE} is not valid JSON ({err}); it records the sweep's Slurm jobs. "
+        raise SlurmError(f"{Path(root) / SWEEP_SLURM_JOBS_FILE} is not valid JSON ({err}); it records the sweep's "
+                         "Slurm jobs. "
                          "Remove it only once none of them is queued or running (squeue --me).") from None
     return dict(data.get("jobs", {}))
 

@@ -47,7 +47,8 @@ def write_report(folders, out, layout: str = "groups") -> str:
     if layout in ("cross_dataset", "domain_generalization"):
         transfer = aggregate_transfer(find_evaluations(folders))
         if not transfer:
-            raise FileNotFoundError(f"no evaluations of trained runs (mugcp.evaluate {FINAL_METRICS_FILE}) under {', '.join(folders)}")
+            raise FileNotFoundError(f"no evaluations of trained runs (mugcp.evaluate {FINAL_METRICS_FILE}) "
+                                    f"under {', '.join(folders)}")
         table, table_csv = transfer_markdown(transfer, layout), transfer_csv(transfer)
         plot_transfer(transfer, out / RESULTS_FIGURE_FILE)
         groups += f", {sum(len(r['targets']) for r in transfer)} target results"

@@ -50,7 +50,8 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     if not any(out.iterdir()):
         return
     if not (out / ADAPTER_CONFIG_FILE).is_file():
-        raise ConfigError(f"--out {out} is a folder that holds no checkpoint (no {ADAPTER_CONFIG_FILE}); --overwrite replaces only a "
+        raise ConfigError(f"--out {out} is a folder that holds no checkpoint (no {ADAPTER_CONFIG_FILE}); "
+                          "--overwrite replaces only a "
                           "checkpoint folder: choose a new folder for --out.")
     if not overwrite:
         raise ConfigError(f"--out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out.")

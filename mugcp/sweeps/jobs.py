@@ -146,7 +146,8 @@ def _evaluation(sweep: Sweep, train_job: Job, method: str, target: str, fields: 
     eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
     eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields, f"{sweep.path}: method_eval_overrides.{method}")
     done = (eval_folder / FINAL_METRICS_FILE).is_file() and train_job.mode == "done"
-    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
+    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args,
+               depends_on=train_job,
                mode="done" if done else "new", fields=eval_fields)
 
 

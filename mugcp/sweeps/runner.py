@@ -3,7 +3,7 @@
 A failed job does not stop the others; a job whose training failed blocks its evaluations; Ctrl-C
 (or SIGINT / SIGTERM to the sweep alone) stops starting jobs, forwards the signal to the running
 ones, waits for them to save, and re-raises with the counts so far. A job another process owns is
-left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` (``SWEEP_CLAIMS_DIR``) by the sweep running it, and
+left to it (``elsewhere``): each job is claimed under ``ROOT/.claims`` by the sweep running it, and
 each run folder is locked by the process training in it (``mugcp.runs.run_lock``).
 """
 from __future__ import annotations
@@ -279,8 +279,8 @@ class SweepRunner:
 
     def _launch(self, job: Job, slot: int, index: int) -> None:
         action = {"resume": "resume", "overwrite": "restart"}.get(job.mode, "start")
-        self._say(f"[{index}/{self.total}] {action} {job.name}"
-                  + (f" in {job.folder.name} (config changed: {describe_changes(job.changes)})" if job.supersedes else ""))
+        changed = f" in {job.folder.name} (config changed: {describe_changes(job.changes)})" if job.supersedes else ""
+        self._say(f"[{index}/{self.total}] {action} {job.name}{changed}")
         env = dict(os.environ, **self.slots[slot])
         log_path = self.logs / sweep_log_file(job.name)
         started = time.time()
@@ -329,7 +329,8 @@ def _claim(job: Job, root: Path) -> Optional[RunLock]:
     try:
         return claim.acquire()
     except RunFolderBusy:
-        job.status, job.message = "elsewhere", f"another sweep runs it ({describe_holder(holder(root / SWEEP_CLAIMS_DIR, claim.path.name) or {})})"
+        owner = describe_holder(holder(root / SWEEP_CLAIMS_DIR, claim.path.name) or {})
+        job.status, job.message = "elsewhere", f"another sweep runs it ({owner})"
         return None
 
 

@@ -123,13 +123,14 @@ def _sweep_path(path: str | os.PathLike) -> Path:
 
 
 def _datasets(data: dict, protocol: str, where: str) -> tuple[list, list]:
-    """(the datasets trained on, the targets evaluated on): ``source``/``targets`` for a transfer protocol, else ``datasets``."""
+    """(datasets trained on, targets evaluated on): ``source``/``targets`` (transfer protocols), else ``datasets``."""
     from mugcp.data.registry import DATASET_NAMES
 
     defaults = PROTOCOLS[protocol]
     if protocol in TRANSFER_PROTOCOLS:
         if "datasets" in data:
-            raise ConfigError(f"{where}: protocol {protocol} trains on 'source' and evaluates on 'targets'; drop 'datasets'.")
+            raise ConfigError(f"{where}: protocol {protocol} trains on 'source' and evaluates on 'targets'; "
+                              "drop 'datasets'.")
         datasets = _as_list(data.get("source", defaults["source"]), "source", where)
         if len(datasets) != 1:
             raise ConfigError(f"{where}: 'source' is one dataset, got {datasets}.")
@@ -169,5 +170,6 @@ def _base_config(config, path: Path) -> Optional[str]:
     beside = path.parent / str(config)
     config_path = beside if beside.is_file() else resolve_config_path(str(config))
     if not config_path.is_file():
-        raise ConfigError(f"{path}: config '{config}' not found (a path relative to the sweep file, or a name under configs/).")
+        raise ConfigError(f"{path}: config '{config}' not found "
+                          "(a path relative to the sweep file, or a name under configs/).")
     return str(config_path)

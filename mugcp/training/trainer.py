@@ -20,8 +20,8 @@ from mugcp.analysis.curves import MetricsLog, write_curves
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.data.loader import set_loader_epoch
-from mugcp.runs.layout import (CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, SPLITS_FILE, STEP_METRICS_FILE, TENSORBOARD_DIR,
-                               TRAINER_STATE_FILE)
+from mugcp.runs.layout import (CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, SPLITS_FILE, STEP_METRICS_FILE,
+                               TENSORBOARD_DIR, TRAINER_STATE_FILE)
 from mugcp.runs.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.training.distributed import Distributed
 from mugcp.training.evaluation import evaluate_subsets
@@ -157,7 +157,7 @@ def _set_up(cfg: dict, output: Path, distributed: Distributed, folder: RunFolder
 
 
 class TrainingLoop:
-    """The optimiser, the position (epoch, step) and the logs of one run's training, from its start or its checkpoint."""
+    """The optimiser, the position (epoch, step) and the logs of one run's training, from its start or checkpoint."""
 
     def __init__(self, setup: RunSetup, output: Path, distributed: Distributed, stop, resume: bool):
         optim_cfg, data_cfg = setup.cfg["optim"], setup.cfg["data"]
@@ -165,9 +165,10 @@ class TrainingLoop:
         self.steps_per_epoch = len(build_loader(setup.train_set, data_cfg["batch_size"], train=True, seed=setup.seed))
         self.epochs = int(optim_cfg["epochs"])
         self.total_steps = run_length(self.epochs, self.steps_per_epoch, optim_cfg["max_steps"])
-        # The epochs that will run: optim.max_steps may end training long before optim.epochs (the progress bar counts these).
+        # The epochs that will run: optim.max_steps may end training long before optim.epochs (the bar counts these).
         self.epochs_run = min(self.epochs, -(-self.total_steps // max(1, self.steps_per_epoch)))
-        self.optimizer = build_optimizer(self.model.parameters(), optim_cfg) if self.model.num_trainable_parameters() else None
+        trains = self.model.num_trainable_parameters() > 0
+        self.optimizer = build_optimizer(self.model.parameters(), optim_cfg) if trains else None
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.total_steps) if self.optimizer else None
         # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
         self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.precision == "amp_fp16")
@@ -179,11 +180,13 @@ class TrainingLoop:
                                                              self.checkpoint_dir, self.steps_per_epoch)
             log.info("resumed from %s at epoch %d (step %d)", self.checkpoint_dir, self.start_epoch + 1, self.step)
         elif resume:
-            log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
+            log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.",
+                     output)
 
         main = distributed.is_main
         self.writer = _tensorboard(output) if setup.cfg["train"]["tensorboard"] and main else None
-        self.metrics_log = MetricsLog(output / STEP_METRICS_FILE, resume_step=self.step if resume else None) if main else None
+        resume_step = self.step if resume else None
+        self.metrics_log = MetricsLog(output / STEP_METRICS_FILE, resume_step=resume_step) if main else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.skipped = 0
 
@@ -210,9 +213,9 @@ class TrainingLoop:
             set_rng_state(self.rng[distributed.rank] if len(self.rng) == distributed.world_size else self.rng[0])
         loader = distributed.shard(loader)
         self.model.train()
+        shown = progress_wanted(setup.cfg["train"]["progress"]) and distributed.is_main
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs_run}", total=min(len(loader), self.total_steps - self.step),
-                   unit="batch", disable=not (progress_wanted(setup.cfg["train"]["progress"]) and distributed.is_main),
-                   leave=False)
+                   unit="batch", disable=not shown, leave=False)
         for batch_index, batch in enumerate(bar, start=start_batch):
             if self.step >= self.total_steps:
                 break
@@ -235,8 +238,9 @@ class TrainingLoop:
         if not torch.isfinite(loss):
             kept = self.checkpoint_dir if self.checkpoint_dir.exists() else "(none yet)"
             raise TrainingDiverged(
-                f"loss became {float(loss)} at epoch {epoch + 1}, step {self.step + 1} (terms {terms}); the run stopped. "
-                f"The last good checkpoint is kept in {kept}. Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
+                f"loss became {float(loss)} at epoch {epoch + 1}, step {self.step + 1} (terms {terms}); "
+                f"the run stopped. The last good checkpoint is kept in {kept}. "
+                "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(local_loss).backward()
