@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from mugcp.launch import slurm_task
 from mugcp.launch.slurm_task import CommandTask, DistributedTask, read_state
-from mugcp.runs.layout import SUBMITIT_DIR
+from mugcp.runs.layout import SLURM_LOG_STEM, SUBMITIT_DIR
 from mugcp.errors import UserError
 
 INSTALL_HINT = "pip install -e '.[slurm]'"
@@ -362,7 +362,7 @@ def last_log_line(folder: os.PathLike, job_id: str) -> str:
     the first line of a command's ``error:`` message (a hint may follow it on later lines), else the
     exception line of a traceback, else the last non-empty line."""
     for suffix in (".err", ".out"):
-        path = Path(folder) / f"slurm-{job_id}{suffix}"
+        path = Path(folder) / (SLURM_LOG_STEM.format(job_id=job_id) + suffix)
         try:
             with open(path, "rb") as handle:
                 handle.seek(max(0, path.stat().st_size - 8192))

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mugcp.runs.layout import SLURM_STATE_FILE
+from mugcp.runs.layout import SLURM_LOG_STEM, SLURM_RANK_LOG_STEM, SLURM_STATE_FILE
 
 STOP_GRACE_S = 30.0
 # A command that dies of one of these was stopped from outside (scancel, requeue, pre-emption, the
@@ -143,7 +143,7 @@ class CommandTask:
         if rank == 0:
             write_state(folder, job_id=job_id, state="running", returncode=None, restarts=self.restarts(), command=command,
                         started=time.time())
-        stem = f"slurm-{job_id}" if rank == 0 else f"slurm-{job_id}.rank{rank}"
+        stem = (SLURM_LOG_STEM if rank == 0 else SLURM_RANK_LOG_STEM).format(job_id=job_id, rank=rank)
         self._watch_for_stop()
         with open(folder / f"{stem}.out", "ab") as out, open(folder / f"{stem}.err", "ab") as err:
             self._process = subprocess.Popen(command, cwd=self.workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,

@@ -2,7 +2,7 @@
 
 Two processes in one folder interleave their checkpoints, metrics and ``log.txt`` (a sweep rerun
 while an orphaned trainer still runs, two sweeps on one root, a second ``--resume`` by hand), and
-nothing shows it afterwards. ``RunLock`` is an OS lock (``flock``) on ``<folder>/.lock`` (``LOCK_FILE``): the kernel
+nothing shows it afterwards. ``RunLock`` is an OS lock (``flock``) on ``<folder>/.lock``: the kernel
 releases it when its process exits, however it exits, so a crash never leaves a stale lock; the
 holder writes its pid and host into the file so a refused process can name it. Any launcher (local
 subprocesses, Slurm) can ask ``holder(folder)`` whether a run is live before starting it.
