@@ -31,15 +31,21 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(main: Callable[[], int]) -> None:
     """Run ``main`` and exit; user errors become ``error: ...`` on stderr with status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(exit_status(main))
+
+
+def exit_status(main: Callable[[], int]) -> int:
+    """``main``'s exit status, with a user error printed as ``error: ...`` on stderr (status 2) and an
+    interrupt as what it kept (130 for Ctrl-C, 128 + the signal's number for others); other errors raise."""
     try:
         code = main()
     except KeyboardInterrupt as err:
         # A run's RunInterrupted says what it kept; a bare Ctrl-C elsewhere kept nothing worth naming.
         print(str(err) or "interrupted.", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 130))  # 130 for Ctrl-C, 143 for SIGTERM (Slurm's stop)
+        return getattr(err, "exit_code", 130)  # 130 for Ctrl-C, 143 for SIGTERM (Slurm's stop)
     except Exception as err:
         if not isinstance(err, user_errors()):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+        return 2
+    return code or 0

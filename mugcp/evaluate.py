@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from mugcp.cli import config_arguments, run_cli
+from mugcp.runs.layout import FINAL_METRICS_FILE
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
     metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output)
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
-    print(f"{summary}{', HM %.2f' % metrics['hm'] if 'hm' in metrics else ''}; metrics: {output / 'metrics.json'}")
+    print(f"{summary}{', HM %.2f' % metrics['hm'] if 'hm' in metrics else ''}; metrics: {output / FINAL_METRICS_FILE}")
     return 0
 
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mugcp.cli import exit_status, run_cli
 from mugcp.launch.slurm_launch import add_launcher_arguments
 
 
@@ -96,9 +97,12 @@ def build_source(args: argparse.Namespace, parser: argparse.ArgumentParser, opti
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    """The command's exit status: a user error prints one line and gives 2 (``mugcp.cli.exit_status``),
+    here as for ``python -m mugcp.extract``, so a caller in Python gets the status too."""
+    return exit_status(lambda: _extract(argv))
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.shard is not None and args.shards is None:
         parser.error("--shard I needs --shards N (how many shards the images are split into)")
     if args.shards is not None and args.shard is None and args.launcher == "local" and not args.merge:
@@ -106,67 +110,81 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher == "slurm" and (args.shard is not None or args.merge or args.dry_run):
         parser.error("--launcher slurm submits the whole extraction; it takes no --shard, --merge or --dry-run")
 
-    from mugcp.errors import UserError
-    from mugcp.semantics.cache_writer import merge_cache
+
+def _extract(argv: list[str] | None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
     from mugcp.semantics.extraction import dry_run, extract
+
+    if args.launcher == "slurm":
+        from mugcp.launch.slurm import require_slurm
+
+        require_slurm()  # before any dataset or model is read
+    if args.merge:
+        return _merge(args, parser)
+    if not args.mllm:
+        parser.error("--mllm PATH_OR_ID is required (a local model directory works offline)")
+    settings = _settings(args)
+    source = build_source(args, parser)
+    if args.dry_run:
+        print(dry_run(source, settings).describe())
+        return 0
+    if args.launcher == "slurm":
+        return submit_to_slurm(args, argv, parser, source, settings)
+    if args.shard is not None:
+        from mugcp.semantics.extraction_shards import extract_shard
+
+        summary = extract_shard(source, settings, args.shard, args.shards)
+        print(f"shard {args.shard} of {args.shards}: " + summary.describe(settings.out))
+        print(f"once every shard has ended: python -m mugcp.extract --merge --out {settings.out} "
+              f"--shards {args.shards} (with the image arguments, to check the cache is complete)")
+        return 0
+    summary = extract(source, settings)
+    if summary.manifest is not None:  # rank 0 (or the only process) reports
+        print(summary.describe(settings.out))
+    return 0
+
+
+def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--merge``: index the shards; with the image arguments, first check that every image is in them."""
+    from mugcp.semantics.cache_writer import merge_cache
+
+    source = build_source(args, parser, optional=True)
+    if source is None:
+        manifest = merge_cache(args.out)
+    else:
+        from mugcp.semantics.extraction_shards import CacheIncomplete, merge_checked
+
+        manifest, completeness = merge_checked(args.out, source, args.shards or 1)
+        if not completeness.complete:
+            raise CacheIncomplete(completeness.describe(args.out))
+        print(completeness.describe(args.out))
+    print(f"merged {args.out}: {manifest['entries']} entries in {manifest['shards']} shards, "
+          f"{len(manifest['failed'])} failed, {manifest['content_hash']}")
+    return 0
+
+
+def _settings(args: argparse.Namespace):
+    """The extraction's settings from the flags, checked (a ``UserError`` names the flag)."""
     from mugcp.semantics.extraction_setup import ExtractionSettings
     from mugcp.semantics.mllm import DEFAULT_PROMPT
 
-    try:
-        if args.launcher == "slurm":
-            from mugcp.launch.slurm import require_slurm
-
-            require_slurm()  # before any dataset or model is read
-        if args.merge:
-            source = build_source(args, parser, optional=True)
-            if source is None:
-                manifest = merge_cache(args.out)
-            else:
-                from mugcp.semantics.extraction_shards import CacheIncomplete, merge_checked
-
-                manifest, completeness = merge_checked(args.out, source, args.shards or 1)
-                if not completeness.complete:
-                    raise CacheIncomplete(completeness.describe(args.out))
-                print(completeness.describe(args.out))
-            print(f"merged {args.out}: {manifest['entries']} entries in {manifest['shards']} shards, "
-                  f"{len(manifest['failed'])} failed, {manifest['content_hash']}")
-            return 0
-        if not args.mllm:
-            parser.error("--mllm PATH_OR_ID is required (a local model directory works offline)")
-        settings = ExtractionSettings(
-            mllm=args.mllm,
-            out=Path(args.out),
-            prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            layer=args.layer,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            device=args.device,
-            revision=args.revision,
-            progress=not args.no_progress,
-        )
-        settings.check()
-        source = build_source(args, parser)
-        if args.dry_run:
-            print(dry_run(source, settings).describe())
-            return 0
-        if args.launcher == "slurm":
-            return submit_to_slurm(args, argv, parser, source, settings)
-        if args.shard is not None:
-            from mugcp.semantics.extraction_shards import extract_shard
-
-            summary = extract_shard(source, settings, args.shard, args.shards)
-            print(f"shard {args.shard} of {args.shards}: " + summary.describe(settings.out))
-            print(f"once every shard has ended: python -m mugcp.extract --merge --out {settings.out} "
-                  f"--shards {args.shards} (with the image arguments, to check the cache is complete)")
-            return 0
-        summary = extract(source, settings)
-        if summary.manifest is not None:  # rank 0 (or the only process) reports
-            print(summary.describe(settings.out))
-        return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = ExtractionSettings(
+        mllm=args.mllm,
+        out=Path(args.out),
+        prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        revision=args.revision,
+        progress=not args.no_progress,
+    )
+    settings.check()
+    return settings
 
 
 def submit_to_slurm(args, argv, parser, source, settings) -> int:
@@ -193,4 +211,4 @@ def submit_to_slurm(args, argv, parser, source, settings) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -13,13 +13,14 @@ import argparse
 
 from mugcp.cli import run_cli
 from mugcp.reports.tables import LAYOUTS
+from mugcp.runs.layout import REPORT_DIR
 
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="folders searched recursively for runs (metrics.json)")
-    parser.add_argument("--out", default="report", help="output folder (default: report/)")
+    parser.add_argument("--out", default=REPORT_DIR, help=f"output folder (default: {REPORT_DIR}/)")
     parser.add_argument("--layout", default="groups", choices=LAYOUTS, help="table layout (default: groups)")
     args = parser.parse_args(argv)
     from mugcp.reports import write_report

@@ -44,7 +44,7 @@ from mugcp.cli import run_cli
 from mugcp.launch.slurm import add_slurm_arguments
 
 
-def main(argv=None, launcher: Optional[Callable] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mugcp.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML file, or a published protocol: base2new, cross_dataset, domain_generalization, fewshot")
     parser.add_argument("--root", help="folder of the sweep's runs (default: runs/sweeps/<sweep file name>)")
@@ -59,7 +59,11 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     parser.add_argument("--wait", action="store_true", help="with --launcher slurm: follow the jobs until they end, then report")
     parser.add_argument("--status", action="store_true", help="each run's Slurm job id, state and last log line; the report once all are done")
     add_slurm_arguments(parser, only=["partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "array_parallelism", "setup"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations of flags that mean nothing, refused before the sweep file is read."""
     if args.json and not args.dry_run:
         parser.error("--json describes the planned runs: pass it with --dry-run")
     if args.wait and args.launcher != "slurm":
@@ -70,24 +74,18 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
         from mugcp.launch.slurm import require_slurm
 
         require_slurm()  # before planning: one line, exit 2
-    from mugcp.config import ConfigError
-    from mugcp.sweeps import describe_counts, load_sweep, plan, run_jobs
-    from mugcp.reports import write_report
-    from mugcp.sweeps.jobs import METRICS_FILE, describe_job, recipe_notes
-    from mugcp.sweeps.run_configs import describe_changes, to_json
-
     if args.jobs < 1:
+        from mugcp.config import ConfigError
+
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}.")
 
-    sweep = load_sweep(args.sweep)
-    if sweep.slurm is not None or args.launcher == "slurm":
-        from mugcp.launch.slurm_sweep import sweep_options
 
-        sweep_options(sweep, args)  # a bad `slurm:` key or value is one line, even with --dry-run
-    root = Path(args.root) if args.root else Path("runs") / "sweeps" / sweep.path.stem
-    jobs = plan(sweep, root, rerun_changed=args.rerun_changed)
+def _announce(sweep, jobs: list, root: Path, console) -> None:
+    """What the sweep runs, which recipes it follows, and the finished runs whose config changed since."""
+    from mugcp.sweeps.jobs import recipe_notes
+    from mugcp.sweeps.run_configs import describe_changes
+
     runs = sum(job.module == "mugcp.train" for job in jobs)
-    console = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON lines alone
     print(f"sweep {sweep.path} ({sweep.protocol}): {runs} training runs"
           + (f" + {len(jobs) - runs} evaluations" if len(jobs) > runs else "") + f" under {root}"
           + ("" if sweep.recipes and sweep.protocol != "grid" else " (no released recipes: the method configs as they are)"), file=console)
@@ -99,24 +97,32 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
     if changed:
         print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor overwritten. "
               "Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the settings they ran with.", file=sys.stderr)
-    if (args.launcher == "slurm" or args.status) and not args.dry_run:
-        from mugcp.launch.slurm_sweep import run_command
 
-        return run_command(sweep, jobs, root, args)
-    if args.dry_run:
-        if args.json:
-            for job in jobs:
-                if job.module == "mugcp.train":
-                    print(to_json(dict(describe_job(job), evaluations=[
-                        {"dataset": ev.fields["dataset"], "folder": str(ev.folder), "mode": ev.mode, "command": ev.command()}
-                        for ev in jobs if ev.depends_on is job])))
-            return 0
-        for index, job in enumerate(jobs, 1):
-            print(f"[{index}/{len(jobs)}] {job.mode:9s} {job.name}\n    {shlex.join(job.command())}")
+
+def _dry_run(jobs: list, as_json: bool) -> int:
+    from mugcp.sweeps.jobs import describe_job
+    from mugcp.sweeps.run_configs import to_json
+
+    if as_json:
+        for job in jobs:
+            if job.module == "mugcp.train":
+                print(to_json(dict(describe_job(job), evaluations=[
+                    {"dataset": ev.fields["dataset"], "folder": str(ev.folder), "mode": ev.mode, "command": ev.command()}
+                    for ev in jobs if ev.depends_on is job])))
         return 0
-    try:
-        from mugcp.launch.slurm_sweep import queued_on_slurm
+    for index, job in enumerate(jobs, 1):
+        print(f"[{index}/{len(jobs)}] {job.mode:9s} {job.name}\n    {shlex.join(job.command())}")
+    return 0
 
+
+def _run_here(sweep, jobs: list, root: Path, args: argparse.Namespace, launcher: Optional[Callable]) -> int:
+    """The local launcher: run the jobs, report once some finished, say what is left; the exit status."""
+    from mugcp.launch.slurm_sweep import queued_on_slurm
+    from mugcp.reports import write_report
+    from mugcp.runs.layout import FINAL_METRICS_FILE, REPORT_DIR, SWEEP_LOGS_DIR
+    from mugcp.sweeps import describe_counts, run_jobs
+
+    try:
         counts = run_jobs(jobs, root, args.jobs, launcher=launcher, progress=not args.no_progress, queued_elsewhere=queued_on_slurm)
     except KeyboardInterrupt as stop:
         counts = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else {}
@@ -124,10 +130,9 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
               "interrupted ones resume from their last checkpoint.", file=sys.stderr)
         return 130
     print(f"sweep done: {describe_counts(counts)}")
-    finished = any((job.folder / METRICS_FILE).is_file() for job in jobs)
-    if finished:
+    if any((job.folder / FINAL_METRICS_FILE).is_file() for job in jobs):
         try:
-            write_report([root], root / "report", layout=sweep.protocol if sweep.protocol != "grid" else "groups")
+            write_report([root], root / REPORT_DIR, layout=sweep.protocol if sweep.protocol != "grid" else "groups")
         except FileNotFoundError as err:  # e.g. every evaluation of a transfer sweep failed: the runs stay, say why
             print(f"no report: {err}", file=sys.stderr)
     if counts.get("elsewhere"):
@@ -135,9 +140,33 @@ def main(argv=None, launcher: Optional[Callable] = None) -> int:
               "they were left to it. Rerun the same command once they end to include them in the report.", file=sys.stderr)
     failed = counts.get("failed", 0) + counts.get("blocked", 0)
     if failed:
-        print(f"{failed} job(s) did not finish; their logs are under {root / 'logs'}. Fix the cause and rerun the same command.",
-              file=sys.stderr)
+        print(f"{failed} job(s) did not finish; their logs are under {root / SWEEP_LOGS_DIR}. "
+              "Fix the cause and rerun the same command.", file=sys.stderr)
     return 1 if failed or counts.get("changed") else 0
+
+
+def main(argv=None, launcher: Optional[Callable] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
+    from mugcp.sweeps import load_sweep, plan
+
+    sweep = load_sweep(args.sweep)
+    if sweep.slurm is not None or args.launcher == "slurm":
+        from mugcp.launch.slurm_sweep import sweep_options
+
+        sweep_options(sweep, args)  # a bad `slurm:` key or value is one line, even with --dry-run
+    root = Path(args.root) if args.root else Path("runs") / "sweeps" / sweep.path.stem
+    jobs = plan(sweep, root, rerun_changed=args.rerun_changed)
+    console = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON lines alone
+    _announce(sweep, jobs, root, console)
+    if (args.launcher == "slurm" or args.status) and not args.dry_run:
+        from mugcp.launch.slurm_sweep import run_command
+
+        return run_command(sweep, jobs, root, args)
+    if args.dry_run:
+        return _dry_run(jobs, args.json)
+    return _run_here(sweep, jobs, root, args, launcher)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from mugcp.cli import config_arguments, run_cli
 from mugcp.config import CONFIG_DIR, load_config
 from mugcp.launch.slurm_launch import add_launcher_arguments
+from mugcp.runs.layout import CONFIG_FILE, FINAL_METRICS_FILE, SUBMITIT_DIR
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     if args.resume:
         check_resume_folder(Path(args.output))
         if not args.config:
-            config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo
+            config = Path(args.output) / CONFIG_FILE  # continue the run as it was configured, not the demo
     cfg = load_config(config, args.overrides)
     if args.print_config:
         print(run_config_text(cfg), end="")
@@ -102,9 +103,9 @@ def submit_to_slurm(args, argv, parser, cfg: dict, output: Path) -> int:
     if not args.wait:
         return 0
     states = follow({job.job_id: job.folder}, on_change=lambda now: print(f"job {job.job_id}: {now[job.job_id]}", flush=True))
-    metrics_file = output / "metrics.json"
+    metrics_file = output / FINAL_METRICS_FILE
     if states[job.job_id] != "done" or not metrics_file.is_file():
-        print(job_report(job.job_id, output, states[job.job_id], output / ".submitit"), file=sys.stderr)
+        print(job_report(job.job_id, output, states[job.job_id], output / SUBMITIT_DIR), file=sys.stderr)
         return 1
     print(describe_metrics(json.loads(metrics_file.read_text(encoding="utf-8"))))
     print(f"run folder: {output}")

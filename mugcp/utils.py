@@ -56,6 +56,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def harmonic_mean(base: float, new: float) -> float:
+    """The harmonic mean of the base- and new-class accuracies (HM), 0 when both are 0."""
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
 def progress_wanted(enabled: bool) -> bool:
     """Draw progress bars only where they redraw in place: a terminal or a notebook.
 

@@ -1,6 +1,5 @@
 """The prompt-ready backbone equals open_clip, truncation is exact, prompts go where documented."""
 import contextlib
-import os
 
 import pytest
 import torch

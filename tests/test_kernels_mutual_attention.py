@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mugcp.kernels as kernels  # noqa: E402
-from kernel_testing import DEVICE, INTERPRETED, needs_triton  # noqa: E402
+from kernel_testing import DEVICE, needs_triton  # noqa: E402
 from mugcp.kernels import backend as backend_module  # noqa: E402
 from mugcp.kernels.mutual_attention import mutual_attention_reference  # noqa: E402
 

@@ -1,8 +1,9 @@
 """The house's layering, read from every module's imports (ast): nothing imports a layer above its own,
 no module imports itself back through others, and ``mugcp/kernels/`` stands alone.
 
-Layers, bottom up: errors/utils → config → backbones and data → methods, semantics and analysis → runs →
-training and inference → reports → sweeps → launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
+Layers, bottom up: errors/utils (and ``mugcp.runs.layout``, the names of a run folder, which imports nothing) →
+config → backbones and data → methods, semantics and analysis → runs → training and inference → reports → sweeps →
+launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
 of a higher layer is still a dependency running back up.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    ("errors/utils", ("mugcp.errors", "mugcp.utils")),
+    ("errors/utils", ("mugcp.errors", "mugcp.utils", "mugcp.runs.layout")),
     ("config", ("mugcp.config", "mugcp.config_schema", "mugcp.recipes")),
     ("backbones and data", ("mugcp.backbones", "mugcp.data")),
     ("methods, semantics and analysis", ("mugcp.methods", "mugcp.semantics", "mugcp.analysis")),
@@ -163,3 +164,108 @@ def test_no_import_cycles(package):
 def test_no_file_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in project_modules().values() if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert not long, f"files over 400 lines (split them along a real seam): {long}"
+
+
+# -- short functions --------------------------------------------------------------------------------
+MAX_FUNCTION_LINES = 80
+
+
+def is_triton_kernel(node: ast.AST) -> bool:
+    """``@triton.jit`` (or ``@triton.jit(...)``): a GPU kernel reads as one block and may be longer."""
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if isinstance(target, ast.Attribute) and target.attr == "jit" and isinstance(target.value, ast.Name) \
+                and target.value.id == "triton":
+            return True
+    return False
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method in ``source`` longer than ``limit`` lines, decorators not counted."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit and not is_triton_kernel(node)]
+
+
+def test_long_functions_are_found_and_kernels_excepted():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))  # def line + 80 = 81 lines
+    assert long_functions(f"def f():\n{body}\n") == [("f", MAX_FUNCTION_LINES + 1)]
+    assert long_functions(f"class C:\n    def m(self):\n    {body.replace(chr(10), chr(10) + '    ')}\n") == [("m", 81)]
+    assert long_functions(f"@triton.jit\ndef k():\n{body}\n") == []
+    assert long_functions(f"@other.jit\ndef k():\n{body}\n") == [("k", 81)]
+    assert long_functions("def g():\n" + "\n".join(body.splitlines()[:-1]) + "\n") == []  # 80 lines: allowed
+
+
+def test_no_function_over_80_lines():
+    long = {f"{path.relative_to(ROOT)}: {name}": lines for path in project_modules().values()
+            for name, lines in long_functions(path.read_text(encoding="utf-8"))}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into steps that each have a name): {long}"
+
+
+# -- run-folder names spelled once --------------------------------------------------------------------
+LAYOUT = ROOT / "mugcp" / "runs" / "layout.py"
+# The rule compares whole string constants (f-strings' literal parts included) with the names layout.py
+# defines; docstrings are prose and not looked at; help texts and messages that merely mention a file
+# inside a longer sentence do not equal a name. Where one of the words is used for something other than a
+# file, it is listed here with the reason.
+NOT_FILE_NAMES = {
+    ("mugcp/config.py", "tensorboard"): "the config key train.tensorboard",
+    ("mugcp/training/trainer.py", "tensorboard"): "the config key train.tensorboard",
+    ("mugcp/methods/base.py", "checkpoint"): "the default label of where loaded weights come from",
+    ("mugcp/reports/results.py", "checkpoint"): "the metrics key naming the checkpoint an evaluation evaluated",
+    ("mugcp/training/evaluate_checkpoint.py", "checkpoint"): "the metrics key naming the evaluated checkpoint",
+    ("mugcp/reports/__init__.py", "report"): "the module mugcp.reports.report",
+    ("mugcp/analysis/predictions.py", "predictions"): "a key of the dict of files write_subset_outputs wrote",
+    ("mugcp/analysis/predictions.py", "per_class"): "a key of the dict of files write_subset_outputs wrote",
+    ("mugcp/analysis/confusion.py", "confusion"): "a key of the dict of files write_confusion wrote",
+}
+
+
+def layout_names() -> dict[str, str]:
+    """``{file name: its constant}`` for every string constant layout.py defines."""
+    names = {}
+    for node in ast.parse(LAYOUT.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            names[node.value.value] = node.targets[0].id
+    return names
+
+
+def spelled_names(source: str, names: dict[str, str]) -> list[tuple[int, str]]:
+    """(line, name) of every string constant in ``source`` that is one of ``names``, docstrings left out."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+            and id(node) not in docstrings]
+
+
+def test_layout_imports_nothing_and_names_each_file_once():
+    assert {m for m in imported_modules(LAYOUT, "mugcp.runs.layout") if not m.startswith("__future__")} == set()
+    names = layout_names()
+    assert {"config.yaml", "log.txt", "metrics.json", "metrics.jsonl", "checkpoint", "trainer_state.pt", ".lock",
+            "slurm_state.json", "slurm_jobs.json", "superseded.json", "splits.json"} <= set(names)
+    values = [node.value.value for node in ast.parse(LAYOUT.read_text(encoding="utf-8")).body
+              if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)]
+    assert len(values) == len(set(values)), "two constants of layout.py name the same file"
+
+
+def test_spelled_names_finds_literals_not_docstrings():
+    names = {"metrics.json": "FINAL_METRICS_FILE", "eval_": "EVALUATION_DIR_PREFIX"}
+    source = ('"""Writes metrics.json."""\ndef f(out, x):\n    """metrics.json"""\n'
+              '    return out / "metrics.json", f"eval_{x}", "the metrics.json file"\n')
+    assert spelled_names(source, names) == [(4, "metrics.json"), (4, "eval_")]
+
+
+def test_run_folder_names_are_spelled_only_in_layout():
+    names = layout_names()
+    spelled = []
+    for path in project_modules().values():
+        if path == LAYOUT:
+            continue
+        where = str(path.relative_to(ROOT))
+        for line, name in spelled_names(path.read_text(encoding="utf-8"), names):
+            if (where, name) not in NOT_FILE_NAMES:
+                spelled.append(f"{where}:{line}: {name!r} (use mugcp.runs.layout.{names[name]})")
+    assert not spelled, "run-folder names spelled outside mugcp/runs/layout.py:\n" + "\n".join(spelled)

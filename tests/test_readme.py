@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import pytest
 
 from fixtures import make_imagefolder, write_image
 from mugcp.runs import run_setup

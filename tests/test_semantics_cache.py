@@ -143,7 +143,7 @@ def test_missing_key_error_names_the_key_and_the_extract_command(tmp_path):
         cache["class_0/not_there.jpg"]
     message = str(info.value)
     assert message.startswith("'class_0/not_there.jpg' is not in the semantic cache")
-    assert f"python -m mugcp.extract --mllm MODEL_DIR" in message and f"--out {tmp_path}" in message
+    assert "python -m mugcp.extract --mllm MODEL_DIR" in message and f"--out {tmp_path}" in message
     with pytest.raises(KeyError, match="not_there"):
         cache.text("class_0/not_there.jpg")
 

@@ -83,7 +83,7 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
     assert sweep_main(argv, launcher=in_process) == 130
     out, err = capsys.readouterr()
-    assert (f"[7/8] interrupted coop_eurosat_k1_s1 in" in out
+    assert ("[7/8] interrupted coop_eurosat_k1_s1 in" in out
             and f"its last epoch checkpoint is in {root / 'coop_eurosat_k1_s1' / 'checkpoint'}; a rerun resumes from it" in out)
     assert "4 skipped" in err and "1 not started" in err
     assert "rerun the same command to continue" in err

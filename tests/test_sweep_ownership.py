@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from released_reference import TINY_CLIP, TINY_CONFIG, tiny_clip
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
 from mugcp.runs import run_setup
-from mugcp.runs.run_lock import RunFolderBusy, RunLock, holder
+from mugcp.runs.run_lock import PROBE_GRACE_S, RunFolderBusy, RunLock, empty_run_folder, holder
 from mugcp.recipes import recipe_for
 from mugcp.sweep import main as sweep_main
 
@@ -174,6 +175,92 @@ def _hold(folder, held, release):
     held.set()
     release.wait(60)
     lock.release()
+
+
+def _filled_run(folder: Path, outside: Path) -> Path:
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "trainer_state.pt").write_bytes(b"state")
+    (folder / "metrics.json").write_text("{}")
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the run's")
+    (folder / "data").symlink_to(outside, target_is_directory=True)
+    return folder
+
+
+def test_empty_run_folder_refuses_while_another_process_holds_it_then_keeps_only_its_lock(tmp_path):
+    run = _filled_run(tmp_path / "run", tmp_path / "outside")
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    owner = context.Process(target=_hold, args=(run, held, release))
+    owner.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(RunFolderBusy, match=f"in use by process {owner.pid} since "):
+            empty_run_folder(run)
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "data", "metrics.json"]  # untouched
+    finally:
+        release.set()
+        owner.join(30)
+    empty_run_folder(run)
+    assert [p.name for p in run.iterdir()] == [".lock"]  # the lock file stays: the next holder locks the same file
+    assert holder(run) is None  # and it is let go
+    assert (tmp_path / "outside" / "keep.txt").read_text() == "not the run's"  # a link is removed, not followed
+
+
+def test_empty_run_folder_waits_out_a_short_hold(tmp_path):
+    """A sweep's probe (``holder``) holds the lock for an instant: RunLock's grace waits for it instead of refusing."""
+    run = _filled_run(tmp_path / "run", tmp_path / "outside")
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    owner = context.Process(target=_hold, args=(run, held, release))
+    owner.start()
+    try:
+        assert held.wait(30)
+        threading.Timer(0.3, release.set).start()
+        started = time.monotonic()
+        empty_run_folder(run)
+        assert 0.2 < time.monotonic() - started < PROBE_GRACE_S + 0.5
+    finally:
+        release.set()
+        owner.join(30)
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_emptying_needs_the_lock_held(tmp_path):
+    run = _filled_run(tmp_path / "run", tmp_path / "outside")
+    with pytest.raises(RuntimeError, match="needs the lock held"):
+        RunLock(run).empty_folder()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "data", "metrics.json"]
+
+
+def test_slurm_overwrite_never_empties_a_folder_a_live_process_holds(tmp_path, monkeypatch):
+    """``train --launcher slurm --overwrite`` empties the folder before submitting, under its lock (it once
+    deleted the folder, ``.lock`` and all, under a running trainer)."""
+    from mugcp.config import DEFAULTS
+    from mugcp.launch import slurm_launch
+    from mugcp.launch.slurm import SlurmOptions
+
+    submitted = []
+    monkeypatch.setattr(slurm_launch, "require_slurm", lambda: None)
+    monkeypatch.setattr(slurm_launch, "submit_distributed", lambda *args, **kwargs: submitted.append(args) or "42")
+    run = _filled_run(tmp_path / "run", tmp_path / "outside")
+    options = SlurmOptions(tasks_per_node=1)
+    context = multiprocessing.get_context("fork")
+    held, release = context.Event(), context.Event()
+    owner = context.Process(target=_hold, args=(run, held, release))
+    owner.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(RunFolderBusy):
+            slurm_launch.submit_training(DEFAULTS, [], run, options, overwrite=True)
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "data", "metrics.json"]
+        assert submitted == []
+    finally:
+        release.set()
+        owner.join(30)
+    job = slurm_launch.submit_training(DEFAULTS, [], run, options, overwrite=True)
+    assert job.job_id == "42" and len(submitted) == 1
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "slurm_state.json"]
 
 
 def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, small_clip, capsys):

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 from mugcp.analysis.figures import new_figure, save_figure
+from mugcp.runs.layout import CURVES_FILE, STEP_METRICS_FILE
 from mugcp.utils import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
 CURVES_SIZE = (1500, 420)
 
 
@@ -121,7 +120,7 @@ def plot_curves(records: list[dict], path: str | Path, size: tuple[int, int] = C
 def write_curves(run_folder: str | Path, title: str = "") -> Optional[Path]:
     """``curves.png`` of a run folder from its ``metrics.jsonl``; None when the run wrote no records."""
     run_folder = Path(run_folder)
-    records = read_metrics(run_folder / METRICS_FILE)
+    records = read_metrics(run_folder / STEP_METRICS_FILE)
     if not records:
         return None
     return plot_curves(records, run_folder / CURVES_FILE, title=title)

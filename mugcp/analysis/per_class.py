@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mugcp.analysis.figures import new_figure, save_figure, use_fonts_for_labels
+from mugcp.runs.layout import PER_CLASS_DIR
 from mugcp.utils import atomic_write_text
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -24,7 +25,7 @@ PLOT_LIMIT = 40  # classes drawn per plot: the largest gains and the largest los
 def read_per_class(run_folder: str | Path) -> dict[str, list[dict]]:
     """``{subset: [{"class", "count", "accuracy", "zeroshot_accuracy"?}, ...]}`` from a run folder ({} when it has none)."""
     found: dict[str, list[dict]] = {}
-    for path in sorted((Path(run_folder) / "per_class").glob("*.csv")):
+    for path in sorted((Path(run_folder) / PER_CLASS_DIR).glob("*.csv")):
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         found[path.stem] = [
@@ -160,5 +161,5 @@ def write_per_class_report(runs: Sequence[dict], out: str | Path, keys: Sequence
     for group, members in _groups(rows, keys).items():
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(str(v) for v in (group[1], group[0], group[-1])))
         title = f"{group[1]} on {group[0]}, {group[-1]} classes: per-class accuracy over seeds {', '.join(map(str, members[0]['seeds']))}"
-        written.append(plot_per_class(members, out / "per_class" / f"{name}.png", title)[0])
+        written.append(plot_per_class(members, out / PER_CLASS_DIR / f"{name}.png", title)[0])
     return written

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mugcp.runs.layout import CONFUSION_DIR, PER_CLASS_DIR, PREDICTIONS_DIR
 from mugcp.utils import atomic_write_text
 
 TOP_K = 5
@@ -129,10 +130,11 @@ def write_subset_outputs(folder: str | Path, subset: str, result: SubsetPredicti
     from mugcp.analysis.confusion import write_confusion
 
     folder = Path(folder)
-    written = {"predictions": folder / "predictions" / f"{subset}.csv", "per_class": folder / "per_class" / f"{subset}.csv"}
+    written = {"predictions": folder / PREDICTIONS_DIR / f"{subset}.csv",
+               "per_class": folder / PER_CLASS_DIR / f"{subset}.csv"}
     atomic_write_text(written["predictions"], predictions_csv(result))
     rows = per_class_rows(result, zero_shot.per_class_accuracy() if zero_shot is not None else None)
     atomic_write_text(written["per_class"], per_class_csv(rows))
     if figure:
-        written.update(write_confusion(folder / "confusion", subset, result))
+        written.update(write_confusion(folder / CONFUSION_DIR, subset, result))
     return written

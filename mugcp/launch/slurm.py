@@ -30,7 +30,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from mugcp.launch import slurm_task
 from mugcp.launch.slurm_refusals import SlurmError, undone_if_refused, unreachable_hint
-from mugcp.launch.slurm_task import STATE_FILE, CommandTask, DistributedTask, read_state
+from mugcp.launch.slurm_task import CommandTask, DistributedTask, read_state
+from mugcp.runs.layout import SLURM_LOG_STEM, SUBMITIT_DIR
 
 INSTALL_HINT = "pip install -e '.[slurm]'"
 # cancelled: scancel ended the job before its task started (it was pending); interrupted: it stopped mid-run.
@@ -190,13 +191,18 @@ def add_slurm_arguments(parser: argparse.ArgumentParser, only: Optional[Sequence
 
 
 # -- submission ----------------------------------------------------------------------------------
+def pickle_tasks_by_value() -> None:
+    """The task classes travel by value: the job needs submitit, not an importable mugcp (see slurm_task)."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(slurm_task)
+
+
 def _executor(log_folder: Path, options: SlurmOptions, name: str, max_requeues: int, **parameters):
     require_slurm()
-    import cloudpickle
     import submitit
 
-    # The task classes travel by value: the job needs submitit, not an importable mugcp (see slurm_task).
-    cloudpickle.register_pickle_by_value(slurm_task)
+    pickle_tasks_by_value()
     executor = submitit.SlurmExecutor(folder=Path(log_folder) / "%j", max_num_timeout=max_requeues)
     params = {"job_name": name, "time": options.time, "partition": options.partition, "account": options.account,
               "mem": options.mem, "setup": options.setup or None, **parameters}
@@ -241,7 +247,7 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
     if not commands:
         return []
     folders = [Path(folder).resolve() for folder in folders]
-    log_folder = Path(log_folder) if log_folder else folders[0].parent / ".submitit"
+    log_folder = Path(log_folder) if log_folder else folders[0].parent / SUBMITIT_DIR
     gpus = {"gpus_per_node": options.gpus_per_run} if options.gpus_per_run else {}
     workdir = Path(workdir or Path.cwd()).resolve()
     tasks = [CommandTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
@@ -273,7 +279,7 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
     if options.gpus_per_node and tasks_per_node not in (None, options.gpus_per_node):
         raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
     folder = Path(folder).resolve()
-    log_folder = Path(log_folder) if log_folder else folder / ".submitit"
+    log_folder = Path(log_folder) if log_folder else folder / SUBMITIT_DIR
     gpus = {"gpus_per_node": options.gpus_per_node} if options.gpus_per_node else {}
     workdir = Path(workdir or Path.cwd()).resolve()
     task = DistributedTask(list(command), folder, tuple(resume_args), requeue, resume_when, dict(env or {}), workdir)
@@ -365,16 +371,12 @@ def cancel_jobs(job_ids: Sequence[str]) -> None:
         subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
 
 
-def state_file(folder: os.PathLike) -> Path:
-    return Path(folder) / STATE_FILE
-
-
 def last_log_line(folder: os.PathLike, job_id: str) -> str:
     """The line of the job's log that says what happened (stderr first: errors and progress go there):
     the first line of a command's ``error:`` message (a hint may follow it on later lines), else the
     exception line of a traceback, else the last non-empty line."""
     for suffix in (".err", ".out"):
-        path = Path(folder) / f"slurm-{job_id}{suffix}"
+        path = Path(folder) / (SLURM_LOG_STEM.format(job_id=job_id) + suffix)
         try:
             with open(path, "rb") as handle:
                 handle.seek(max(0, path.stat().st_size - 8192))

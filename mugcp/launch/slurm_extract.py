@@ -32,6 +32,7 @@ from mugcp.semantics.extraction_shards import (
     shards_with_missing,
 )
 from mugcp.semantics.sources import ImageSource
+from mugcp.runs.layout import SUBMITIT_DIR
 
 SLURM_DIR = ".slurm"
 _SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")
@@ -119,7 +120,7 @@ def submit_extraction(source: ImageSource, args: Sequence[str], out: Path, shard
             folders = [shard_folder(out, index, shards) for index in to_submit]
             # A requeued task simply runs again: it skips what its earlier run stored.
             ids = submit_commands(commands, folders, options, name=f"mugcp-extract-{out.name}",
-                                  log_folder=out / SLURM_DIR / ".submitit", resume_args=())
+                                  log_folder=out / SLURM_DIR / SUBMITIT_DIR, resume_args=())
             for index, folder, job in zip(to_submit, folders, ids):
                 record_submission(folder, job)
                 jobs.submitted[index] = job
@@ -134,7 +135,8 @@ def finish_extraction(jobs: ExtractionJobs, source: ImageSource, on_change: Opti
     """Follow the shard jobs until they have ended, then merge here; ``CacheIncomplete`` names what is missing
     and how each unfinished job ended."""
     states = follow(jobs.jobs, on_change=on_change)
-    unfinished = [job_report(job, jobs.jobs[job], state, jobs.out / SLURM_DIR / ".submitit") for job, state in states.items()
+    submitit_logs = jobs.out / SLURM_DIR / SUBMITIT_DIR
+    unfinished = [job_report(job, jobs.jobs[job], state, submitit_logs) for job, state in states.items()
                   if state != "done"]
     try:
         _, jobs.completeness = merge_checked(jobs.out, source, jobs.shards)
@@ -153,7 +155,7 @@ def _submit_merge(args: Sequence[str], out: Path, shards: int, options: SlurmOpt
     merge_options = replace(options, gpus_per_run=0, cpus_per_run=1, array_parallelism=None)
     command = [python, "-m", "mugcp.extract", *args, "--merge", "--shards", str(shards)]
     [job] = submit_commands([command], [folder], merge_options, name=f"mugcp-extract-merge-{out.name}",
-                            log_folder=out / SLURM_DIR / ".submitit", requeue=False, resume_args=(),
+                            log_folder=out / SLURM_DIR / SUBMITIT_DIR, requeue=False, resume_args=(),
                             dependency="afterany:" + ":".join(arrays))
     record_submission(folder, job)
     return job

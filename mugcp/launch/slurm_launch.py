@@ -9,7 +9,6 @@ loads neither torch nor the models (commands build their parsers with it).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from mugcp.launch.slurm import (
     wait_for_jobs,
 )
 from mugcp.launch.slurm_task import read_state, write_state
+from mugcp.runs.layout import CONFIG_FILE, SLURM_LOG_STEM
+from mugcp.runs.run_lock import empty_run_folder
 
 LAUNCHER_DESTS = ("launcher", "wait")
 ACTIVE = ("pending", "running")
@@ -99,10 +100,15 @@ def active_jobs(folders: Sequence[Path]) -> dict[Path, tuple[str, str]]:
     return {folder: (job_id, states[job_id]) for folder, job_id in recorded.items() if states[job_id] in ACTIVE}
 
 
+def job_log(folder: Path, job_id: str) -> Path:
+    """Where a job's command writes its stderr (rank 0): errors and progress."""
+    return Path(folder) / (SLURM_LOG_STEM.format(job_id=job_id) + ".err")
+
+
 def job_report(job_id: str, folder: Path, state: str, log_folder: Optional[Path] = None) -> str:
     """One line: how a job ended, the last line it wrote and where its log is (submitit's own log in
     ``log_folder`` when the job ended before its command started, e.g. a failing ``--slurm-setup`` line)."""
-    line, log = last_log_line(folder, job_id), Path(folder) / f"slurm-{job_id}.err"
+    line, log = last_log_line(folder, job_id), job_log(folder, job_id)
     if not log.exists() and log_folder is not None:
         log = Path(log_folder) / job_id / f"{job_id}_0_log.err"
     return f"job {job_id} {state}" + (f": {line}" if line else "") + f" (log: {log})"
@@ -119,9 +125,9 @@ class TrainingJob:
     def describe(self) -> str:
         if self.earlier:
             return (f"job {self.job_id} ({self.earlier}) already trains {self.folder}; no other job was submitted. "
-                    f"Log: {self.folder / f'slurm-{self.job_id}.err'}")
+                    f"Log: {job_log(self.folder, self.job_id)}")
         return (f"submitted job {self.job_id}: {self.world_size} process{'es' if self.world_size > 1 else ''} "
-                f"into {self.folder} (log: {self.folder / f'slurm-{self.job_id}.err'}; follow with squeue -j {self.job_id})")
+                f"into {self.folder} (log: {job_log(self.folder, self.job_id)}; follow with squeue -j {self.job_id})")
 
 
 def submit_training(cfg: dict, args: Sequence[str], output: Path, options: SlurmOptions, resume: bool = False,
@@ -151,9 +157,9 @@ def submit_training(cfg: dict, args: Sequence[str], output: Path, options: Slurm
         check_resume_folder(output)
     check_output_free(output, resume, overwrite)
     if overwrite and output.exists():
-        shutil.rmtree(output)  # here, not in the job: the job's own log and state live in this folder
+        empty_run_folder(output)  # here, not in the job: the job's own log and state live in this folder
     command = [python, "-m", "mugcp.train", *args, "--output", str(output)]
-    job_id = submit_distributed(command, output, options, name=f"mugcp-train-{output.name}", resume_when="config.yaml")
+    job_id = submit_distributed(command, output, options, name=f"mugcp-train-{output.name}", resume_when=CONFIG_FILE)
     record_submission(output, job_id)
     return TrainingJob(job_id, output, world_size)
 

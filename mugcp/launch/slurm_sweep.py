@@ -26,15 +26,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Optional
 
-from mugcp.runs.run_lock import LOCK_NAME, RunLock, describe_holder, holder, lock_within
+from mugcp.runs.layout import (CONFIG_FILE, FINAL_METRICS_FILE, REPORT_DIR, RESULTS_TABLE_FILE, SUBMITIT_DIR,
+                                SWEEP_CLAIMS_DIR, SWEEP_SLURM_JOBS_FILE, SWEEP_SUBMIT_LOCK_FILE, sweep_claim_file)
+from mugcp.runs.run_lock import describe_holder, empty_run_folder, holder, lock_within
 from mugcp.launch.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
-from mugcp.sweeps.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.sweeps.jobs import Job, refresh_mode
 from mugcp.utils import atomic_write_json
 
-STATE_FILE = "slurm_jobs.json"
-SUBMIT_LOCK = ".slurm_submit.lock"
-LOG_FOLDER = ".submitit"  # submitit's pickles and wrapper logs; each run's own output sits in its folder
-CLAIMS = ".claims"  # the local runner's per-job claims (runner.CLAIMS)
 LOCK_WAIT_S = 600.0
 POLL_S = 5.0
 QUEUED = ("pending", "running")
@@ -50,23 +48,24 @@ def read_jobs(root: Path) -> dict:
     import json
 
     try:
-        data = json.loads((Path(root) / STATE_FILE).read_text(encoding="utf-8"))
+        data = json.loads((Path(root) / SWEEP_SLURM_JOBS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError as err:
-        raise SlurmError(f"{Path(root) / STATE_FILE} is not valid JSON ({err}); it records the sweep's Slurm jobs. "
+        raise SlurmError(f"{Path(root) / SWEEP_SLURM_JOBS_FILE} is not valid JSON ({err}); it records the sweep's "
+                         "Slurm jobs. "
                          "Remove it only once none of them is queued or running (squeue --me).") from None
     return dict(data.get("jobs", {}))
 
 
 def _write_jobs(root: Path, recorded: dict) -> None:
-    atomic_write_json(Path(root) / STATE_FILE, {"version": 1, "jobs": recorded})
+    atomic_write_json(Path(root) / SWEEP_SLURM_JOBS_FILE, {"version": 1, "jobs": recorded})
 
 
 @contextmanager
 def submission_lock(root: Path, wait_s: float = LOCK_WAIT_S):
     """Held across read → squeue → submit → write, so concurrent submissions of one root take turns."""
-    path = Path(root) / SUBMIT_LOCK
+    path = Path(root) / SWEEP_SUBMIT_LOCK_FILE
     with open(path, "a+") as handle:
         if not lock_within(handle, wait_s, poll_s=0.2):
             raise SlurmError(f"another submission of this sweep has held {path} for {wait_s:.0f} s; "
@@ -95,7 +94,7 @@ def queued_on_slurm(job: Job, root: Path) -> Optional[str]:
     Without ``squeue`` here (a root shared with a machine outside the cluster) nothing can be known: None.
     """
     try:
-        record = read_jobs(root).get(job.name) if (Path(root) / STATE_FILE).is_file() else None
+        record = read_jobs(root).get(job.name) if (Path(root) / SWEEP_SLURM_JOBS_FILE).is_file() else None
     except SlurmError:
         return None
     if not record or record.get("folder") != str(job.folder) or shutil.which("squeue") is None:
@@ -112,7 +111,8 @@ def _local_owner(job: Job, root: Path) -> Optional[str]:
     owner = holder(job.folder)
     if owner is not None:
         return f"its folder is in use by {describe_holder(owner)}"
-    claim = holder(root / CLAIMS, job.name.replace("/", "__") + ".lock") if (root / CLAIMS).is_dir() else None
+    claims = root / SWEEP_CLAIMS_DIR
+    claim = holder(claims, sweep_claim_file(job.name)) if claims.is_dir() else None
     if claim is not None:
         return f"a local sweep runs it ({describe_holder(claim)})"
     return None
@@ -121,14 +121,7 @@ def _local_owner(job: Job, root: Path) -> Optional[str]:
 def _start_afresh(job: Job) -> None:
     """An ``overwrite`` run is emptied here, not by ``train --overwrite`` in the job: that would also
     delete the job's own output and state files, which are open in the same folder by then."""
-    with RunLock(job.folder):
-        for entry in job.folder.iterdir():
-            if entry.name == LOCK_NAME:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+    empty_run_folder(job.folder)
     job.mode = "new"
 
 
@@ -166,7 +159,7 @@ def _root_removed_if_refused(root: Path):
         yield
     except SlurmError:
         if not read_jobs(root):
-            (root / SUBMIT_LOCK).unlink(missing_ok=True)
+            (root / SWEEP_SUBMIT_LOCK_FILE).unlink(missing_ok=True)
             with suppress(OSError):
                 root.rmdir()  # only if empty: a run another process started there stays
         raise
@@ -193,8 +186,8 @@ def submit_sweep(jobs: list[Job], root: Path, options: SlurmOptions, name: str =
 
         def send(batch: list[Job], after: Optional[str], resume_args: tuple) -> None:
             new_ids = submit_commands([job.command(sys.executable) for job in batch], [job.folder for job in batch], options,
-                                      name=name, log_folder=root / LOG_FOLDER, resume_args=resume_args,
-                                      resume_when="config.yaml" if resume_args else None, env=env,
+                                      name=name, log_folder=root / SUBMITIT_DIR, resume_args=resume_args,
+                                      resume_when=CONFIG_FILE if resume_args else None, env=env,
                                       dependency=f"afterany:{after}" if after else None)
             for job, job_id in zip(batch, new_ids):
                 job.status, job.message = "submitted", job_id
@@ -237,8 +230,8 @@ def sweep_rows(jobs: list[Job], root: Path) -> list[dict]:
     interrupted from Slurm and the run folder, ``done`` for a run finished by any launcher, ``changed``,
     or ``not submitted``."""
     recorded = read_jobs(root)
-    finished = {job.name for job in jobs if job.mode != "changed" and (job.folder / METRICS_FILE).is_file()
-                and (job.depends_on is None or (job.depends_on.folder / METRICS_FILE).is_file())}
+    finished = {job.name for job in jobs if job.mode != "changed" and (job.folder / FINAL_METRICS_FILE).is_file()
+                and (job.depends_on is None or (job.depends_on.folder / FINAL_METRICS_FILE).is_file())}
     # A finished run's job has ended: only the others need squeue (and a reachable controller).
     states = recorded_states([job for job in jobs if job.name not in finished], recorded)
     rows = []
@@ -321,11 +314,11 @@ def report_when_done(rows: list[dict], root: Path, protocol: str, say: Callable[
     if any(row["state"] in QUEUED for row in rows) or not any(row["state"] == "done" for row in rows):
         return False
     try:
-        write_report([root], root / "report", layout=protocol if protocol != "grid" else "groups")
+        write_report([root], root / REPORT_DIR, layout=protocol if protocol != "grid" else "groups")
     except FileNotFoundError as err:
         print(f"no report: {err}", file=sys.stderr)
         return False
-    say(f"report: {root / 'report' / 'results.md'}")
+    say(f"report: {root / REPORT_DIR / RESULTS_TABLE_FILE}")
     return True
 
 

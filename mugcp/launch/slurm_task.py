@@ -1,8 +1,9 @@
 """What runs inside a Slurm job: one command, its output and a state file in its run folder.
 
 This module is shipped to the job by value (cloudpickle), so it uses the standard library only and
-imports nothing from mugcp: the job then starts without importing torch or open_clip, and it does not
-matter which checkout the compute node's ``python`` would import.
+imports nothing from mugcp but the names of ``mugcp.runs.layout``, plain strings that travel with it
+(tests/test_slurm_task.py unpickles a task where mugcp cannot be imported): the job then starts without
+importing torch or open_clip, and it does not matter which checkout the compute node's ``python`` would import.
 
 ``<folder>/slurm_state.json`` is the run's own record, written atomically at each change:
 ``{"job_id", "state": running | done | failed | interrupted | requeued, "returncode", "restarts",
@@ -24,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STATE_FILE = "slurm_state.json"
+from mugcp.runs.layout import SLURM_LOG_STEM, SLURM_RANK_LOG_STEM, SLURM_STATE_FILE
+
 STOP_GRACE_S = 30.0
 # A command that dies of one of these was stopped from outside (scancel, requeue, pre-emption, the
 # time limit), not by its own error: the run is "interrupted" and can resume.
@@ -45,7 +47,7 @@ def current_job_id() -> str:
 
 def read_state(folder: Path) -> dict:
     try:
-        return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+        return json.loads((Path(folder) / SLURM_STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -54,13 +56,13 @@ def write_state(folder: Path, **fields) -> None:
     """Atomic replace (temp file + rename): a reader on another node never sees half a file."""
     folder = Path(folder)
     record = {**read_state(folder), **fields, "host": socket.gethostname(), "updated": time.time()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SLURM_STATE_FILE}.", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")
         os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / STATE_FILE)
+        os.replace(tmp, folder / SLURM_STATE_FILE)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -141,7 +143,7 @@ class CommandTask:
         if rank == 0:
             write_state(folder, job_id=job_id, state="running", returncode=None, restarts=self.restarts(), command=command,
                         started=time.time())
-        stem = f"slurm-{job_id}" if rank == 0 else f"slurm-{job_id}.rank{rank}"
+        stem = (SLURM_LOG_STEM if rank == 0 else SLURM_RANK_LOG_STEM).format(job_id=job_id, rank=rank)
         self._watch_for_stop()
         with open(folder / f"{stem}.out", "ab") as out, open(folder / f"{stem}.err", "ab") as err:
             self._process = subprocess.Popen(command, cwd=self.workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mugcp.analysis.per_class import write_per_class_report
 from mugcp.config import ConfigError
+from mugcp.runs.layout import FINAL_METRICS_FILE, RESULTS_CSV_FILE, RESULTS_FIGURE_FILE, RESULTS_TABLE_FILE
 from mugcp.reports.plots import plot, plot_fewshot, plot_transfer
 from mugcp.reports.results import GROUP_KEYS, aggregate, aggregate_transfer, find_evaluations, find_runs
 from mugcp.reports.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
@@ -30,7 +31,7 @@ def write_report(folders, out, layout: str = "groups") -> str:
     folders = [str(f) for f in folders]
     runs = find_runs(folders)
     if not runs:
-        raise FileNotFoundError(f"no training runs (metrics.json) under {', '.join(folders)}")
+        raise FileNotFoundError(f"no training runs ({FINAL_METRICS_FILE}) under {', '.join(folders)}")
     rows = aggregate(runs)
     for row in rows:
         if len(set(row["seeds"])) < len(row["seeds"]):
@@ -46,18 +47,19 @@ def write_report(folders, out, layout: str = "groups") -> str:
     if layout in ("cross_dataset", "domain_generalization"):
         transfer = aggregate_transfer(find_evaluations(folders))
         if not transfer:
-            raise FileNotFoundError(f"no evaluations of trained runs (mugcp.evaluate metrics.json) under {', '.join(folders)}")
+            raise FileNotFoundError(f"no evaluations of trained runs (mugcp.evaluate {FINAL_METRICS_FILE}) "
+                                    f"under {', '.join(folders)}")
         table, table_csv = transfer_markdown(transfer, layout), transfer_csv(transfer)
-        plot_transfer(transfer, out / "results.png")
+        plot_transfer(transfer, out / RESULTS_FIGURE_FILE)
         groups += f", {sum(len(r['targets']) for r in transfer)} target results"
     else:
         table = {"groups": markdown, "base2new": base2new_markdown, "fewshot": fewshot_markdown}[layout](rows)
         table_csv = csv_text(rows)
-        (plot_fewshot if layout == "fewshot" else plot)(rows, out / "results.png")
-    atomic_write_text(out / "results.md", table)
-    atomic_write_text(out / "results.csv", table_csv)
+        (plot_fewshot if layout == "fewshot" else plot)(rows, out / RESULTS_FIGURE_FILE)
+    atomic_write_text(out / RESULTS_TABLE_FILE, table)
+    atomic_write_text(out / RESULTS_CSV_FILE, table_csv)
     print(table)
-    print(f"{groups} → {out}/results.md, results.csv, results.png")
+    print(f"{groups} → {out}/{RESULTS_TABLE_FILE}, {RESULTS_CSV_FILE}, {RESULTS_FIGURE_FILE}")
     if write_per_class_report(runs, out, GROUP_KEYS):
         print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table

@@ -11,10 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from mugcp.config import ConfigError
-
-# A finished run rerun with a changed config (``mugcp.sweep --rerun-changed``) holds this file: its
-# successor counts in reports, not it.
-SUPERSEDED_FILE = "superseded.json"
+from mugcp.runs.layout import FINAL_METRICS_FILE, SUPERSEDED_FILE
+from mugcp.utils import harmonic_mean
 
 
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
@@ -32,7 +30,7 @@ def _all_metrics(folders) -> list[dict]:
         folder = Path(folder)
         if not folder.exists():
             raise FileNotFoundError(f"runs folder not found: {folder}")
-        for path in sorted(folder.rglob("metrics.json")):
+        for path in sorted(folder.rglob(FINAL_METRICS_FILE)):
             try:
                 metrics = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
@@ -54,7 +52,7 @@ def find_evaluations(folders) -> list[dict]:
     for metrics in _all_metrics(folders):
         if "checkpoint" not in metrics:
             continue
-        source = Path(metrics["checkpoint"]).parent / "metrics.json"
+        source = Path(metrics["checkpoint"]).parent / FINAL_METRICS_FILE
         metrics["_source"] = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
         evaluations.append(metrics)
     return evaluations
@@ -137,9 +135,6 @@ def in_paper_order(names) -> list[str]:
     return sorted(dict.fromkeys(names), key=lambda name: (order.get(name, len(order)), str(name)))
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def is_superseded(run_folder: Path) -> bool:
+    """A finished run rerun with a changed config (``mugcp.sweep --rerun-changed``): its successor counts in reports."""
     return (run_folder / SUPERSEDED_FILE).is_file() or (run_folder.parent / SUPERSEDED_FILE).is_file()

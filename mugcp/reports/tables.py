@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 
-from mugcp.reports.results import GROUP_KEYS, harmonic_mean, in_paper_order, mean
+from mugcp.reports.results import GROUP_KEYS, in_paper_order, mean
+from mugcp.utils import harmonic_mean
 
 LAYOUTS = ("groups", "base2new", "fewshot", "cross_dataset", "domain_generalization")
 

@@ -19,10 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mugcp.errors import UserError
+from mugcp.runs.layout import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHECKPOINT_DIR, PREVIOUS_SUFFIX,
+                               TRAINER_STATE_FILE)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 
 
@@ -38,8 +37,8 @@ def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_
     staging.chmod(0o755)
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state().items()}
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS))
-        (staging / ADAPTER_WEIGHTS).chmod(0o644)  # safetensors creates it owner-only; checkpoints are shared
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS_FILE))
+        (staging / ADAPTER_WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only; checkpoints are shared
         config = {
             "format_version": FORMAT_VERSION,
             "method": model.method_name,
@@ -51,10 +50,10 @@ def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_
             "run_config": run_config,
         }
         config.update(extra or {})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if trainer_state is not None:
-            torch.save(trainer_state, staging / TRAINER_STATE)
-        previous = folder.with_name(folder.name + ".previous")
+            torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+        previous = folder.with_name(folder.name + PREVIOUS_SUFFIX)
         if previous.exists():
             shutil.rmtree(previous)
         if folder.exists():
@@ -71,30 +70,31 @@ def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_
 def find_checkpoint(folder: str | os.PathLike) -> Path:
     """The checkpoint folder itself, or a run folder holding ``checkpoint/``; errors name the path."""
     folder = Path(folder)
-    candidates = [folder, folder / "checkpoint", folder.with_name(folder.name + ".previous")]
+    candidates = [folder, folder / CHECKPOINT_DIR, folder.with_name(folder.name + PREVIOUS_SUFFIX)]
     for candidate in candidates:
-        if (candidate / ADAPTER_CONFIG).is_file() and (candidate / ADAPTER_WEIGHTS).is_file():
+        if (candidate / ADAPTER_CONFIG_FILE).is_file() and (candidate / ADAPTER_WEIGHTS_FILE).is_file():
             return candidate
     if not folder.exists():
         raise CheckpointError(f"checkpoint not found: {folder} does not exist.")
     raise CheckpointError(
-        f"{folder} is not a checkpoint: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in it (or in {folder}/checkpoint)."
+        f"{folder} is not a checkpoint: expected {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE} in it "
+        f"(or in {folder / CHECKPOINT_DIR})."
     )
 
 
 def read_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
     path = find_checkpoint(folder)
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{path / ADAPTER_CONFIG_FILE} is not valid JSON: {err}") from None
     for field in ("method", "backbone", "method_options"):
         if field not in config:
-            raise CheckpointError(f"{path / ADAPTER_CONFIG} lacks the field '{field}'; was it written by mugcp?")
+            raise CheckpointError(f"{path / ADAPTER_CONFIG_FILE} lacks the field '{field}'; was it written by mugcp?")
     try:
-        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+        tensors = load_file(str(path / ADAPTER_WEIGHTS_FILE))
     except Exception as err:
-        raise CheckpointError(f"cannot read {path / ADAPTER_WEIGHTS}: {err}") from None
+        raise CheckpointError(f"cannot read {path / ADAPTER_WEIGHTS_FILE}: {err}") from None
     return config, tensors, path
 
 
@@ -104,7 +104,7 @@ def read_trainer_state(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
     Read with ``weights_only=True``: tensors and plain containers only, so a run folder from
     elsewhere cannot run code when resumed. Files that need full unpickling are refused, not opened.
     """
-    path = find_checkpoint(folder) / TRAINER_STATE
+    path = find_checkpoint(folder) / TRAINER_STATE_FILE
     if not path.is_file():
         return None
     try:

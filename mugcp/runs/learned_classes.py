@@ -26,6 +26,7 @@ class UnlearnedClassesError(ConfigError):
 
 
 def preview(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more there are."""
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 

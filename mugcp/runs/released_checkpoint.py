@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from mugcp.config import ConfigError, load_config
-from mugcp.runs.checkpoint import ADAPTER_CONFIG
+from mugcp.runs.layout import ADAPTER_CONFIG_FILE
 from mugcp.methods.registry import get_method, list_methods
 from mugcp.runs.torch_files import read_weights_only
 from mugcp.methods.released import split_state
@@ -49,8 +49,9 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a file; --out names the checkpoint folder to write: choose a new folder.")
     if not any(out.iterdir()):
         return
-    if not (out / ADAPTER_CONFIG).is_file():
-        raise ConfigError(f"--out {out} is a folder that holds no checkpoint (no {ADAPTER_CONFIG}); --overwrite replaces only a "
+    if not (out / ADAPTER_CONFIG_FILE).is_file():
+        raise ConfigError(f"--out {out} is a folder that holds no checkpoint (no {ADAPTER_CONFIG_FILE}); "
+                          "--overwrite replaces only a "
                           "checkpoint folder: choose a new folder for --out.")
     if not overwrite:
         raise ConfigError(f"--out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out.")

@@ -14,19 +14,20 @@ is advisory and needs a file system with working ``flock`` (local disks, NFSv4, 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Optional
 
 from mugcp.errors import UserError
+from mugcp.runs.layout import LOCK_FILE
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-LOCK_NAME = ".lock"
 PROBE_GRACE_S = 1.0
 
 
@@ -43,7 +44,7 @@ class RunFolderBusy(UserError):
 class RunLock:
     """The lock of one run folder, held from ``acquire()`` to ``release()`` (or the process's end)."""
 
-    def __init__(self, folder: Path, name: str = LOCK_NAME):
+    def __init__(self, folder: Path, name: str = LOCK_FILE):
         self.folder = Path(folder)
         self.path = self.folder / name
         self._fd: Optional[int] = None
@@ -71,11 +72,31 @@ class RunLock:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the only descriptor drops the flock
 
+    def empty_folder(self) -> None:
+        """Remove everything in the folder but the lock file itself, which stays held: no other process can
+        move in between the emptying and what the holder writes next."""
+        if fcntl is not None and not self.held:
+            raise RuntimeError(f"{self.path}: empty_folder needs the lock held (acquire it first)")
+        for entry in self.folder.iterdir():
+            if entry.name == self.path.name:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def empty_run_folder(folder: Path) -> None:
+    """Empty a run folder (``--overwrite``) under its lock: a live process working there refuses it with
+    ``RunFolderBusy`` (after ``RunLock``'s short grace for a probe), and the lock file itself stays."""
+    with RunLock(folder) as lock:
+        lock.empty_folder()
 
 
 def _read_holder(path: Path) -> dict:
@@ -101,7 +122,7 @@ def describe_holder(holder: dict) -> str:
     return f"process {holder['pid']}{where}{since}"
 
 
-def holder(folder: Path, name: str = LOCK_NAME) -> Optional[dict]:
+def holder(folder: Path, name: str = LOCK_FILE) -> Optional[dict]:
     """``{"pid", "host", "since"}`` of the live process holding ``folder``, or None when nobody does.
 
     Probes with a non-blocking lock that is dropped at once; a folder (or lock file) that does not exist is free.

@@ -15,7 +15,8 @@ from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
 from mugcp.data.registry import check_data_config
-from mugcp.runs.run_lock import LOCK_NAME, RunLock
+from mugcp.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, LOG_FILE
+from mugcp.runs.run_lock import RunLock
 from mugcp.runs.runtime import resolve_device
 from mugcp.methods import create_model, get_method, resolve_options
 
@@ -45,9 +46,9 @@ def check_resume_folder(output: Path) -> None:
     """``--resume`` needs a run that started: its folder with the config.yaml the run wrote."""
     if not output.is_dir():
         raise ConfigError(f"--resume: run folder {output} does not exist. Pass the --output of the run to continue.")
-    if not (output / "config.yaml").is_file():
+    if not (output / CONFIG_FILE).is_file():
         raise ConfigError(
-            f"--resume: {output} holds no run (no config.yaml). Pass the --output of the run to continue, "
+            f"--resume: {output} holds no run (no {CONFIG_FILE}). Pass the --output of the run to continue, "
             "or start a new run there without --resume."
         )
 
@@ -74,7 +75,8 @@ class ConsoleHandler(logging.StreamHandler):
 
 def check_output_free(output: Path, resume: bool, overwrite: bool = False) -> None:
     """A new run (neither --resume nor --overwrite) never lands on a folder that holds one."""
-    if output.exists() and not resume and not overwrite and any((output / name).exists() for name in ("checkpoint", "metrics.json")):
+    holds_run = any((output / name).exists() for name in (CHECKPOINT_DIR, FINAL_METRICS_FILE))
+    if output.exists() and not resume and not overwrite and holds_run:
         raise ConfigError(
             f"output folder {output} already holds a run. Pass --resume to continue it, --overwrite to replace it, "
             "or choose another --output."
@@ -92,20 +94,10 @@ def open_run_folder(output: Path, resume: bool, overwrite: bool = False) -> logg
         console = ConsoleHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
-    handler = logging.FileHandler(output / "log.txt", mode="a" if resume else "w", encoding="utf-8")
+    handler = logging.FileHandler(output / LOG_FILE, mode="a" if resume else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     return handler
-
-
-def _empty_folder(folder: Path, keep: str) -> None:
-    for entry in folder.iterdir():
-        if entry.name == keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -145,7 +137,7 @@ class RunFolder:
         self.lock.acquire()
         try:
             if replace:
-                _empty_folder(self.output, keep=LOCK_NAME)
+                self.lock.empty_folder()
                 self.created = True  # the old run is gone: a failure before the start leaves no empty folder
             self.handler = open_run_folder(self.output, resume, overwrite)
         except BaseException:
@@ -189,7 +181,7 @@ class RunFolder:
         # A stop signal's interrupt says how it stopped (e.g. "stopped by SIGTERM after step 3"); Ctrl-C says nothing.
         what = (str(err) or "interrupted") if interrupted else f"failed: {type(err).__name__}: {err}"
         next_step = f" {self.note()}" if self.note is not None and self.started else ""
-        line = f"run {what}.{next_step} The log, with the traceback, is {self.output / 'log.txt'}."
+        line = f"run {what}.{next_step} The log, with the traceback, is {self.output / LOG_FILE}."
         exc_info = (type(err), err, err.__traceback__)
         self.handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, (), exc_info))
         if interrupted:
@@ -228,7 +220,6 @@ class SemanticContext:
         keys = sorted({item.key for item in items if item.key in self.cache})
         return CaptionFeatures.from_texts(self.clip, self.cache, keys=keys)
 
-    train_features = eval_features = features_for
 
 
 def resolve_semantics(cfg: dict, dataset=None) -> SemanticContext:

@@ -16,9 +16,8 @@ import torch
 from mugcp.config import DEFAULTS, ConfigError, merge
 from mugcp.data.classnames import validate_classnames
 from mugcp.runs.checkpoint import read_checkpoint
-from mugcp.runs.learned_classes import is_class_specific, learned_classes_problem
-
-SPLITS_FILE = "splits.json"
+from mugcp.runs.layout import SPLITS_FILE
+from mugcp.runs.learned_classes import is_class_specific, learned_classes_problem, preview
 
 
 def apply_checkpoint_settings(cfg: dict, ckpt_config: dict) -> dict:
@@ -58,7 +57,7 @@ class TrainedRun:
             if requested is not None and learned_classes_problem(own, requested):
                 raise ConfigError(
                     f"checkpoint {self.checkpoint} learned one prompt per class (method option class_specific=true) "
-                    f"for its {len(own)} training classes ({_preview(own)}), so it cannot classify other class "
+                    f"for its {len(own)} training classes ({preview(own)}), so it cannot classify other class "
                     "names. Omit --classes / classnames to use its own classes, or train with "
                     "method.class_specific=false for prompts that transfer."
                 )
@@ -71,10 +70,6 @@ class TrainedRun:
                 "pass them with --classes \"a,b,c\" or --classes-file FILE (Python: classnames=[...])."
             )
         return list(self.classnames)
-
-
-def _preview(names: Sequence[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def run_classnames(checkpoint: Path) -> tuple[Optional[list[str]], Optional[list[str]]]:

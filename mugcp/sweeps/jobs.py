@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mugcp.config import ConfigError, parse_value
+from mugcp.runs.layout import (CHECKPOINT_DIR, EVALUATION_DIR_PREFIX, FINAL_METRICS_FILE, PREVIOUS_SUFFIX,
+                               TRAINER_STATE_FILE)
 from mugcp.sweeps.run_configs import check_keys, config_changes, next_version, recorded_config, resolve_run, run_versions
 from mugcp.sweeps.sweep_file import Sweep
 
 PLACEHOLDERS = ("dataset", "method", "seed", "shots")
-METRICS_FILE = "metrics.json"
 
 
 
@@ -150,13 +151,14 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
 
 
 def _evaluation(sweep: Sweep, train_job: Job, method: str, target: str, fields: dict) -> Job:
-    eval_folder = train_job.folder / f"eval_{target}"
+    eval_folder = train_job.folder / f"{EVALUATION_DIR_PREFIX}{target}"
     eval_fields = dict(fields, dataset=target)
     eval_args = ["--checkpoint", str(train_job.folder), "--output", str(eval_folder), f"data.dataset={target}", "data.protocol=all"]
     eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
     eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields, f"{sweep.path}: method_eval_overrides.{method}")
-    done = (eval_folder / METRICS_FILE).is_file() and train_job.mode == "done"
-    return Job(f"{train_job.name}/eval_{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
+    done = (eval_folder / FINAL_METRICS_FILE).is_file() and train_job.mode == "done"
+    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args,
+               depends_on=train_job,
                mode="done" if done else "new", fields=eval_fields)
 
 
@@ -175,11 +177,11 @@ def _place(root: Path, name: str, resolved: dict, rerun_changed: bool) -> tuple[
 
 
 def _train_mode(folder: Path) -> str:
-    if (folder / METRICS_FILE).is_file():
+    if (folder / FINAL_METRICS_FILE).is_file():
         return "done"
-    if (folder / "checkpoint" / "trainer_state.pt").is_file():
+    if (folder / CHECKPOINT_DIR / TRAINER_STATE_FILE).is_file():
         return "resume"
-    if (folder / "checkpoint").exists() or (folder / "checkpoint.previous").exists():
+    if (folder / CHECKPOINT_DIR).exists() or (folder / (CHECKPOINT_DIR + PREVIOUS_SUFFIX)).exists():
         return "overwrite"  # a checkpoint with nothing to resume from (e.g. zero-shot CLIP): start again
     return "new"
 
@@ -189,7 +191,7 @@ def refresh_mode(job: Job) -> str:
     if job.module == "mugcp.train":
         if job.mode in ("new", "resume", "overwrite"):
             job.mode = _train_mode(job.folder)
-    elif (job.folder / METRICS_FILE).is_file():
+    elif (job.folder / FINAL_METRICS_FILE).is_file():
         job.mode = "done"
     return job.mode
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from mugcp.config import DEFAULTS, ConfigError, load_config, merge, read_yaml
 from mugcp.config_schema import check_value, flatten, show_value
-from mugcp.reports.results import SUPERSEDED_FILE
+from mugcp.runs.layout import CONFIG_FILE, SUPERSEDED_FILE
 from mugcp.utils import atomic_write_json
 
 _VERSION = re.compile(r"_v(\d+)$")
@@ -114,7 +114,7 @@ def next_version(root: Path, name: str) -> Path:
 
 
 def recorded_config(folder: Path) -> Optional[dict]:
-    path = folder / "config.yaml"
+    path = folder / CONFIG_FILE
     return read_yaml(path) if path.is_file() else None
 
 

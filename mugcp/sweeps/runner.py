@@ -19,11 +19,12 @@ from typing import Callable, Optional, Sequence
 
 from mugcp.config import ConfigError
 from mugcp.runs.run_lock import RunFolderBusy, RunLock, describe_holder, holder
-from mugcp.sweeps.jobs import METRICS_FILE, Job, refresh_mode
+from mugcp.runs.layout import (CHECKPOINT_DIR, FINAL_METRICS_FILE, SWEEP_CLAIMS_DIR, SWEEP_LOGS_DIR, TRAINER_STATE_FILE,
+                                sweep_claim_file, sweep_log_file)
+from mugcp.sweeps.jobs import Job, refresh_mode
 from mugcp.sweeps.run_configs import describe_changes, mark_superseded
 
 RESEND_S = 10.0  # a stopped job still running after this long did not hear its SIGINT: send it again
-CLAIMS = ".claims"  # under the sweep root: one lock per job, held by the sweep process running it
 
 
 class SubprocessLauncher:
@@ -119,7 +120,7 @@ def _interrupted_message(job: Job) -> str:
     """What a rerun will do with an interrupted job, from what is on disk (not what we hope is there)."""
     if job.module != "mugcp.train":
         return "a rerun evaluates it again"
-    state = job.folder / "checkpoint" / "trainer_state.pt"
+    state = job.folder / CHECKPOINT_DIR / TRAINER_STATE_FILE
     if state.is_file():
         return f"its last epoch checkpoint is in {state.parent}; a rerun resumes from it"
     return "nothing to resume from yet; a rerun starts it again"
@@ -146,135 +147,177 @@ def run_jobs(jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launche
     signal kills them. ``queued_elsewhere(job, root)`` says who else will run a job (e.g. a Slurm job of
     the same sweep), or None; the command passes the launcher's, so this layer knows no launcher.
     """
-    from tqdm.auto import tqdm
+    return SweepRunner(jobs, root, jobs_in_parallel, launcher, progress, slots, queued_elsewhere).run()
 
-    launcher = launcher or subprocess_launcher()
-    slots = slots or device_slots(jobs_in_parallel)
-    logs = root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (root / CLAIMS).mkdir(exist_ok=True)
-    total = len(jobs)
-    for job in jobs:
-        if job.mode == "done":
-            job.status = "skipped"
-        elif job.mode == "changed":
-            job.status, job.message = "changed", f"finished with another config ({describe_changes(job.changes)})"
-    pending = [job for job in jobs if job.status == "pending"]
-    bar = tqdm(total=total, initial=total - len(pending), unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
-    lock = threading.Condition()
-    free_slots = list(range(len(slots)))
-    running: list[threading.Thread] = []
-    interrupted = threading.Event()
-    signals_seen = []
 
-    def say(text: str) -> None:
-        with lock:
-            tqdm.write(f"{time.strftime('%H:%M:%S')} {text}")
+class SweepRunner:
+    """One local run of a sweep's jobs (see ``run_jobs``): the free device slots, the worker threads and the
+    stop, shared by the main thread that hands out jobs and the threads that run them (guarded by ``lock``)."""
 
-    def finish(job: Job, slot: Optional[int]) -> None:
-        with lock:
+    def __init__(self, jobs: Sequence[Job], root: Path, jobs_in_parallel: int = 1, launcher: Optional[Callable] = None,
+                 progress: bool = True, slots: Optional[list[dict]] = None,
+                 queued_elsewhere: Optional[Callable[[Job, Path], Optional[str]]] = None):
+        self.jobs, self.root, self.parallel, self.progress = jobs, Path(root), jobs_in_parallel, progress
+        self.launcher = launcher or subprocess_launcher()
+        self.slots = slots or device_slots(jobs_in_parallel)
+        self.queued_elsewhere = queued_elsewhere
+        self.logs = self.root / SWEEP_LOGS_DIR
+        self.total = len(jobs)
+        self.lock = threading.Condition()
+        self.free_slots = list(range(len(self.slots)))
+        self.threads: list[threading.Thread] = []
+        self.interrupted = threading.Event()
+        self.signals_seen: list[int] = []
+        self.bar, self.write = None, print
+
+    def run(self) -> dict:
+        """Counts per status; raises KeyboardInterrupt(counts) when a signal or an interrupted job stopped the sweep."""
+        from tqdm.auto import tqdm
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.root / SWEEP_CLAIMS_DIR).mkdir(exist_ok=True)
+        pending = self._pending()
+        self.write = tqdm.write  # a line above the progress bar
+        self.bar = tqdm(total=self.total, initial=self.total - len(pending), unit="run", desc="sweep",
+                        disable=not self.progress, dynamic_ncols=True)
+        previous = _install(self._on_signal)
+        try:
+            self._hand_out(pending)
+            for thread in self.threads:
+                thread.join()
+        except KeyboardInterrupt:
+            self.interrupted.set()
+            for thread in self.threads:
+                thread.join()
+        finally:
+            _restore(previous)
+            self.bar.close()
+        counts: dict[str, int] = {}
+        for job in self.jobs:
+            status = job.status if job.status != "pending" else "not started"
+            counts[status] = counts.get(status, 0) + 1
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt(counts)
+        return counts
+
+    def _pending(self) -> list[Job]:
+        """The jobs to run; finished ones are ``skipped``, finished ones with another config ``changed``."""
+        for job in self.jobs:
+            if job.mode == "done":
+                job.status = "skipped"
+            elif job.mode == "changed":
+                job.status, job.message = "changed", f"finished with another config ({describe_changes(job.changes)})"
+        return [job for job in self.jobs if job.status == "pending"]
+
+    def _hand_out(self, queue: list[Job]) -> None:
+        """Start each job once a slot is free and what it depends on has finished, until none is left or a stop."""
+        queue = list(queue)
+        while queue and not self.interrupted.is_set():
+            ready, blocked = self._next(queue)
+            if ready is None and blocked is None:
+                continue
+            if ready is None:
+                queue.remove(blocked)
+                self._block(blocked)
+                continue
+            queue.remove(ready)
+            with self.lock:
+                slot = self.free_slots.pop(0)
+            if self.parallel == 1:
+                self._work(ready, slot)  # in this thread: an in-process launcher's job gets Ctrl-C directly
+            else:
+                thread = threading.Thread(target=self._work, args=(ready, slot), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    def _next(self, queue: list[Job]) -> tuple[Optional[Job], Optional[Job]]:
+        """Once a slot is free: a job that can start, and one whose dependency did not finish (either may be None)."""
+        with self.lock:
+            while not self.free_slots:
+                self.lock.wait(0.2)
+            ready = next((j for j in queue if j.depends_on is None or j.depends_on.status in ("ok", "skipped")), None)
+            blocked = next((j for j in queue if j.depends_on is not None and j.depends_on.status in UNFINISHED), None)
+            if ready is None and blocked is None:
+                self.lock.wait(0.2)
+            return ready, blocked
+
+    def _block(self, job: Job) -> None:
+        if job.depends_on.status == "elsewhere":
+            job.status, job.message = "elsewhere", f"left to the owner of {job.depends_on.name}"
+        else:
+            job.status, job.message = "blocked", f"{job.depends_on.name} did not finish"
+        self._say(f"[{self.jobs.index(job) + 1}/{self.total}] {job.status} {job.name} — {job.message}")
+        self._finish(None)
+
+    def _say(self, text: str) -> None:
+        with self.lock:
+            self.write(f"{time.strftime('%H:%M:%S')} {text}")
+
+    def _finish(self, slot: Optional[int]) -> None:
+        with self.lock:
             if slot is not None:
-                free_slots.append(slot)
-            bar.update(1)
-            lock.notify_all()
+                self.free_slots.append(slot)
+            self.bar.update(1)
+            self.lock.notify_all()
 
-    def work(job: Job, slot: int) -> None:
-        index = jobs.index(job) + 1
-        claim = _claim(job, root)
-        if claim is not None and not _startable(job, root, queued_elsewhere):
+    def _work(self, job: Job, slot: int) -> None:
+        """Claim the job, look at its folder again, and run it unless another process owns it or a stop came."""
+        index = self.jobs.index(job) + 1
+        claim = _claim(job, self.root)
+        if claim is not None and not _startable(job, self.root, self.queued_elsewhere):
             claim = claim.release()
         if claim is None:
-            say(f"[{index}/{total}] {job.status} {job.name} — {job.message}")
-            return finish(job, slot)
+            self._say(f"[{index}/{self.total}] {job.status} {job.name} — {job.message}")
+            return self._finish(slot)
         try:
-            if interrupted.is_set():  # the stop came while this job waited for its slot
+            if self.interrupted.is_set():  # the stop came while this job waited for its slot
                 return
-            action = {"resume": "resume", "overwrite": "restart"}.get(job.mode, "start")
-            say(f"[{index}/{total}] {action} {job.name}" + (f" in {job.folder.name} (config changed: {describe_changes(job.changes)})"
-                                                             if job.supersedes else ""))
-            env = dict(os.environ, **slots[slot])
-            log_path = logs / (job.name.replace("/", "__") + ".txt")
-            started = time.time()
-            try:
-                code = launcher(job, env, log_path)
-            except KeyboardInterrupt:
-                code = 130
-                interrupted.set()
-            except Exception as err:  # an in-process launcher's crash is this job's failure, not the sweep's
-                code = 1
-                with open(log_path, "a", encoding="utf-8") as log:
-                    log.write(f"error: {type(err).__name__}: {err}\n")
-            job.seconds = time.time() - started
-            _set_status(job, code, log_path)
-            if job.status == "interrupted":
-                interrupted.set()
-            if job.status == "ok" and job.supersedes is not None:
-                mark_superseded(job.supersedes, job.folder, job.changes)
-            say(f"[{index}/{total}] {job.status} {job.name} in {_duration(job.seconds)}" + (f" — {job.message}" if job.message else ""))
+            self._launch(job, slot, index)
         finally:
             claim.release()
-        finish(job, slot)
+        self._finish(slot)
 
-    def on_signal(signum, frame) -> None:
-        signals_seen.append(signum)
-        interrupted.set()
-        stop = getattr(launcher, "interrupt", None)
+    def _launch(self, job: Job, slot: int, index: int) -> None:
+        action = {"resume": "resume", "overwrite": "restart"}.get(job.mode, "start")
+        changed = f" in {job.folder.name} (config changed: {describe_changes(job.changes)})" if job.supersedes else ""
+        self._say(f"[{index}/{self.total}] {action} {job.name}{changed}")
+        env = dict(os.environ, **self.slots[slot])
+        log_path = self.logs / sweep_log_file(job.name)
+        started = time.time()
+        code = self._call_launcher(job, env, log_path)
+        job.seconds = time.time() - started
+        _set_status(job, code, log_path)
+        if job.status == "interrupted":
+            self.interrupted.set()
+        if job.status == "ok" and job.supersedes is not None:
+            mark_superseded(job.supersedes, job.folder, job.changes)
+        self._say(f"[{index}/{self.total}] {job.status} {job.name} in {_duration(job.seconds)}"
+                  + (f" — {job.message}" if job.message else ""))
+
+    def _call_launcher(self, job: Job, env: dict, log_path: Path) -> int:
+        try:
+            return self.launcher(job, env, log_path)
+        except KeyboardInterrupt:
+            self.interrupted.set()
+            return 130
+        except Exception as err:  # an in-process launcher's crash is this job's failure, not the sweep's
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"error: {type(err).__name__}: {err}\n")
+            return 1
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals_seen.append(signum)
+        self.interrupted.set()
+        stop = getattr(self.launcher, "interrupt", None)
         if stop is None:  # an in-process launcher: the job in this thread gets the KeyboardInterrupt itself
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
-        if len(signals_seen) == 1:
+        if len(self.signals_seen) == 1:
             _write_now(f"{name}: no new jobs; the running ones save their checkpoint and stop (send it again to kill them).")
             stop(signal.SIGINT)
         else:
             _write_now(f"{name} again: killing the running jobs.")
             stop(signal.SIGKILL)
-
-    previous = _install(on_signal)
-    try:
-        queue = list(pending)
-        while queue and not interrupted.is_set():
-            with lock:
-                while not free_slots:
-                    lock.wait(0.2)
-                ready = next((j for j in queue if j.depends_on is None or j.depends_on.status in ("ok", "skipped")), None)
-                blocked = next((j for j in queue if j.depends_on is not None and j.depends_on.status in UNFINISHED), None)
-                if ready is None and blocked is None:
-                    lock.wait(0.2)
-                    continue
-            if blocked is not None and ready is None:
-                queue.remove(blocked)
-                if blocked.depends_on.status == "elsewhere":
-                    blocked.status, blocked.message = "elsewhere", f"left to the owner of {blocked.depends_on.name}"
-                else:
-                    blocked.status, blocked.message = "blocked", f"{blocked.depends_on.name} did not finish"
-                say(f"[{jobs.index(blocked) + 1}/{total}] {blocked.status} {blocked.name} — {blocked.message}")
-                finish(blocked, None)
-                continue
-            queue.remove(ready)
-            with lock:
-                slot = free_slots.pop(0)
-            if jobs_in_parallel == 1:
-                work(ready, slot)  # in this thread: an in-process launcher's job gets Ctrl-C directly
-            else:
-                thread = threading.Thread(target=work, args=(ready, slot), daemon=True)
-                running.append(thread)
-                thread.start()
-        for thread in running:
-            thread.join()
-    except KeyboardInterrupt:
-        interrupted.set()
-        for thread in running:
-            thread.join()
-    finally:
-        _restore(previous)
-        bar.close()
-    counts: dict[str, int] = {}
-    for job in jobs:
-        status = job.status if job.status != "pending" else "not started"
-        counts[status] = counts.get(status, 0) + 1
-    if interrupted.is_set():
-        raise KeyboardInterrupt(counts)
-    return counts
 
 
 UNFINISHED = ("failed", "interrupted", "blocked", "changed", "elsewhere")
@@ -282,11 +325,12 @@ UNFINISHED = ("failed", "interrupted", "blocked", "changed", "elsewhere")
 
 def _claim(job: Job, root: Path) -> Optional[RunLock]:
     """This sweep's hold on ``job`` (another sweep on the same root skips it), or None with the job marked ``elsewhere``."""
-    claim = RunLock(root / CLAIMS, job.name.replace("/", "__") + ".lock")
+    claim = RunLock(root / SWEEP_CLAIMS_DIR, sweep_claim_file(job.name))
     try:
         return claim.acquire()
     except RunFolderBusy:
-        job.status, job.message = "elsewhere", f"another sweep runs it ({describe_holder(holder(root / CLAIMS, claim.path.name) or {})})"
+        owner = describe_holder(holder(root / SWEEP_CLAIMS_DIR, claim.path.name) or {})
+        job.status, job.message = "elsewhere", f"another sweep runs it ({owner})"
         return None
 
 
@@ -308,7 +352,7 @@ def _startable(job: Job, root: Path, queued_elsewhere: Optional[Callable[[Job, P
 
 
 def _set_status(job: Job, code: int, log_path: Path) -> None:
-    finished = (job.folder / METRICS_FILE).is_file()
+    finished = (job.folder / FINAL_METRICS_FILE).is_file()
     owner = holder(job.folder) if code != 0 else None
     if code == 0 or (code in (130, -2) and finished):  # interrupted while it was exiting: its results are complete
         job.status = "ok"

@@ -69,15 +69,7 @@ def _as_overrides(value, key: str, where: str) -> dict:
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read and check a sweep file; every problem names the file, the key and what is allowed."""
-    from mugcp.data.registry import DATASET_NAMES
-    from mugcp.methods import list_methods
-
-    path = resolve_config_path(path)
-    if not path.is_file() and (CONFIG_DIR / "sweeps" / f"{path}.yaml").is_file():
-        path = CONFIG_DIR / "sweeps" / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}. Give a YAML file, or a published protocol: "
-                          f"{', '.join(sorted(p.stem for p in (CONFIG_DIR / 'sweeps').glob('*.yaml')))}.")
+    path = _sweep_path(path)
     data = read_yaml(path)
     where = str(path)
     unknown = sorted(set(data) - SWEEP_KEYS)
@@ -88,9 +80,57 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise ConfigError(f"{where}: protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}.")
     defaults = PROTOCOLS[protocol]
     transfer = protocol in TRANSFER_PROTOCOLS
-    if transfer:
+    datasets, targets = _datasets(data, protocol, where)
+    seeds = _as_list(data.get("seeds", [1, 2, 3]), "seeds", where, int)
+    shots = _as_list(data.get("shots", defaults["shots"]), "shots", where, int)
+    methods = _methods(data, where)
+    for key, values in (("seeds", seeds), ("shots", shots), ("methods", methods)):
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"{where}: '{key}' must be a non-empty list without repeats, got {values}.")
+    per_method = {}
+    for key in ("method_overrides", "method_eval_overrides"):
+        given = data.get(key) or {}
+        if not isinstance(given, dict) or set(given) - set(methods):
+            raise ConfigError(f"{where}: '{key}' maps methods of this sweep ({', '.join(methods)}) to overrides; got {given!r}.")
+        per_method[key] = {m: _as_overrides(v, f"{key}.{m}", where) for m, v in given.items()}
+    if not transfer and (data.get("eval_overrides") or data.get("method_eval_overrides")):
+        raise ConfigError(f"{where}: eval_overrides apply to the evaluations of the cross_dataset / domain_generalization "
+                          f"protocols; protocol {protocol} has none.")
+    config = _base_config(data.get("config"), path)
+    recipes = data.get("recipes", True)
+    if not isinstance(recipes, bool):
+        raise ConfigError(f"{where}: 'recipes' must be true (every run gets its method's released recipe for the protocol) "
+                          f"or false (the method configs as they are); got {recipes!r}.")
+    return Sweep(
+        path=path, protocol=protocol, datasets=datasets, targets=targets, seeds=seeds, methods=methods, shots=shots,
+        config=config, overrides=_as_overrides(data.get("overrides"), "overrides", where),
+        method_overrides=per_method["method_overrides"],
+        eval_overrides=_as_overrides(data.get("eval_overrides"), "eval_overrides", where),
+        method_eval_overrides=per_method["method_eval_overrides"],
+        train_protocol=defaults["train_protocol"], recipes=recipes, slurm=data.get("slurm"),
+    )
+
+
+def _sweep_path(path: str | os.PathLike) -> Path:
+    """A sweep file's path, or a published protocol's name (``configs/sweeps/<name>.yaml``)."""
+    path = resolve_config_path(path)
+    if not path.is_file() and (CONFIG_DIR / "sweeps" / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / "sweeps" / f"{path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}. Give a YAML file, or a published protocol: "
+                          f"{', '.join(sorted(p.stem for p in (CONFIG_DIR / 'sweeps').glob('*.yaml')))}.")
+    return path
+
+
+def _datasets(data: dict, protocol: str, where: str) -> tuple[list, list]:
+    """(datasets trained on, targets evaluated on): ``source``/``targets`` (transfer protocols), else ``datasets``."""
+    from mugcp.data.registry import DATASET_NAMES
+
+    defaults = PROTOCOLS[protocol]
+    if protocol in TRANSFER_PROTOCOLS:
         if "datasets" in data:
-            raise ConfigError(f"{where}: protocol {protocol} trains on 'source' and evaluates on 'targets'; drop 'datasets'.")
+            raise ConfigError(f"{where}: protocol {protocol} trains on 'source' and evaluates on 'targets'; "
+                              "drop 'datasets'.")
         datasets = _as_list(data.get("source", defaults["source"]), "source", where)
         if len(datasets) != 1:
             raise ConfigError(f"{where}: 'source' is one dataset, got {datasets}.")
@@ -107,8 +147,12 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             raise ConfigError(f"{where}: unknown dataset '{name}'; known: {', '.join(DATASET_NAMES)}.")
     if not datasets:
         raise ConfigError(f"{where}: 'datasets' is empty; list the datasets to run.")
-    seeds = _as_list(data.get("seeds", [1, 2, 3]), "seeds", where, int)
-    shots = _as_list(data.get("shots", defaults["shots"]), "shots", where, int)
+    return datasets, targets
+
+
+def _methods(data: dict, where: str) -> list:
+    from mugcp.methods import list_methods
+
     methods = _as_list(data.get("methods"), "methods", where)
     if not methods:
         raise ConfigError(f"{where}: 'methods' is missing; list the methods to run (e.g. methods: [coop, mugcp]).")
@@ -116,35 +160,16 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for name in methods:
         if name not in known:
             raise ConfigError(f"{where}: unknown method '{name}'; known: {', '.join(known)}.")
-    for key, values in (("seeds", seeds), ("shots", shots), ("methods", methods)):
-        if not values or len(set(values)) != len(values):
-            raise ConfigError(f"{where}: '{key}' must be a non-empty list without repeats, got {values}.")
-    per_method = {}
-    for key in ("method_overrides", "method_eval_overrides"):
-        given = data.get(key) or {}
-        if not isinstance(given, dict) or set(given) - set(methods):
-            raise ConfigError(f"{where}: '{key}' maps methods of this sweep ({', '.join(methods)}) to overrides; got {given!r}.")
-        per_method[key] = {m: _as_overrides(v, f"{key}.{m}", where) for m, v in given.items()}
-    if not transfer and (data.get("eval_overrides") or data.get("method_eval_overrides")):
-        raise ConfigError(f"{where}: eval_overrides apply to the evaluations of the cross_dataset / domain_generalization "
-                          f"protocols; protocol {protocol} has none.")
-    config = data.get("config")
-    if config is not None:
-        beside = path.parent / str(config)
-        config_path = beside if beside.is_file() else resolve_config_path(str(config))
-        if not config_path.is_file():
-            raise ConfigError(f"{where}: config '{config}' not found (a path relative to the sweep file, or a name under configs/).")
-        config = str(config_path)
-    recipes = data.get("recipes", True)
-    if not isinstance(recipes, bool):
-        raise ConfigError(f"{where}: 'recipes' must be true (every run gets its method's released recipe for the protocol) "
-                          f"or false (the method configs as they are); got {recipes!r}.")
-    sweep = Sweep(
-        path=path, protocol=protocol, datasets=datasets, targets=targets, seeds=seeds, methods=methods, shots=shots,
-        config=config, overrides=_as_overrides(data.get("overrides"), "overrides", where),
-        method_overrides=per_method["method_overrides"],
-        eval_overrides=_as_overrides(data.get("eval_overrides"), "eval_overrides", where),
-        method_eval_overrides=per_method["method_eval_overrides"],
-        train_protocol=defaults["train_protocol"], recipes=recipes, slurm=data.get("slurm"),
-    )
-    return sweep
+    return methods
+
+
+def _base_config(config, path: Path) -> Optional[str]:
+    """The sweep's ``config``: a path beside the sweep file, or a name under configs/ (None when not given)."""
+    if config is None:
+        return None
+    beside = path.parent / str(config)
+    config_path = beside if beside.is_file() else resolve_config_path(str(config))
+    if not config_path.is_file():
+        raise ConfigError(f"{path}: config '{config}' not found "
+                          "(a path relative to the sweep file, or a name under configs/).")
+    return str(config_path)

@@ -18,6 +18,7 @@ from mugcp.runs.checkpoint import check_compatible, read_checkpoint
 from mugcp.training.evaluation import evaluate_subsets
 from mugcp.runs.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
 from mugcp.runs.runtime import peak_memory_mb, resolve_device, resolve_precision
+from mugcp.runs.layout import CONFIG_FILE, EVALUATION_DIR_PREFIX, FINAL_METRICS_FILE
 from mugcp.runs.learned_classes import check_checkpoint_classes
 from mugcp.runs.trained_run import apply_checkpoint_settings, run_classnames
 from mugcp.utils import atomic_write_json
@@ -60,7 +61,8 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None)
     apply_checkpoint_settings(cfg, ckpt_config)  # evaluate the checkpoint's model, on the weights it was trained with
     check_run_config(cfg)
 
-    output = Path(output) if output else ckpt_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    default_name = f"{EVALUATION_DIR_PREFIX}{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    output = Path(output) if output else ckpt_path.parent / default_name
     with RunFolder(output, overwrite=True) as folder:
         device = resolve_device(cfg["train"]["device"])
         precision = resolve_precision(cfg["train"]["precision"], device)
@@ -71,7 +73,7 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None)
         first_classes = next(iter(splits.eval.values()))[1]
         model = build_run_model(cfg, first_classes, device, semantic, dataset_name=splits.dataset.name)
         model.load_adapter_state(tensors, source=str(ckpt_path))
-        dump_config(cfg, output / "config.yaml")
+        dump_config(cfg, output / CONFIG_FILE)
         folder.started = True
         metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, output=output)
         metrics.update({
@@ -86,5 +88,5 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None)
             "wall_time_s": round(time.time() - started, 2),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
         })
-        atomic_write_json(output / "metrics.json", metrics)
+        atomic_write_json(output / FINAL_METRICS_FILE, metrics)
     return metrics, output

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from mugcp.data import ImageDataset, build_loader, build_transform
 from mugcp.runs.learned_classes import RETRAIN_HINT, is_class_specific_model, learned_classes_problem
 from mugcp.runs.runtime import autocast
-from mugcp.utils import progress_wanted
+from mugcp.utils import harmonic_mean, progress_wanted
 
 log = logging.getLogger("mugcp")
 
@@ -24,7 +24,7 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
     model.set_classnames(classnames)
     model.eval()
     image_size = data_cfg["image_size"] or model.clip.image_size
-    features = semantic.eval_features(items) if semantic is not None else None
+    features = semantic.features_for(items) if semantic is not None else None
     eval_set = ImageDataset(items, dataset, build_transform(image_size, train=False), on_bad_image=data_cfg["on_bad_image"], semantic=features)
     loader = build_loader(eval_set, data_cfg["eval_batch_size"], train=False, seed=0, num_workers=data_cfg["num_workers"])
     correct = total = skipped = 0
@@ -57,10 +57,6 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
         "mean_per_class_accuracy": round(sum(per_class) / len(per_class), 4),
         "classes": len(classnames),
     }
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
 def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=None, writer=None, output=None) -> dict:
