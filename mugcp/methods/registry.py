@@ -89,9 +89,10 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
-def resolve_options(name: str, overrides: Mapping, source: str = "method options") -> dict:
-    """The method's defaults updated by ``overrides``, each value checked against its declaration and then the
-    whole set by the method's ``check``; an unknown option names close matches. Raises ConfigError (one line)."""
+def resolve_options(name: str, overrides: Mapping, source: str = "method options", together: bool = True) -> dict:
+    """The method's defaults updated by ``overrides``, each value checked against its declaration and then (with
+    ``together``) the whole set by the method's ``check``; an unknown option names close matches. Raises ConfigError
+    (one line). ``together=False`` checks values one by one, for a caller that checks the complete set later."""
     spec = get_method(name)
     options = spec.defaults
     for key, value in overrides.items():
@@ -105,7 +106,7 @@ def resolve_options(name: str, overrides: Mapping, source: str = "method options
             )
         check_option(spec, key, value)
         options[key] = copy.deepcopy(value)
-    if spec.check is not None:
+    if together and spec.check is not None:
         spec.check(options)
     return options
 

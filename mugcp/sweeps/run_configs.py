@@ -55,7 +55,7 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
     for key, value in flat.items():
         try:
             if key.startswith("method.") and key != "method.name":
-                resolve_options(cfg["method"]["name"], {key.split(".", 1)[1]: value}, source="method")
+                resolve_options(cfg["method"]["name"], {key.split(".", 1)[1]: value}, source="method", together=False)
             else:
                 check_value(key, value)
         except ConfigError as err:
