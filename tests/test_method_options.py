@@ -75,7 +75,8 @@ def test_out_of_range_values_are_refused_naming_the_key_value_and_range(method, 
 def test_coop_family_refuses_an_n_ctx_other_than_ctx_inits_word_count(method):
     with pytest.raises(ConfigError, match=r"^method\.n_ctx=100 is not allowed"):
         resolve_options(method, {"n_ctx": 100, "ctx_init": "a photo of a"})
-    with pytest.raises(ConfigError, match=r"^method\.n_ctx=8 disagrees with method\.ctx_init='a photo of a' \(4 words\)"):
+    disagree = r"^method\.n_ctx=8 disagrees with method\.ctx_init='a photo of a' \(4 words\)"
+    with pytest.raises(ConfigError, match=disagree):
         resolve_options(method, {"n_ctx": 8, "ctx_init": "a photo of a"})
     assert resolve_options(method, {"n_ctx": 8, "ctx_init": ""})["n_ctx"] == 8
     assert resolve_options(method, {"n_ctx": 2, "ctx_init": "a_photo"})["n_ctx"] == 2  # "_" is a space, as released
@@ -86,7 +87,8 @@ def test_coop_family_refuses_an_n_ctx_other_than_ctx_inits_word_count(method):
     ("coop", {"n_ctx": 5, "ctx_init": "a photograph of an ocelot"}, lambda m: m.ctx.shape[0]),
     ("cocoop", {}, lambda m: m.ctx.shape[0]),
     ("kgcoop", {"n_ctx": 2, "ctx_init": ""}, lambda m: m.ctx.shape[0]),
-    ("maple", {"n_ctx": 6, "depth": 1}, lambda m: m.text_prompts.layers[0].shape[0]),  # > 4: ctx_init unused, n_ctx kept
+    # n_ctx > 4: the released rule leaves ctx_init unused and keeps n_ctx
+    ("maple", {"n_ctx": 6, "depth": 1}, lambda m: m.text_prompts.layers[0].shape[0]),
     ("ivlp", {"n_ctx_text": 3, "text_depth": 1, "vision_depth": 0}, lambda m: m.text_prompts.layers[0].shape[0]),
 ])
 def test_the_options_a_model_accepts_are_the_shapes_it_trains(vit_b32, method, options, context):
@@ -103,10 +105,14 @@ def one_line_exit_2(main, argv, capsys):
 
 
 REPORTED = [  # issue 21.3's four cases, each before anything is read or written
-    (["method=coop", "method.n_ctx=-1"], "error: method.n_ctx=-1 is not allowed: expected an integer in [1, 73] for method 'coop'."),
-    (["method=coop", "method.n_ctx=0"], "error: method.n_ctx=0 is not allowed: expected an integer in [1, 73] for method 'coop'."),
-    (["method=kgcoop", "method.kg_weight=-5"], "error: method.kg_weight=-5 is not allowed: expected a number >= 0 for method 'kgcoop'."),
-    (["method=cocoop", "method.n_ctx=100"], "error: method.n_ctx=100 is not allowed: expected an integer in [1, 73] for method 'cocoop'."),
+    (["method=coop", "method.n_ctx=-1"],
+     "error: method.n_ctx=-1 is not allowed: expected an integer in [1, 73] for method 'coop'."),
+    (["method=coop", "method.n_ctx=0"],
+     "error: method.n_ctx=0 is not allowed: expected an integer in [1, 73] for method 'coop'."),
+    (["method=kgcoop", "method.kg_weight=-5"],
+     "error: method.kg_weight=-5 is not allowed: expected a number >= 0 for method 'kgcoop'."),
+    (["method=cocoop", "method.n_ctx=100"],
+     "error: method.n_ctx=100 is not allowed: expected an integer in [1, 73] for method 'cocoop'."),
 ]
 
 
@@ -141,9 +147,11 @@ def test_a_trained_run_records_the_context_length_it_trained(tmp_path, vit_b32, 
     monkeypatch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
     root = make_imagefolder(tmp_path / "data", CLASSES, per_class={"train": 2, "test": 1})
     out = tmp_path / "run"
-    assert train_main([f"data.root={root}", "data.dataset=imagefolder", "data.shots=1", "data.batch_size=2", "method=cocoop",
-                       "method.n_ctx=3", "method.ctx_init=''", "model.pretrained=none", "optim.epochs=1", "optim.max_steps=1",
-                       "data.max_eval_per_class=1", "train.progress=false", "train.tensorboard=false", "--output", str(out)]) == 0
+    assert train_main([
+        f"data.root={root}", "data.dataset=imagefolder", "data.shots=1", "data.batch_size=2", "method=cocoop",
+        "method.n_ctx=3", "method.ctx_init=''", "model.pretrained=none", "optim.epochs=1", "optim.max_steps=1",
+        "data.max_eval_per_class=1", "train.progress=false", "train.tensorboard=false", "--output", str(out),
+    ]) == 0
     recorded = yaml.safe_load((out / "config.yaml").read_text())["method"]
     adapter = json.loads((out / "checkpoint" / "adapter_config.json").read_text())["method_options"]
     trained = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))["ctx"].shape[0]
@@ -158,11 +166,13 @@ def check_method_file(path: Path) -> None:
     method = cfg["method"]["name"]
     assert path.stem == method
     written = {key: value for key, value in cfg["method"].items() if key != "name"}
-    assert written == get_method(method).defaults, f"{path} disagrees with the declaration in {get_method(method).cls.__module__}"
+    declared_in = get_method(method).cls.__module__
+    assert written == get_method(method).defaults, f"{path} disagrees with the declaration in {declared_in}"
 
 
 def check_recipe_file(path: Path) -> None:
-    """configs/recipes/<m>/<protocol>.yaml: every per-K and per-dataset variant over the method's file is a valid run config."""
+    """configs/recipes/<m>/<protocol>.yaml: every per-K and per-dataset variant, over the method's file, is a valid
+    run config."""
     method, protocol = path.parent.name, path.stem
     data = _resolved_file(method, protocol)
     variants = [(None, None)] + [(name, None) for name in data["per_dataset"]] + [(None, k) for k in data["per_shots"]]
