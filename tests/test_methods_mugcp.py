@@ -374,9 +374,10 @@ def test_bad_inputs_and_options_are_clear_errors(clip, images, semantic):
         build(clip, semantic_features="hidden")
     with pytest.raises(ConfigError, match="option 'depth' is 13"):
         build(clip, depth=13)
-    with pytest.raises(ConfigError, match="option 'semantic_source' must be one of mllm, clip, none"):
+    refused = "^method.semantic_source='auto' is not allowed: expected one of mllm, clip, none for method 'mugcp'"
+    with pytest.raises(ConfigError, match=refused):
         build(clip, semantic_source="auto")
-    with pytest.raises(ValueError, match="'amg_dim' \\(100\\) must be a positive multiple"):
+    with pytest.raises(ConfigError, match="^method.amg_dim=100 is not a multiple of method.amg_heads=8: the width"):
         build(clip, amg_dim=100)
 
 

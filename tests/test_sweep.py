@@ -57,7 +57,7 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "tiny.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
                         methods=["zsclip", "coop"], shots=[1], overrides={"data.root": str(data), **TINY},
-                        method_overrides={"coop": {"method.n_ctx": 2}})
+                        method_overrides={"coop": {"method.n_ctx": 2, "method.ctx_init": ""}})
     root = tmp_path / "runs"
     argv = [str(sweep), "--root", str(root), "--no-progress"]
 

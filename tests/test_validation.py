@@ -108,7 +108,16 @@ BAD_CONFIGS = [
     ("optim.scheduler=cosin", "error: optim.scheduler='cosin' is not allowed: expected one of released, cosine_per_step, constant. Did you mean: cosine_per_step? The default is released."),
     ("train.precision=bf16", "error: train.precision='bf16' is not allowed: expected one of auto, fp32, amp_bf16, amp_fp16. Did you mean: amp_bf16, amp_fp16? The default is auto."),
     ("method=cop", "error: unknown method 'cop'. Did you mean: coop, kgcoop, cocoop? Available: cocoop, coop, ivlp, kgcoop, maple, mugcp, promptsrc, zsclip."),
-    ("method.n_ctx=abc", "error: method.n_ctx='abc' is not allowed: expected an integer for method 'mugcp'. The default is 2."),
+    ("method.n_ctx=abc", "error: method.n_ctx='abc' is not allowed: expected an integer in [1, 73] for method 'mugcp'. The default is 2."),
+    # issue 21.3: every method option has a range, and options that disagree are refused before anything runs
+    ("method.n_ctx=-1", "error: method.n_ctx=-1 is not allowed: expected an integer in [1, 73] for method 'mugcp'."),
+    ("method=coop method.n_ctx=0", "error: method.n_ctx=0 is not allowed: expected an integer in [1, 73] for method 'coop'."),
+    ("method=kgcoop method.kg_weight=-5",
+     "error: method.kg_weight=-5 is not allowed: expected a number >= 0 for method 'kgcoop'. The default is 8."),
+    ("method=cocoop method.n_ctx=100", "error: method.n_ctx=100 is not allowed: expected an integer in [1, 73] for method 'cocoop'."),
+    ("method=cocoop method.n_ctx=8",
+     "error: method.n_ctx=8 disagrees with method.ctx_init='a photo of a' (4 words): the context length is ctx_init's word "
+     "count, as in the released code. Set method.n_ctx=4, or method.ctx_init='' for 8 random context tokens."),
     ("method.n_cxt=4", "error: method section: method 'mugcp' has no option 'n_cxt'. Did you mean: n_ctx? Its options: "),
     ("model.backbone=ViT-B-17", "error: model.backbone='ViT-B-17': unknown open_clip model 'ViT-B-17'. Close matches: ViT-B-16, ViT-g-14, ViT-e-14. "
                                 "See open_clip.list_models(); 'ViT-B/16' and 'ViT-B-16' both work."),
@@ -121,7 +130,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("override, message", BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
 def test_bad_config_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys, nothing_loads, override, message):
-    status, stderr = cli(train_main, ["--output", str(tmp_path / "run"), override], capsys)
+    status, stderr = cli(train_main, ["--output", str(tmp_path / "run"), *override.split()], capsys)
     assert status == 2
     assert "\n" not in stderr and stderr.startswith(message)
     assert not (tmp_path / "run").exists()
@@ -169,12 +178,12 @@ def test_the_python_api_checks_too(tmp_path, nothing_loads):
     assert not (tmp_path / "run").exists()
 
 
-def test_method_options_are_typed_by_their_defaults():
+def test_method_options_are_checked_against_their_declarations():
     from mugcp.methods import resolve_options
 
     with pytest.raises(ConfigError, match=r"^method\.class_specific='yes' is not allowed: expected true or false for method 'coop'"):
         resolve_options("coop", {"class_specific": "yes"})
-    with pytest.raises(ConfigError, match=r"^method\.kg_weight='x' is not allowed: expected a number for method 'kgcoop'"):
+    with pytest.raises(ConfigError, match=r"^method\.kg_weight='x' is not allowed: expected a number >= 0 for method 'kgcoop'"):
         resolve_options("kgcoop", {"kg_weight": "x"})
     assert resolve_options("kgcoop", {"kg_weight": 2})["kg_weight"] == 2  # an integer is a number
     assert resolve_options("zsclip", {"templates": ["a {}.", "an {}."]})["templates"] == ["a {}.", "an {}."]

@@ -6,8 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
+from mugcp.config_schema import integer, option, with_defaults
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.prompt_text import ClassPrompts, init_context
+from mugcp.methods.coop import COOP_OPTIONS
+from mugcp.methods.prompt_text import ClassPrompts, check_context_words, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 
@@ -31,7 +33,14 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
 
 @register_method(
     "cocoop",
-    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16, "max_text_sequences": 4096},
+    options={
+        **with_defaults({key: COOP_OPTIONS[key] for key in ("n_ctx", "ctx_init", "init_std")},
+                        n_ctx=4, ctx_init="a photo of a"),
+        "meta_reduction": option(16, integer(1), "the meta-net's hidden width is the image feature width over this"),
+        "max_text_sequences": option(4096, integer(0, nullable=True, null_means="no grouping"),
+                                     "evaluation groups images so images x classes stays under this; 0: no grouping"),
+    },
+    check=check_context_words,
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",

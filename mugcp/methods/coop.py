@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from mugcp.config import ConfigError
+from mugcp.config_schema import boolean, choice, integer, number, option, text
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.prompt_text import ClassPrompts, init_context
+from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, check_context_words, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 
@@ -20,9 +21,19 @@ def released_coop(state: dict) -> Mapping:
     return mapping
 
 
+COOP_OPTIONS = {
+    "n_ctx": option(16, integer(1, MAX_TEXT_CONTEXT), "learned context tokens; with ctx_init, its word count"),
+    "ctx_init": option("", text(), "text whose word embeddings start the context; '' starts it Gaussian"),
+    "class_specific": option(False, boolean(), "one context per class (the checkpoint then fits only these classes)"),
+    "class_token_position": option("end", choice("end", "middle", "front"), "where the class name sits in the prompt"),
+    "init_std": option(0.02, number(0), "standard deviation of a Gaussian initial context"),
+}
+
+
 @register_method(
     "coop",
-    defaults={"n_ctx": 16, "ctx_init": "", "class_specific": False, "class_token_position": "end", "init_std": 0.02},
+    options=COOP_OPTIONS,
+    check=check_context_words,
     paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
     conditions_on="nothing (one learned context per dataset)",
     config="configs/methods/coop.yaml",

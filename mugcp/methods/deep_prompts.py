@@ -21,13 +21,21 @@ import torch
 import torch.nn as nn
 
 from mugcp.config import ConfigError
+from mugcp.config_schema import Option, integer, option
 from mugcp.backbones import ClipBackbone
-from mugcp.methods.prompt_text import ClassPrompts, placeholder_prefix
+from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, placeholder_prefix
 
 
 # The released MaPLe / IVLP / PromptSRC code initialises the context from ``ctx_init`` only up to this
 # many context tokens (its ``n_ctx <= 4`` test); beyond it the context is random and ``ctx_init`` unused.
 INIT_TEXT_MAX_CONTEXT = 4
+
+
+def text_context_option(default: int) -> Option:
+    """The ``n_ctx`` of a deep-prompt method's text prompts (MaPLe, IVLP, PromptSRC, MuGCP): kept as given, as the
+    released code keeps it; ``ctx_init`` starts layer 0 only when ``n_ctx <= 4`` (else it is unused)."""
+    return option(default, integer(1, MAX_TEXT_CONTEXT), "learned text tokens per prompted layer; "
+                  f"ctx_init starts layer 0 only when this is <= {INIT_TEXT_MAX_CONTEXT}")
 
 
 def text_context_init(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02) -> tuple[torch.Tensor, str]:

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import torch
 
+from mugcp.config_schema import integer, number, option, text
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
+from mugcp.methods.deep_prompts import (
+    PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init, text_context_option,
+)
 from mugcp.methods.prompt_text import ClassPrompts
 from mugcp.config import ConfigError
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
 
-IVLP_DEFAULTS = {
-    "n_ctx_text": 4,
-    "n_ctx_vision": 4,
-    "text_depth": 9,
-    "vision_depth": 9,
-    "ctx_init": "a photo of a",
-    "init_std": 0.02,
+IVLP_OPTIONS = {
+    "n_ctx_text": text_context_option(4),
+    "n_ctx_vision": option(4, integer(1), "learned vision tokens per prompted layer"),
+    "text_depth": option(9, integer(0), "prompted text layers from layer 0 (0: none; at most the encoder's)"),
+    "vision_depth": option(9, integer(0), "prompted vision layers from layer 0 (0: none; at most the encoder's)"),
+    "ctx_init": option("a photo of a", text(), "text whose first n_ctx_text token embeddings start text layer 0"),
+    "init_std": option(0.02, number(0), "standard deviation of the Gaussian prompts"),
 }
 
 
@@ -43,7 +46,7 @@ def released_ivlp(state: dict) -> Mapping:
 
 @register_method(
     "ivlp",
-    defaults=IVLP_DEFAULTS,
+    options=IVLP_OPTIONS,
     paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023), independent V-L prompting baseline",
     conditions_on="nothing (separate learned prompts in both encoders)",
     config="configs/methods/ivlp.yaml",

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.coop import CoOp, released_coop
+from mugcp.config_schema import Spec, choice, number, option, with_defaults
+from mugcp.methods.coop import COOP_OPTIONS, CoOp, released_coop
+from mugcp.methods.prompt_text import check_context_words
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames
@@ -25,16 +27,15 @@ def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
 
 @register_method(
     "kgcoop",
-    defaults={
-        "n_ctx": 4,
-        "ctx_init": "a photo of a",
-        "class_specific": False,
-        "class_token_position": "end",
-        "init_std": 0.02,
-        "kg_weight": 8.0,
-        "kg_distance": "cosine",
-        "handcrafted_template": "auto",
+    options={
+        **with_defaults(COOP_OPTIONS, n_ctx=4, ctx_init="a photo of a"),
+        "kg_weight": option(8.0, number(0), "weight of the distance to the hand-crafted prompt's text features"),
+        "kg_distance": option("cosine", choice("cosine", "squared_l2"),
+                              "cosine: 1 - mean cos (the released code); squared_l2: the paper's formula"),
+        "handcrafted_template": option("auto", Spec("list", item_kind="str"),
+                                       "auto (the dataset's template in KgCoOp's table), a template or a list"),
     },
+    check=check_context_words,
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
@@ -51,11 +52,6 @@ class KgCoOp(CoOp):
     - ``handcrafted_template``: ``auto`` (default: the dataset's template from the released code's own
       table, which differs from CoOp's for DTD), or any choice of ``resolve_templates``.
     """
-
-    def __init__(self, clip, classnames, options, **kwargs):
-        if options["kg_distance"] not in ("squared_l2", "cosine"):
-            raise ConfigError(f"method option 'kg_distance' must be squared_l2 or cosine, got '{options['kg_distance']}'.")
-        super().__init__(clip, classnames, options, **kwargs)
 
     def build_class_inputs(self) -> None:
         super().build_class_inputs()

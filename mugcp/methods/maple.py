@@ -5,8 +5,11 @@ import torch
 import torch.nn as nn
 
 from mugcp.config import ConfigError
+from mugcp.config_schema import integer, number, option, text
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.deep_prompts import PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init
+from mugcp.methods.deep_prompts import (
+    PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init, text_context_option,
+)
 from mugcp.methods.prompt_text import ClassPrompts
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
@@ -34,7 +37,13 @@ def released_maple(state: dict) -> Mapping:
 
 @register_method(
     "maple",
-    defaults={"n_ctx": 2, "depth": 9, "ctx_init": "a photo of a", "init_std": 0.02},
+    options={
+        "n_ctx": text_context_option(2),
+        "depth": option(9, integer(1), "prompted layers from layer 0 in both encoders (at most the encoder's layers)"),
+        "ctx_init": option("a photo of a", text(),
+                           "text whose first n_ctx token embeddings start layer 0; its other words stay fixed"),
+        "init_std": option(0.02, number(0), "standard deviation of the Gaussian prompts"),
+    },
     paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)",
     conditions_on="nothing (text prompts; vision prompts are coupled from them)",
     config="configs/methods/maple.yaml",

@@ -23,47 +23,63 @@ import torch.nn.functional as F
 import mugcp.kernels as kernels
 from mugcp.backbones import ClipBackbone
 from mugcp.config import ConfigError
+from mugcp.config_schema import boolean, choice, integer, number, option, text
 from mugcp.methods.base import PromptLearner
-from mugcp.methods.deep_prompts import text_context_init
+from mugcp.methods.deep_prompts import text_context_init, text_context_option
 from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
 from mugcp.methods.mugcp_semantics import SEMANTIC_FEATURES, SEMANTIC_SOURCES
 from mugcp.methods.prompt_text import ClassPrompts, template_text_features
 from mugcp.methods.registry import register_method
 
 
-DEFAULTS = {
+OPTIONS = {
     # prompts (DESIGN §2: J, n_c, n_s)
-    "depth": 9,
-    "n_ctx": 2,
-    "n_semantic": 4,
-    "ctx_init": "a photo of a",
-    "init_std": 0.02,
-    "prompt_gate_init": 0.0,  # g_t, g_v before the sigmoid: σ(0) = 0.5
+    "depth": option(9, integer(1), "J: prompted layers in both encoders (at most the encoder's layers)"),
+    "n_ctx": text_context_option(2),
+    "n_semantic": option(4, integer(1), "n_s: semantic tokens (SCP / VCP) per prompted layer"),
+    "ctx_init": option("a photo of a", text(), "text whose first n_ctx token embeddings start the layer-0 context"),
+    "init_std": option(0.02, number(0), "standard deviation of the Gaussian prompts and queries"),
+    "prompt_gate_init": option(0.0, number(), "g_t, g_v before the sigmoid (0: sigma = 0.5)"),
     # SCP
-    "semantic_source": "mllm",  # mllm | clip (frozen CLIP image tokens, an ablation) | none (learned tokens)
-    "semantic_features": "caption",  # caption (frozen CLIP text token outputs) | hidden (MLLM hidden states)
-    "semantic_dim": None,  # d_m; None: the CLIP text width for captions (required for hidden states)
-    "pool_dim": 256,
-    "pool_heads": 8,
-    "pool_normalize_input": True,
+    "semantic_source": option("mllm", choice(*SEMANTIC_SOURCES),
+                              "mllm | clip (frozen CLIP image tokens) | none (learned); set from semantic.source"),
+    "semantic_features": option("caption", choice(*SEMANTIC_FEATURES),
+                                "caption (frozen CLIP text token outputs) | hidden (MLLM hidden states)"),
+    "semantic_dim": option(None, integer(1, nullable=True, null_means="the CLIP text width for captions"),
+                           "d_m: width of the semantic features (required for hidden states)"),
+    "pool_dim": option(256, integer(1), "width of SCP's attention pooling (a multiple of pool_heads)"),
+    "pool_heads": option(8, integer(1), "heads of SCP's attention pooling"),
+    "pool_normalize_input": option(True, boolean(), "layer-norm the semantic features before pooling"),
     # AMG
-    "amg_dim": 256,
-    "amg_heads": 8,
-    "amg_gate_init": 0.0,  # γ_v, γ_s before the tanh: 0 leaves X and S unchanged at the start
-    "amg_normalize_values": False,  # True: values from LN(X), LN(S) instead of X, S
+    "amg_dim": option(256, integer(1), "width of AMG's shared affinity and values (a multiple of amg_heads)"),
+    "amg_heads": option(8, integer(1), "h: AMG heads"),
+    "amg_gate_init": option(0.0, number(), "gamma_v, gamma_s before the tanh: 0 leaves X and S unchanged at the start"),
+    "amg_normalize_values": option(False, boolean(), "values from LN(X), LN(S) instead of X, S"),
     # cost
-    "max_text_sequences": 0,  # > 0: bound the (image, class) sequences per text-encoder call (at least one class per call)
+    "max_text_sequences": option(0, integer(0), "(image, class) sequences per text-encoder call; 0: no limit"),
     # loss (DESIGN §2.5): consistency with the frozen CLIP, off by default
-    "text_consistency_weight": 0.0,
-    "image_consistency_weight": 0.0,
-    "logit_consistency_weight": 0.0,
-    "consistency_template": "a photo of a {}.",
+    "text_consistency_weight": option(0.0, number(0), "weight of the text-feature consistency with frozen CLIP"),
+    "image_consistency_weight": option(0.0, number(0), "weight of the image-feature consistency with frozen CLIP"),
+    "logit_consistency_weight": option(0.0, number(0), "weight of the logit consistency with frozen CLIP"),
+    "consistency_template": option("a photo of a {}.", text(), "frozen CLIP's class template ({}: the class)"),
 }
+
+
+def check_mugcp_options(options: dict) -> None:
+    """Widths that split into heads, and a consistency template with a place for the class name."""
+    for dim, heads in (("pool_dim", "pool_heads"), ("amg_dim", "amg_heads")):
+        if options[dim] % options[heads]:
+            raise ConfigError(f"method.{dim}={options[dim]} is not a multiple of method.{heads}={options[heads]}: "
+                              "the width is split evenly over the heads.")
+    if "{}" not in options["consistency_template"]:
+        template = options["consistency_template"]
+        raise ConfigError(f"method.consistency_template={template!r} needs a '{{}}' for the class name.")
 
 
 @register_method(
     "mugcp",
-    defaults=DEFAULTS,
+    options=OPTIONS,
+    check=check_mugcp_options,
     paper="Multi-modal Mutual-Guidance Conditional Prompt Learning for Vision-Language Models (arXiv 2507.08410)",
     conditions_on="each image's MLLM semantics (SCP) and visual tokens (AMG/VCP), in every prompted layer",
     config="configs/methods/mugcp.yaml",
@@ -118,23 +134,13 @@ class MuGCP(PromptLearner):
 
     # ----------------------------------------------------------------- construction
     def _check_options(self, options: dict) -> None:
-        def fail(option: str, problem: str) -> None:
-            raise ConfigError(f"method 'mugcp' option '{option}' {problem}")
-
+        # Types and ranges are checked by the registry (OPTIONS); the depth also needs the backbone.
         layers = min(self.clip.text_layers, self.clip.vision_layers)
         if not 1 <= options["depth"] <= layers:
-            fail("depth", f"is {options['depth']}; {self.clip.name} takes 1 to {layers} prompted layers.")
-        for key in ("n_ctx", "n_semantic"):
-            if options[key] < 1:
-                fail(key, f"must be at least 1, got {options[key]}.")
-        if options["semantic_source"] not in SEMANTIC_SOURCES:
-            fail("semantic_source", f"must be one of {', '.join(SEMANTIC_SOURCES)}, got {options['semantic_source']!r}.")
-        if options["semantic_features"] not in SEMANTIC_FEATURES:
-            fail("semantic_features", f"must be one of {', '.join(SEMANTIC_FEATURES)}, got {options['semantic_features']!r}.")
-        if options["max_text_sequences"] < 0:
-            fail("max_text_sequences", f"must be 0 (no limit) or positive, got {options['max_text_sequences']}.")
-        if "{}" not in options["consistency_template"]:
-            fail("consistency_template", f"needs a '{{}}' for the class name, got {options['consistency_template']!r}.")
+            raise ConfigError(
+                f"method 'mugcp' option 'depth' is {options['depth']}; "
+                f"{self.clip.name} takes 1 to {layers} prompted layers."
+            )
 
     def _mllm_feature_dim(self, options: dict, text_width: int) -> int:
         given = options["semantic_dim"]

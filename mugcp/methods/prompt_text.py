@@ -11,6 +11,31 @@ from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
 
 
+# CLIP's text context is 77 tokens: SOS, the context, at least one class-name token, "." and EOT must fit.
+MAX_TEXT_CONTEXT = 77 - 4
+
+
+def context_words(init: str) -> int:
+    """How many context tokens CoOp's released code makes of ``ctx_init``: its words, ``_`` counting as a space."""
+    return len(init.replace("_", " ").split(" "))
+
+
+def check_context_words(options: dict) -> None:
+    """CoOp, CoCoOp and KgCoOp: ``n_ctx`` must equal ``ctx_init``'s word count when ``ctx_init`` is set.
+
+    The released code then takes the context length from the words and ignores ``n_ctx``; a run that
+    recorded another ``n_ctx`` than it trained would mislabel a sweep, so the disagreement is refused.
+    """
+    init, n_ctx = options["ctx_init"], options["n_ctx"]
+    if init and context_words(init) != n_ctx:
+        words = context_words(init)
+        raise ConfigError(
+            f"method.n_ctx={n_ctx} disagrees with method.ctx_init={init!r} ({words} words): the context length is "
+            f"ctx_init's word count, as in the released code. Set method.n_ctx={words}, or method.ctx_init='' "
+            f"for {n_ctx} random context tokens."
+        )
+
+
 def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02, rows: int = 1) -> tuple[torch.Tensor, str]:
     """CoOp's context initialisation, as its released code does it: ``(vectors (rows, n, width), prompt prefix)``.
 
@@ -23,7 +48,7 @@ def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.
     """
     if init:
         prefix = init.replace("_", " ")
-        count = len(prefix.split(" "))
+        count = context_words(init)
         ids = clip.tokenize([prefix])[0]
         with torch.no_grad():
             vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + count].float()

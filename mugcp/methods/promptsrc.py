@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.ivlp import IVLP, IVLP_DEFAULTS, released_ivlp
+from mugcp.config_schema import Spec, boolean, number, option
+from mugcp.methods.ivlp import IVLP, IVLP_OPTIONS, released_ivlp
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import ReleasedNames
@@ -28,15 +29,16 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 @register_method(
     "promptsrc",
-    defaults={
-        **IVLP_DEFAULTS,
-        "text_loss_weight": 25.0,
-        "image_loss_weight": 10.0,
-        "logit_loss_weight": 1.0,
-        "zs_templates": "imagenet60",
-        "gpa": True,
-        "gpa_mean": 15.0,
-        "gpa_std": 1.0,
+    options={
+        **IVLP_OPTIONS,
+        "text_loss_weight": option(25.0, number(0), "weight of L1(prompted, frozen) text features"),
+        "image_loss_weight": option(10.0, number(0), "weight of L1(prompted, frozen) image features"),
+        "logit_loss_weight": option(1.0, number(0), "weight of KL(zero-shot logits || prompted logits)"),
+        "zs_templates": option("imagenet60", Spec("list", item_kind="str"),
+                               "templates of the frozen text features: a name, a template or a list"),
+        "gpa": option(True, boolean(), "Gaussian prompt aggregation: evaluate the Gaussian-weighted mean over epochs"),
+        "gpa_mean": option(15.0, number(), "mean epoch of the aggregation's Gaussian"),
+        "gpa_std": option(1.0, number(0, low_open=True), "standard deviation (epochs) of the aggregation's Gaussian"),
     },
     paper="Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting (ICCV 2023)",
     conditions_on="nothing (prompts in both encoders, regularised toward frozen CLIP)",

@@ -1,7 +1,9 @@
 """The method registry: a name → class table, filled by ``@register_method`` in each method module.
 
 Modules under ``mugcp/methods/`` are imported on first use, so adding a file that registers a method
-is all it takes to make ``create_model("name", ...)`` and ``method=name`` work.
+is all it takes to make ``create_model("name", ...)`` and ``method=name`` work. A method declares each
+option once, in ``register_method(options=...)``, with its type, range and help (``config_schema.option``);
+every value a config, recipe, sweep or command line gives is checked against that before anything runs.
 """
 from __future__ import annotations
 
@@ -9,39 +11,53 @@ import copy
 import difflib
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mugcp.config import ConfigError
-from mugcp.config_schema import Spec, boolean, integer, invalid, number, show_value, text
+from mugcp.config_schema import Option, check_against
 
 
 @dataclass
 class MethodSpec:
     name: str
     cls: type
-    defaults: dict
+    # Option name -> Option (default, type and range, one-line help): the one declaration of every option.
+    options: dict
     paper: str = ""
     conditions_on: str = ""
-    config: str = ""  # file under configs/methods/ with the published defaults
-    # Option name -> Spec, for options whose type the default does not tell (see option_spec).
-    option_specs: dict = field(default_factory=dict)
+    config: str = ""  # file under configs/methods/ with the published defaults (a test keeps it equal to ``options``)
     # How the released code's checkpoints name this method's tensors (methods/released.py); None: no released checkpoints.
     released: Any = None
+    # Checks options together (e.g. n_ctx against ctx_init); raises ConfigError in one line. None: no such rule.
+    check: Optional[Callable[[dict], None]] = None
+
+    @property
+    def defaults(self) -> dict:
+        return {key: copy.deepcopy(declared.default) for key, declared in self.options.items()}
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _DISCOVERED = False
 
 
-def register_method(name: str, defaults: dict, paper: str = "", conditions_on: str = "", config: str = "", option_specs: Optional[dict] = None,
-                    released=None):
+def register_method(name: str, options: Mapping[str, Option], paper: str = "", conditions_on: str = "",
+                    config: str = "", released=None, check: Optional[Callable[[dict], None]] = None):
+    """Register a method class under ``name`` with its declared ``options`` (``mugcp.config_schema.option``).
+
+    ``check(options)`` (optional) refuses combinations of valid values that cannot be trained as recorded.
+    """
+    for key, declared in options.items():
+        if not isinstance(declared, Option):
+            raise TypeError(f"method '{name}': declare option '{key}' with config_schema.option(default, spec, help).")
+
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
+        spec = MethodSpec(name, cls, dict(options), paper, conditions_on, config, released, check)
         cls.method_name = name
-        cls.default_options = copy.deepcopy(defaults)
-        _REGISTRY[name] = MethodSpec(name, cls, copy.deepcopy(defaults), paper, conditions_on, config, dict(option_specs or {}), released)
+        cls.default_options = spec.defaults
+        _REGISTRY[name] = spec
         return cls
 
     return decorate
@@ -73,10 +89,12 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
-def resolve_options(name: str, overrides: dict, source: str = "method options") -> dict:
-    """The method's defaults updated by ``overrides``; an unknown option names close matches."""
+def resolve_options(name: str, overrides: Mapping, source: str = "method options", together: bool = True) -> dict:
+    """The method's defaults updated by ``overrides``, each value checked against its declaration and then (with
+    ``together``) the whole set by the method's ``check``; an unknown option names close matches. Raises ConfigError
+    (one line). ``together=False`` checks values one by one, for a caller that checks the complete set later."""
     spec = get_method(name)
-    options = copy.deepcopy(spec.defaults)
+    options = spec.defaults
     for key, value in overrides.items():
         if key == "name":
             continue
@@ -88,32 +106,15 @@ def resolve_options(name: str, overrides: dict, source: str = "method options") 
             )
         check_option(spec, key, value)
         options[key] = copy.deepcopy(value)
+    if together and spec.check is not None:
+        spec.check(options)
     return options
 
 
-def option_spec(spec: MethodSpec, key: str) -> Optional[Spec]:
-    """What an option accepts: declared by the method, else the type of its default (None: anything)."""
-    if key in spec.option_specs:
-        return spec.option_specs[key]
-    default = spec.defaults.get(key)
-    if isinstance(default, bool):
-        return boolean()
-    if isinstance(default, int):
-        return integer()
-    if isinstance(default, float):
-        return number()
-    if isinstance(default, str):
-        return text()
-    if isinstance(default, (list, tuple)):
-        return Spec("list")
-    return None
-
-
 def check_option(spec: MethodSpec, key: str, value: Any) -> None:
-    """A method option of the wrong type is refused naming the option, the value and the type wanted."""
-    wanted = option_spec(spec, key)
-    if wanted is not None and not wanted.accepts(value):
-        raise invalid(f"method.{key}", value, f"{wanted.allowed()} for method '{spec.name}'", f" The default is {show_value(spec.defaults.get(key))}.")
+    """A method option of the wrong type or out of range is refused naming the option, the value and what is allowed."""
+    declared = spec.options[key]
+    check_against(declared.spec, f"method.{key}", value, declared.default, f"for method '{spec.name}'")
 
 
 def create_model(
@@ -131,7 +132,7 @@ def create_model(
     """Build a prompt learner: ``create_model("coop", ["cat", "dog"], backbone="ViT-B-32")``.
 
     ``backbone`` is an open_clip model name or an already loaded ``ClipBackbone`` (shared, frozen).
-    ``overrides`` are method options (see ``mugcp.methods.get_method(name).defaults``).
+    ``overrides`` are method options (see ``mugcp.methods.get_method(name).options``).
     ``quick_gelu`` (``None`` = auto, see ``load_clip``) applies when ``backbone`` is a name.
     The returned module's ``forward(images)`` gives logits ``(B, len(classnames))``.
     """

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mugcp.config_schema import Spec
+from mugcp.config_schema import Spec, option
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
@@ -12,11 +12,11 @@ from mugcp.methods.templates import resolve_templates
 
 @register_method(
     "zsclip",
-    defaults={"templates": "auto"},
+    options={"templates": option("auto", Spec("list", item_kind="str"),
+                                 "auto (the dataset's template), ensemble, imagenet60, a template or a list")},
     paper="Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
     conditions_on="nothing (hand-written templates)",
     config="configs/methods/zsclip.yaml",
-    option_specs={"templates": Spec("list", item_kind="str")},
 )
 class ZeroShotCLIP(PromptLearner):
     """``templates``: ``auto`` (the dataset's template, CoOp's ``ZeroshotCLIP``), ``ensemble`` (CoOp's

@@ -51,14 +51,22 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
         return f"config {config}"
 
     cfg = load_config(config, overrides)
-    for key, value in flatten(cfg).items():
+    flat = flatten(cfg)
+    for key, value in flat.items():
         try:
             if key.startswith("method.") and key != "method.name":
-                resolve_options(cfg["method"]["name"], {key.split(".", 1)[1]: value}, source="method")
+                resolve_options(cfg["method"]["name"], {key.split(".", 1)[1]: value}, source="method", together=False)
             else:
                 check_value(key, value)
         except ConfigError as err:
             raise ConfigError(f"{sweep_path}: {origin_of(key)}: {err}") from None
+    try:  # the options together (n_ctx against ctx_init...): named after the last part that set one of them
+        resolve_options(cfg["method"]["name"], cfg["method"], source="method")
+    except ConfigError as err:
+        method_keys = [key for key in flat if key.startswith("method.") and key != "method.name"]
+        setters = [name for name, part in origins if any(key in part for key in method_keys)]
+        origin = setters[-1] if setters else f"config {config}"
+        raise ConfigError(f"{sweep_path}: {origin}: {err}") from None
     return with_resolved_semantics(cfg)
 
 
