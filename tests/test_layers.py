@@ -215,6 +215,7 @@ NOT_FILE_NAMES = {
     ("mugcp/reports/results.py", "checkpoint"): "the metrics key naming the checkpoint an evaluation evaluated",
     ("mugcp/training/evaluate_checkpoint.py", "checkpoint"): "the metrics key naming the evaluated checkpoint",
     ("mugcp/reports/__init__.py", "report"): "the module mugcp.reports.report",
+    ("mugcp/runs/__init__.py", "checkpoint"): "the module mugcp.runs.checkpoint",
     ("mugcp/analysis/predictions.py", "predictions"): "a key of the dict of files write_subset_outputs wrote",
     ("mugcp/analysis/predictions.py", "per_class"): "a key of the dict of files write_subset_outputs wrote",
     ("mugcp/analysis/confusion.py", "confusion"): "a key of the dict of files write_confusion wrote",
