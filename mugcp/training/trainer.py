@@ -173,8 +173,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
                         "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(local_loss).backward()
-                distributed.average_gradients(trainable)
+                model.backward(local_loss, scaler.scale, distributed.average_gradients)
                 if optim_cfg["grad_clip"]:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"])
