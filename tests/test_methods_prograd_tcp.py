@@ -16,6 +16,7 @@ from mugcp.config import load_config
 from mugcp.methods import create_model
 from mugcp.methods.prograd import ProGrad, project_conflicting
 from mugcp.training import train
+from test_convert import CLASSES as CONVERT_CLASSES, convert, converted_model, released_state
 from released_reference import (
     randomise_prompt_parameters,
     register_tiny_clip,
@@ -23,6 +24,7 @@ from released_reference import (
     released_image_encoder,
     released_logits,
     released_prograd_losses,
+    released_tcp_text_features,
     released_template_features,
     tiny_clip,
 )
@@ -189,3 +191,26 @@ def test_tcp_trains_with_the_released_adam(tmp_path, data_root):
     assert metrics["trainable_parameters"] == 4 * 48 + (32 * 8 + 8) + (8 * 192 + 192)
     state = torch.load(tmp_path / "tcp" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["eps"] == 0.001 and "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))
+
+
+# ----------------------------------------------------------------- released checkpoints (none are published)
+def test_converted_prograd_and_tcp_give_released_logits(tmp_path, clip, images):
+    (tmp_path / "prograd").mkdir()
+    state = released_state("prograd")
+    model, config, _ = converted_model(clip, convert(tmp_path / "prograd", "prograd", state))
+    assert config["method_options"]["n_ctx"] == 16 and config["method_options"]["ctx_init"] == "auto"
+    with torch.no_grad():  # no dataset: the context slots precede "a photo of a"'s last word-count tokens, as released
+        expected = released_coop_logits(clip.model, clip.tokenizer, images, CONVERT_CLASSES, state["ctx"].float(), "X " * 12 + "a photo of a")
+        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+
+    (tmp_path / "tcp").mkdir()
+    state = {k: v.float() for k, v in released_state("tcp").items()}
+    model, config, _ = converted_model(clip, convert(tmp_path / "tcp", "tcp", state, "--option", "token_layer=2"))
+    assert config["method_options"]["meta_reduction"] == 4
+    with torch.no_grad():
+        text, _ = released_tcp_text_features(
+            clip.model, clip.tokenizer, CONVERT_CLASSES, state["ctx"], (state["meta_net.linear1.weight"], state["meta_net.linear1.bias"]),
+            (state["meta_net.linear2.weight"], state["meta_net.linear2.bias"]), "a photo of a {}.", "a photo of a {}.", 2)
+        image = released_image_encoder(clip.model, images)
+        expected = clip.model.logit_scale.exp() * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
+        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
