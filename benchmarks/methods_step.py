@@ -126,7 +126,7 @@ def measure_one(name: str, backbone: str, batch: int, steps: int) -> dict:
             return
         loss, _, _ = model.training_step(batch_data)
         optimizer.zero_grad(set_to_none=True)
-        model.backward(loss, lambda value: value, lambda params: None)  # as the trainer: ProGrad runs two backward passes
+        model.backward(loss, lambda value: value, lambda params: None)  # as the trainer (ProGrad: two passes)
         optimizer.step()
 
     step()  # warm-up: first-call allocations, lazily computed class features

@@ -179,19 +179,21 @@ def released_prograd_init(model, tokenizer, template, n_ctx):
 
 
 def released_prograd_losses(student_logits, teacher_logits, labels, temperature=1.0):
-    """``ProGradLoss``: (cross-entropy, mean over the batch of −Σ softmax(teacher/T) · log_softmax(student/T) · T²)."""
+    """``ProGradLoss``: (cross-entropy, batch mean of −Σ softmax(teacher/T) · log_softmax(student/T) · T²)."""
     soft = F.softmax(teacher_logits / temperature, dim=-1)
     kl = (-soft * F.log_softmax(student_logits / temperature, -1) * temperature * temperature).sum(1).mean()
     return F.cross_entropy(student_logits, labels), kl
 
 
-def released_tcp_text_features(model, tokenizer, classnames, ctx, linear1, linear2, prompt_template, handcrafted_template, layer):
+def released_tcp_text_features(model, tokenizer, classnames, ctx, linear1, linear2, prompt_template, handcrafted_template,
+                               layer):
     """TCP ``PromptLearner`` + ``TextEncoder``: tokens 1..4 of the learnable template are ``ctx``; the hand-crafted
     features go through linear1–QuickGELU–linear2 into 4 tokens per class that replace positions 1..4 of the input of
     block ``layer``. Returns (normalised learned features, normalised hand-crafted features)."""
     handcrafted = released_template_features(model, tokenizer, [handcrafted_template], classnames)
     hidden = F.linear(handcrafted, *linear1)
-    class_feature = F.linear(hidden * torch.sigmoid(1.702 * hidden), *linear2).reshape(len(classnames), -1, ctx.shape[1])
+    class_feature = F.linear(hidden * torch.sigmoid(1.702 * hidden), *linear2)
+    class_feature = class_feature.reshape(len(classnames), -1, ctx.shape[1])
     tokens = tokenizer([prompt_template.format(name) for name in classnames])
     embedding = model.token_embedding(tokens)
     x = torch.cat([embedding[:, :1], ctx.expand(len(classnames), -1, -1), embedding[:, 1 + ctx.shape[0]:]], dim=1)

@@ -3,6 +3,7 @@
 The expected gradients are computed independently: the released forward passes of ``released_reference``,
 ``torch.autograd.grad`` of each loss, and the released projection rule written out here.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,9 @@ def test_aligned_gradient_is_kept_and_the_kl_gradient_is_not_added():
 def test_one_cosine_over_the_whole_tensor():
     """Row 2 alone agrees with the KL gradient, but the flattened tensor conflicts: all of it is projected."""
     ce, kl = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[-1.0, 0.0], [0.0, 0.5]])
-    torch.testing.assert_close(project_conflicting(ce, kl, 1.0), torch.tensor([[0.6, 0.0], [0.0, 1.2]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        project_conflicting(ce, kl, 1.0), torch.tensor([[0.6, 0.0], [0.0, 1.2]]), atol=1e-6, rtol=0
+    )
 
 
 def test_a_zero_kl_gradient_counts_as_no_conflict_as_released():
@@ -78,8 +81,8 @@ def released_gradients(clip, model, images, labels):
         teacher_text = released_template_features(clip.model, clip.tokenizer, ["a photo of a {}."], CLASSES)
         teacher = released_logits(clip.model, released_image_encoder(clip.model, images), teacher_text)
     ce, kl = released_prograd_losses(logits, teacher, labels)
-    ce_grad, = torch.autograd.grad(ce, ctx, retain_graph=True)
-    kl_grad, = torch.autograd.grad(kl, ctx)
+    (ce_grad,) = torch.autograd.grad(ce, ctx, retain_graph=True)
+    (kl_grad,) = torch.autograd.grad(kl, ctx)
     return ce_grad, kl_grad
 
 
@@ -106,10 +109,22 @@ def test_prograd_backward_gives_the_released_projected_gradient(clip, images, la
 
 
 # ----------------------------------------------------------------- what is trained
-@pytest.mark.parametrize("method, trained", [
-    ("prograd", {"ctx"}),
-    ("tcp", {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias"}),
-])
+@pytest.mark.parametrize(
+    "method, trained",
+    [
+        ("prograd", {"ctx"}),
+        (
+            "tcp",
+            {
+                "ctx",
+                "meta_net.linear1.weight",
+                "meta_net.linear1.bias",
+                "meta_net.linear2.weight",
+                "meta_net.linear2.bias",
+            },
+        ),
+    ],
+)
 def test_gradients_reach_only_what_the_released_code_trains(clip, images, method, trained):
     model = create_model(method, CLASSES, backbone=clip, **({"token_layer": 2} if method == "tcp" else {}))
     assert {name for name, p in model.named_parameters() if p.requires_grad} == trained
@@ -139,10 +154,16 @@ def test_tcp_sizes_follow_the_backbone_and_new_classes_use_the_trained_generator
     assert (before - after).abs().max() > 1e-3  # the new classes' prompts go through the trained generator
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"token_layer": 3}, "'token_layer' is 3, but the text encoder of mugcp-tiny-test has 3 layers"),
-    ({"token_layer": 2, "meta_reduction": 64}, "'meta_reduction' (64) leaves no hidden units for a 32-wide text feature"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"token_layer": 3}, "'token_layer' is 3, but the text encoder of mugcp-tiny-test has 3 layers"),
+        (
+            {"token_layer": 2, "meta_reduction": 64},
+            "'meta_reduction' (64) leaves no hidden units for a 32-wide text feature",
+        ),
+    ],
+)
 def test_tcp_bad_options_are_named(clip, options, message):
     with pytest.raises(ValueError) as err:
         create_model("tcp", CLASSES, backbone=clip, **options)
@@ -161,11 +182,24 @@ def data_root(tmp_path_factory):
 
 
 def tiny_run(data_root, out, *options):
-    cfg = load_config(None, [
-        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=2", "data.batch_size=2", "data.eval_batch_size=8",
-        f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=2", "optim.lr=0.01",
-        "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false", *options,
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=imagefolder",
+            f"data.root={data_root}",
+            "data.shots=2",
+            "data.batch_size=2",
+            "data.eval_batch_size=8",
+            f"model.backbone={register_tiny_clip()}",
+            "model.pretrained=none",
+            "optim.epochs=2",
+            "optim.lr=0.01",
+            "optim.warmup_epochs=0",
+            "train.progress=false",
+            "train.tensorboard=false",
+            *options,
+        ],
+    )
     return train(cfg, out)
 
 
@@ -179,18 +213,24 @@ def test_prograd_trains_through_its_own_backward(tmp_path, data_root, monkeypatc
 
     monkeypatch.setattr(ProGrad, "backward", counted)
     metrics = tiny_run(data_root, tmp_path / "prograd", "method=prograd", "method.n_ctx=8")
-    assert metrics["method"] == "prograd" and metrics["steps"] == len(calls) == 4  # 2 classes x 2 shots / batch 2, 2 epochs
+    assert (
+        metrics["method"] == "prograd" and metrics["steps"] == len(calls) == 4
+    )  # 2 classes x 2 shots / batch 2, 2 epochs
     steps = [json.loads(line) for line in (tmp_path / "prograd" / "metrics.jsonl").read_text().splitlines()]
     terms = [row["terms"] for row in steps if row["kind"] == "train"]
     assert [row["ce"] for row in terms] == pytest.approx(calls) and all(math.isfinite(row["kl"]) for row in terms)
 
 
 def test_tcp_trains_with_the_released_adam(tmp_path, data_root):
-    metrics = tiny_run(data_root, tmp_path / "tcp", "method=tcp", "method.token_layer=2", "optim.name=adam", "optim.eps=0.001")
+    metrics = tiny_run(
+        data_root, tmp_path / "tcp", "method=tcp", "method.token_layer=2", "optim.name=adam", "optim.eps=0.001"
+    )
     assert metrics["method"] == "tcp" and metrics["steps"] == 4
     assert metrics["trainable_parameters"] == 4 * 48 + (32 * 8 + 8) + (8 * 192 + 192)
     state = torch.load(tmp_path / "tcp" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["optimizer"]["param_groups"][0]["eps"] == 0.001 and "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))
+    assert state["optimizer"]["param_groups"][0]["eps"] == 0.001 and "exp_avg_sq" in next(
+        iter(state["optimizer"]["state"].values())
+    )
 
 
 # ----------------------------------------------------------------- released checkpoints (none are published)
@@ -200,7 +240,9 @@ def test_converted_prograd_and_tcp_give_released_logits(tmp_path, clip, images):
     model, config, _ = converted_model(clip, convert(tmp_path / "prograd", "prograd", state))
     assert config["method_options"]["n_ctx"] == 16 and config["method_options"]["ctx_init"] == "auto"
     with torch.no_grad():  # no dataset: the context slots precede "a photo of a"'s last word-count tokens, as released
-        expected = released_coop_logits(clip.model, clip.tokenizer, images, CONVERT_CLASSES, state["ctx"].float(), "X " * 12 + "a photo of a")
+        expected = released_coop_logits(
+            clip.model, clip.tokenizer, images, CONVERT_CLASSES, state["ctx"].float(), "X " * 12 + "a photo of a"
+        )
         torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
 
     (tmp_path / "tcp").mkdir()
@@ -209,8 +251,16 @@ def test_converted_prograd_and_tcp_give_released_logits(tmp_path, clip, images):
     assert config["method_options"]["meta_reduction"] == 4
     with torch.no_grad():
         text, _ = released_tcp_text_features(
-            clip.model, clip.tokenizer, CONVERT_CLASSES, state["ctx"], (state["meta_net.linear1.weight"], state["meta_net.linear1.bias"]),
-            (state["meta_net.linear2.weight"], state["meta_net.linear2.bias"]), "a photo of a {}.", "a photo of a {}.", 2)
+            clip.model,
+            clip.tokenizer,
+            CONVERT_CLASSES,
+            state["ctx"],
+            (state["meta_net.linear1.weight"], state["meta_net.linear1.bias"]),
+            (state["meta_net.linear2.weight"], state["meta_net.linear2.bias"]),
+            "a photo of a {}.",
+            "a photo of a {}.",
+            2,
+        )
         image = released_image_encoder(clip.model, images)
         expected = clip.model.logit_scale.exp() * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
         torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)

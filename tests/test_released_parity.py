@@ -148,7 +148,7 @@ def test_prograd_init_logits_and_losses_match_released(clip, images):
 
 @pytest.mark.parametrize("dataset, layer", [("stanford_cars", 2), ("imagenet", 1)])
 def test_tcp_logits_and_loss_match_released(clip, images, dataset, layer):
-    """Cars: "X X X X {}, a type of car" (no period); ImageNet: "a photo of a {}." with "a photo of a" as the context slots."""
+    """Cars: "X X X X {}, a type of car" (no period); ImageNet: "a photo of a {}.", "a photo of a" in the context slots."""
     from mugcp.methods.templates import TCP_HANDCRAFTED_TEMPLATES, TCP_PROMPT_TEMPLATES
 
     labels = torch.tensor([2, 0, 3])
@@ -156,7 +156,8 @@ def test_tcp_logits_and_loss_match_released(clip, images, dataset, layer):
     linear1, linear2 = model.meta_net.linear1, model.meta_net.linear2
     with torch.no_grad():
         text, handcrafted = released_tcp_text_features(
-            clip.model, clip.tokenizer, CLASSES, model.ctx, (linear1.weight, linear1.bias), (linear2.weight, linear2.bias),
+            clip.model, clip.tokenizer, CLASSES, model.ctx, (linear1.weight, linear1.bias),
+            (linear2.weight, linear2.bias),
             TCP_PROMPT_TEMPLATES[dataset], TCP_HANDCRAFTED_TEMPLATES[dataset], layer)
         image = released_image_encoder(clip.model, images)
         logits = clip.model.logit_scale.exp() * (image / image.norm(dim=-1, keepdim=True)) @ text.t()

@@ -1,4 +1,5 @@
 """ProGrad: CoOp whose updates never conflict with zero-shot CLIP's knowledge (Zhu et al., ICCV 2023)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -23,7 +24,9 @@ def released_prograd(state: dict, embed_dim: int) -> Mapping:
     mapping = released_coop(state)
     mapping.options.pop("class_specific")
     if state["ctx"].dim() != 2:
-        raise ConfigError(f"ctx has shape {tuple(state['ctx'].shape)}; ProGrad learns one shared context (n_ctx, width).")
+        raise ConfigError(
+            f"ctx has shape {tuple(state['ctx'].shape)}; ProGrad learns one shared context (n_ctx, width)."
+        )
     return mapping
 
 
@@ -41,11 +44,14 @@ def zero_padded_context(clip: ClipBackbone, n_ctx: int, init: str, std: float) -
     words = init.replace("_", " ")
     count = len(words.split(" "))
     if count > n_ctx:
-        raise ConfigError(f"method option 'ctx_init' ('{init}') has {count} words, more than n_ctx={n_ctx}; raise n_ctx or shorten it.")
+        raise ConfigError(
+            f"method option 'ctx_init' ('{init}') has {count} words, more than n_ctx={n_ctx}; "
+            "raise n_ctx or shorten it."
+        )
     ids = clip.tokenize([words])[0]
     vectors = torch.zeros(n_ctx, clip.text_width)
     with torch.no_grad():
-        vectors[n_ctx - count:] = clip.embed_tokens(ids[None])[0, 1 : 1 + count].float().cpu()
+        vectors[n_ctx - count :] = clip.embed_tokens(ids[None])[0, 1 : 1 + count].float().cpu()
     return vectors, " ".join([placeholder_prefix(n_ctx - count), words]).strip()
 
 
@@ -69,12 +75,25 @@ def project_conflicting(ce_grad: torch.Tensor, kl_grad: torch.Tensor, strength: 
 
 @register_method(
     "prograd",
-    defaults={"n_ctx": 16, "ctx_init": "auto", "init_std": 0.02, "grad_lambda": 1.0, "kl_temperature": 1.0, "teacher_template": "auto"},
+    defaults={
+        "n_ctx": 16,
+        "ctx_init": "auto",
+        "init_std": 0.02,
+        "grad_lambda": 1.0,
+        "kl_temperature": 1.0,
+        "teacher_template": "auto",
+    },
     paper="Zhu et al., Prompt-aligned Gradient for Prompt Tuning (ICCV 2023)",
     conditions_on="nothing (CoOp context; updates kept from conflicting with zero-shot CLIP)",
     config="configs/methods/prograd.yaml",
-    option_specs={"n_ctx": integer(1), "ctx_init": text(), "init_std": number(0), "grad_lambda": number(0),
-                  "kl_temperature": number(0, low_open=True), "teacher_template": text()},
+    option_specs={
+        "n_ctx": integer(1),
+        "ctx_init": text(),
+        "init_std": number(0),
+        "grad_lambda": number(0),
+        "kl_temperature": number(0, low_open=True),
+        "teacher_template": text(),
+    },
     released=ReleasedNames(released_prograd, dropped=("token_prefix", "token_suffix")),
 )
 class ProGrad(PromptLearner):
@@ -112,7 +131,9 @@ class ProGrad(PromptLearner):
         self._teacher: Optional[torch.Tensor] = None
 
     def compute_text_features(self) -> torch.Tensor:
-        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx), shared_prefix=self.prompts.shared_prefix)
+        return self.clip.encode_text(
+            self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx), shared_prefix=self.prompts.shared_prefix
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.clip.encode_image(images), self.text_features())

@@ -1,5 +1,6 @@
 """TCP: class-aware text tokens from hand-crafted prompts' features, written into the text encoder
 (Yao et al., Textual-based Class-aware Prompt tuning, CVPR 2024)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -26,31 +27,51 @@ META_NET_KEYS = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.l
 
 
 def released_tcp(state: dict, embed_dim: int) -> Mapping:
-    """Released TCP: ``ctx`` and ``meta_net.linear{1,2}`` under the same names; the hidden width tells ``meta_reduction``."""
+    """Released TCP: ``ctx`` and ``meta_net.linear{1,2}`` under the same names; the hidden width tells
+    ``meta_reduction``."""
     require(state, ["ctx", *META_NET_KEYS])
     mapping = Mapping()
     ctx = mapping.take(state, "ctx", "ctx")
     if tuple(ctx.shape[:1]) != (CONTEXT_TOKENS,) or ctx.dim() != 2:
-        raise ConfigError(f"ctx has shape {tuple(ctx.shape)}; TCP learns {CONTEXT_TOKENS} shared context vectors (4, width).")
+        raise ConfigError(
+            f"ctx has shape {tuple(ctx.shape)}; TCP learns {CONTEXT_TOKENS} shared context vectors (4, width)."
+        )
     for key in META_NET_KEYS:
         mapping.take(state, key, key)
     hidden = state["meta_net.linear1.weight"].shape[0]
     reduction = max(1, embed_dim // max(hidden, 1))
     if embed_dim // reduction != hidden:
-        raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a {embed_dim}-wide text feature.")
+        raise ConfigError(
+            f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a "
+            f"{embed_dim}-wide text feature."
+        )
     mapping.options = {"meta_reduction": reduction}
     return mapping
 
 
 @register_method(
     "tcp",
-    defaults={"ctx_init": "", "init_std": 0.02, "token_layer": 8, "meta_reduction": 4, "consistency_weight": 8.0,
-              "handcrafted_template": "auto", "prompt_template": "auto"},
+    defaults={
+        "ctx_init": "",
+        "init_std": 0.02,
+        "token_layer": 8,
+        "meta_reduction": 4,
+        "consistency_weight": 8.0,
+        "handcrafted_template": "auto",
+        "prompt_template": "auto",
+    },
     paper="Yao et al., TCP: Textual-based Class-aware Prompt tuning for Visual-Language Model (CVPR 2024)",
     conditions_on="the class (tokens generated from hand-crafted prompts' text features)",
     config="configs/methods/tcp.yaml",
-    option_specs={"ctx_init": text(), "init_std": number(0), "token_layer": integer(0), "meta_reduction": integer(1),
-                  "consistency_weight": number(0), "handcrafted_template": text(), "prompt_template": text()},
+    option_specs={
+        "ctx_init": text(),
+        "init_std": number(0),
+        "token_layer": integer(0),
+        "meta_reduction": integer(1),
+        "consistency_weight": number(0),
+        "handcrafted_template": text(),
+        "prompt_template": text(),
+    },
     released=ReleasedNames(released_tcp, dropped=("token_prefix", "token_suffix", "token_midfix")),
 )
 class TCP(PromptLearner):
@@ -72,18 +93,27 @@ class TCP(PromptLearner):
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
         if not 0 <= options["token_layer"] < clip.text_layers:
-            raise ConfigError(f"method option 'token_layer' is {options['token_layer']}, but the text encoder of {clip.name} has "
-                              f"{clip.text_layers} layers; use a layer between 0 and {clip.text_layers - 1}.")
+            raise ConfigError(
+                f"method option 'token_layer' is {options['token_layer']}, but the text encoder of {clip.name} has "
+                f"{clip.text_layers} layers; use a layer between 0 and {clip.text_layers - 1}."
+            )
         hidden = clip.embed_dim // options["meta_reduction"]
         if hidden < 1:
-            raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide text feature.")
+            raise ConfigError(
+                f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a "
+                f"{clip.embed_dim}-wide text feature."
+            )
         vectors, _ = text_context_init(clip, CONTEXT_TOKENS, options["ctx_init"], options["init_std"])
         self.ctx = nn.Parameter(vectors)
-        self.meta_net = nn.Sequential(OrderedDict([
-            ("linear1", nn.Linear(clip.embed_dim, hidden)),
-            ("act", QuickGELU()),
-            ("linear2", nn.Linear(hidden, CONTEXT_TOKENS * clip.text_width)),
-        ]))
+        self.meta_net = nn.Sequential(
+            OrderedDict(
+                [
+                    ("linear1", nn.Linear(clip.embed_dim, hidden)),
+                    ("act", QuickGELU()),
+                    ("linear2", nn.Linear(hidden, CONTEXT_TOKENS * clip.text_width)),
+                ]
+            )
+        )
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
@@ -93,13 +123,15 @@ class TCP(PromptLearner):
         tokens = self.clip.tokenize([templates[0].format(name) for name in self.classnames])
         short = [name for name, row in zip(self.classnames, tokens) if int(row.argmax()) <= CONTEXT_TOKENS]
         if short:
-            raise ConfigError(f"the TCP prompt '{templates[0]}' gives '{short[0]}' fewer than {CONTEXT_TOKENS + 1} tokens; "
-                              f"its first {CONTEXT_TOKENS} tokens are the context.")
+            raise ConfigError(
+                f"the TCP prompt '{templates[0]}' gives '{short[0]}' fewer than {CONTEXT_TOKENS + 1} tokens; "
+                f"its first {CONTEXT_TOKENS} tokens are the context."
+            )
         with torch.no_grad():
             embedding = self.clip.embed_tokens(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
-        self.register_buffer("token_suffix", embedding[:, 1 + CONTEXT_TOKENS:], persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + CONTEXT_TOKENS :], persistent=False)
         self._handcrafted: Optional[torch.Tensor] = None
 
     def handcrafted_text_features(self) -> torch.Tensor:
@@ -112,7 +144,9 @@ class TCP(PromptLearner):
     def class_tokens(self) -> torch.Tensor:
         """The class-aware tokens ``(C, 4, text width)`` from the hand-crafted features."""
         features = self.handcrafted_text_features()
-        return self.meta_net(features.to(self.meta_net.linear1.weight.dtype)).view(features.shape[0], CONTEXT_TOKENS, -1)
+        return self.meta_net(features.to(self.meta_net.linear1.weight.dtype)).view(
+            features.shape[0], CONTEXT_TOKENS, -1
+        )
 
     def compute_text_features(self) -> torch.Tensor:
         classes = self.tokens.shape[0]

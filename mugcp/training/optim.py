@@ -38,7 +38,8 @@ def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
     # adam: weight decay added to the gradient (L2, Dassl's "adam", TCP's released optimiser); adamw: decoupled.
     adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
     if adam is not None:
-        return adam(params, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"], weight_decay=optim_cfg["weight_decay"])
+        return adam(params, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"],
+                    weight_decay=optim_cfg["weight_decay"])
     raise ConfigError(f"optim.name must be sgd, adam or adamw, got '{optim_cfg['name']}'.")
 
 
