@@ -264,3 +264,16 @@ def test_converted_prograd_and_tcp_give_released_logits(tmp_path, clip, images):
         image = released_image_encoder(clip.model, images)
         expected = clip.model.logit_scale.exp() * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
         torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+
+
+def test_adam_adds_weight_decay_to_the_gradient_with_the_configured_eps():
+    """Dassl's "adam" (TCP's released optimiser): L2 folded into the gradient, not AdamW's decoupled decay."""
+    from mugcp.training.optim import build_optimizer
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optim_cfg = {"name": "adam", "lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-3, "weight_decay": 0.5, "momentum": 0.9}
+    optimizer = build_optimizer([param], optim_cfg)
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["eps"] == 1e-3
+    param.grad = torch.zeros(2)
+    optimizer.step()  # gradient 0 + 0.5 * 1: Adam's first step is lr * g / (|g| + eps)
+    torch.testing.assert_close(param.detach(), torch.full((2,), 1 - 0.1 * 0.5 / (0.5 + 1e-3)), atol=1e-7, rtol=0)
