@@ -5,7 +5,7 @@
     python benchmarks/methods_step.py --methods coop maple --params-backbone none
 
 Setting (the demo's): ViT-B-32 with random weights, fp32, B=4 images of 224², 5 classes, each method
-with the options of its ``configs/methods/NAME.yaml``. A step is ``training_step`` + backward + SGD
+with the options of its ``configs/methods/NAME.yaml``. A step is ``training_step`` + the method's backward + SGD
 step (zsclip has nothing to train: forward only). Time: median of ``--steps`` steps after one
 warm-up. Memory, in a fresh process per method so one method's allocations never count for
 another: the resident set size right after building the model and its peak during the steps
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "mugcp"]
+METHODS = ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "prograd", "promptsrc", "tcp", "mugcp"]
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat"]
 
 
@@ -126,7 +126,7 @@ def measure_one(name: str, backbone: str, batch: int, steps: int) -> dict:
             return
         loss, _, _ = model.training_step(batch_data)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        model.backward(loss, lambda value: value, lambda params: None)  # as the trainer (ProGrad: two passes)
         optimizer.step()
 
     step()  # warm-up: first-call allocations, lazily computed class features

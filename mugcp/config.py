@@ -104,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "weight_decay": 0.0005,
         "betas": [0.9, 0.999],
+        "eps": 1.0e-8,  # adam / adamw (TCP's released runs: 1e-3, for their fp16 parameters)
         "epochs": 5,
         "max_steps": None,
         # released: Dassl's schedule as the released trainers use it (constant warm-up epochs, then one rate per

@@ -23,7 +23,7 @@ from mugcp.config import DEFAULTS, ConfigError
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 PROTOCOLS = ("base2new", "fewshot", "all", "cross_dataset", "domain_generalization")
 CLASS_SUBSETS = ("base", "new", "all")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("released", "cosine_per_step", "constant")
 SEMANTIC_SOURCES = ("auto", "mllm", "clip", "none")
 
@@ -224,6 +224,7 @@ SCHEMA: dict[str, Spec] = {
     "optim.momentum": number(0, 1, training_only=True),
     "optim.weight_decay": number(0, training_only=True),
     "optim.betas": Spec("list", 0, 1, high_open=True, length=2, item_kind="number", training_only=True),
+    "optim.eps": number(0, low_open=True, training_only=True),
     "optim.epochs": integer(1, training_only=True),
     "optim.max_steps": integer(1, nullable=True, null_means="epochs decide", training_only=True),
     "optim.scheduler": choice(*SCHEDULERS, training_only=True),

@@ -36,7 +36,7 @@ def parse_options(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dassl_file", type=Path, help="released checkpoint, e.g. output/.../MultiModalPromptLearner/model.pth.tar-5")
-    parser.add_argument("--method", required=True, help="coop, cocoop, kgcoop, ivlp, maple or promptsrc")
+    parser.add_argument("--method", required=True, help="coop, cocoop, kgcoop, ivlp, maple, promptsrc, prograd or tcp")
     parser.add_argument("--backbone", required=True, help="open_clip model the prompts were trained on, e.g. ViT-B-16")
     parser.add_argument("--pretrained", default="openai", help="CLIP weights to evaluate with (recorded in the checkpoint; default openai)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (a new or empty folder)")

@@ -44,6 +44,8 @@ AUDITED_COMMITS = {
     "muzairkhattak/multimodal-prompt-learning": "69bce21ae8eda80ad6187534b2dce09cf6c59e17",
     "muzairkhattak/PromptSRC": "bb95c77b634d63488f2cad81ff4a72d53bdd06d5",
     "htyao89/KgCoOp": "c43ccc32c8739f64b165cfa205fcc6c0f5bb5b17",
+    "BeierZhu/Prompt-align": "1b762036cbe97ecf504e17bb94d89191679e4e6e",
+    "htyao89/Textual-based_Class-aware_prompt_tuning": "bd97bec6bd4901baaf318e9e8f073f618d12066e",
 }
 FILE_KEYS = ("method", "protocol", "released", "trains", "sources", "eval_epoch", "datasets", "shots",
              "config", "per_shots", "per_dataset", "follows", "note")

@@ -166,3 +166,42 @@ def released_template_features(model, tokenizer, templates, classnames, normaliz
         features.append(feature / feature.norm(dim=-1, keepdim=True) if normalize_each else feature)
     mean = torch.stack(features).mean(0)
     return mean / mean.norm(dim=-1, keepdim=True)
+
+
+def released_prograd_init(model, tokenizer, template, n_ctx):
+    """ProGrad ``PromptLearner`` with CTX_INIT: the template without " {}." gives W words; the context is
+    ``n_ctx - W`` zero rows then the text's first W token embeddings; the class prefix is X × (n_ctx - W) + text."""
+    text = template.replace(" {}.", "")
+    words = len(text.split(" "))
+    ctx = torch.zeros(n_ctx, model.token_embedding.weight.shape[1])
+    ctx[n_ctx - words:] = model.token_embedding(tokenizer([text]))[0, 1 : 1 + words]
+    return ctx, f"{' '.join(['X'] * (n_ctx - words))} {text}"
+
+
+def released_prograd_losses(student_logits, teacher_logits, labels, temperature=1.0):
+    """``ProGradLoss``: (cross-entropy, batch mean of −Σ softmax(teacher/T) · log_softmax(student/T) · T²)."""
+    soft = F.softmax(teacher_logits / temperature, dim=-1)
+    kl = (-soft * F.log_softmax(student_logits / temperature, -1) * temperature * temperature).sum(1).mean()
+    return F.cross_entropy(student_logits, labels), kl
+
+
+def released_tcp_text_features(model, tokenizer, classnames, ctx, linear1, linear2, prompt_template, handcrafted_template,
+                               layer):
+    """TCP ``PromptLearner`` + ``TextEncoder``: tokens 1..4 of the learnable template are ``ctx``; the hand-crafted
+    features go through linear1–QuickGELU–linear2 into 4 tokens per class that replace positions 1..4 of the input of
+    block ``layer``. Returns (normalised learned features, normalised hand-crafted features)."""
+    handcrafted = released_template_features(model, tokenizer, [handcrafted_template], classnames)
+    hidden = F.linear(handcrafted, *linear1)
+    class_feature = F.linear(hidden * torch.sigmoid(1.702 * hidden), *linear2)
+    class_feature = class_feature.reshape(len(classnames), -1, ctx.shape[1])
+    tokens = tokenizer([prompt_template.format(name) for name in classnames])
+    embedding = model.token_embedding(tokens)
+    x = torch.cat([embedding[:, :1], ctx.expand(len(classnames), -1, -1), embedding[:, 1 + ctx.shape[0]:]], dim=1)
+    x = x + model.positional_embedding
+    for index, block in enumerate(model.transformer.resblocks):
+        if index == layer:
+            x = torch.cat([x[:, :1], class_feature, x[:, 1 + class_feature.shape[1]:]], dim=1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    text = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
+    return text / text.norm(dim=-1, keepdim=True), handcrafted

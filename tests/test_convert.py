@@ -87,6 +87,13 @@ def released_state(method):
     if method == "cocoop":
         return {"ctx": randn(4, TEXT), "meta_net.linear1.weight": randn(EMBED // 16, EMBED), "meta_net.linear1.bias": randn(EMBED // 16),
                 "meta_net.linear2.weight": randn(TEXT, EMBED // 16), "meta_net.linear2.bias": randn(TEXT), **class_buffers("", 4)}
+    if method == "prograd":  # as released: fp16, one shared context of 16 tokens
+        return {"ctx": randn(16, TEXT).half(), **class_buffers("", 16)}
+    if method == "tcp":
+        return {"ctx": randn(4, TEXT).half(), "meta_net.linear1.weight": randn(EMBED // 4, EMBED).half(),
+                "meta_net.linear1.bias": randn(EMBED // 4).half(),
+                "meta_net.linear2.weight": randn(4 * TEXT, EMBED // 4).half(),
+                "meta_net.linear2.bias": randn(4 * TEXT).half(), **class_buffers("", 4)}
     if method in ("ivlp", "promptsrc"):
         state = {"prompt_learner.ctx": randn(4, TEXT), "image_encoder.VPT": randn(4, VISION), **class_buffers("prompt_learner.", 4), **frozen_tensors()}
         for layer in (1, 2):
@@ -110,6 +117,9 @@ def released_state(method):
 EXPECTED_NAMES = {
     "coop": {"ctx": "ctx"},
     "kgcoop": {"ctx": "ctx"},
+    "prograd": {"ctx": "ctx"},
+    "tcp": {key: key for key in ("ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                                 "meta_net.linear2.bias")},
     "cocoop": {"ctx": "ctx", "meta_net.linear1.weight": "meta_net.0.weight", "meta_net.linear1.bias": "meta_net.0.bias",
                "meta_net.linear2.weight": "meta_net.2.weight", "meta_net.linear2.bias": "meta_net.2.bias"},
     "ivlp": {"prompt_learner.ctx": "text_prompts.layers.0", "image_encoder.VPT": "vision_prompts.layers.0",
@@ -165,10 +175,11 @@ def converted_model(clip, folder):
     return model.eval(), config, tensors
 
 
-@pytest.mark.parametrize("method", ["coop", "kgcoop", "cocoop", "ivlp", "promptsrc", "maple"])
+@pytest.mark.parametrize("method", ["coop", "kgcoop", "cocoop", "ivlp", "promptsrc", "maple", "prograd", "tcp"])
 def test_every_released_tensor_lands_in_place(tmp_path, clip, method):
     state = released_state(method)
-    folder = convert(tmp_path, method, state)
+    # TCP's token layer 8 does not exist in the tiny CLIP's 3 text layers
+    folder = convert(tmp_path, method, state, *(["--option", "token_layer=2"] if method == "tcp" else []))
     config, tensors, _ = read_checkpoint(folder)
     assert config["method"] == method and config["backbone"] == TINY_CLIP and config["pretrained"] == "openai"
     assert config["converted_from"]["epoch"] == 5
@@ -300,7 +311,7 @@ def test_files_that_are_not_dassl_checkpoints_are_refused(tmp_path, clip, capsys
 
     source = write_dassl(tmp_path / "model.pth.tar-1", released_state("coop"))
     message = run_refused(["--method", "zsclip", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o")], capsys)
-    assert message == "error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, ivlp, kgcoop, maple, promptsrc."
+    assert message == "error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, ivlp, kgcoop, maple, prograd, promptsrc, tcp."
 
 
 def test_options_that_contradict_the_shapes_are_refused(tmp_path, clip, capsys):

@@ -276,7 +276,7 @@ def test_training_cut_by_max_steps_still_ends_training(tmp_path, dataset_root, s
     assert metrics["steps"] == 3 and ended == [True]
 
 
-@pytest.mark.parametrize("method", ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "mugcp"])
+@pytest.mark.parametrize("method", ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "prograd", "promptsrc", "tcp", "mugcp"])
 def test_every_method_trains_and_evaluates_by_name(tmp_path, dataset_root, shared_backbone, method):
     from mugcp.evaluate import main as evaluate_main
 

@@ -16,6 +16,9 @@ from mugcp.methods import create_model
 from mugcp.methods.templates import ENSEMBLE_TEMPLATES, IMAGENET_60_TEMPLATES
 from released_reference import (
     released_cocoop_logits,
+    released_prograd_init,
+    released_prograd_losses,
+    released_tcp_text_features,
     released_coop_logits,
     released_deep_logits,
     released_image_encoder,
@@ -114,6 +117,56 @@ def test_kgcoop_logits_and_loss_match_released(clip, images):
     loss, train_logits, terms = model.training_step({"images": images, "labels": labels})
     torch.testing.assert_close(train_logits.detach(), logits, **TOL)
     assert terms["kg"] == pytest.approx(float(score), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected_loss), abs=1e-4)
+
+
+PETS = "a type of pet, a photo of a {}."  # ProGrad's Pets template: 8 words, 9 tokens
+
+
+def test_prograd_init_logits_and_losses_match_released(clip, images):
+    """Zero-padded init from the dataset's template; its 9th token ("a") stays a fixed word after the context."""
+    labels = torch.tensor([1, 3, 0])
+    model = create_model("prograd", CLASSES, backbone=clip, dataset="oxford_pets").eval()
+    with torch.no_grad():
+        ctx, prefix = released_prograd_init(clip.model, clip.tokenizer, PETS, 16)
+    torch.testing.assert_close(model.ctx.detach(), ctx, atol=0, rtol=0)
+    assert model.prompt_prefix == prefix.strip() and not ctx[:8].any()
+    assert int(clip.tokenizer([prefix])[0].argmax()) - 1 == 17  # 16 context slots + the frozen "a"
+    for temperature in (1.0, 2.0):
+        model = build(clip, "prograd", dataset="oxford_pets", kl_temperature=temperature)
+        with torch.no_grad():
+            logits = released_coop_logits(clip.model, clip.tokenizer, images, CLASSES, model.ctx, prefix)
+            teacher_text = released_template_features(clip.model, clip.tokenizer, [PETS], CLASSES)
+            teacher = released_logits(clip.model, released_image_encoder(clip.model, images), teacher_text)
+            ce, kl = released_prograd_losses(logits, teacher, labels, temperature)
+        torch.testing.assert_close(ours(model, images), logits, **TOL)
+        model.train()
+        loss, _, terms = model.training_step({"images": images, "labels": labels})
+        assert float(loss.detach()) == pytest.approx(float(ce), abs=1e-5) and terms["ce"] == float(loss.detach())
+        assert terms["kl"] == pytest.approx(float(kl), abs=1e-5)
+
+
+@pytest.mark.parametrize("dataset, layer", [("stanford_cars", 2), ("imagenet", 1)])
+def test_tcp_logits_and_loss_match_released(clip, images, dataset, layer):
+    """Cars: "X X X X {}, a type of car" (no period); ImageNet: "a photo of a {}.", "a photo of a" in the context slots."""
+    from mugcp.methods.templates import TCP_HANDCRAFTED_TEMPLATES, TCP_PROMPT_TEMPLATES
+
+    labels = torch.tensor([2, 0, 3])
+    model = build(clip, "tcp", dataset=dataset, token_layer=layer)
+    linear1, linear2 = model.meta_net.linear1, model.meta_net.linear2
+    with torch.no_grad():
+        text, handcrafted = released_tcp_text_features(
+            clip.model, clip.tokenizer, CLASSES, model.ctx, (linear1.weight, linear1.bias),
+            (linear2.weight, linear2.bias),
+            TCP_PROMPT_TEMPLATES[dataset], TCP_HANDCRAFTED_TEMPLATES[dataset], layer)
+        image = released_image_encoder(clip.model, images)
+        logits = clip.model.logit_scale.exp() * (image / image.norm(dim=-1, keepdim=True)) @ text.t()
+        score = 1.0 - F.cosine_similarity(text, handcrafted, dim=1, eps=1e-7).mean()
+        expected_loss = F.cross_entropy(logits, labels) + 8.0 * score
+    torch.testing.assert_close(ours(model, images), logits, **TOL)
+    model.train()
+    loss, _, terms = model.training_step({"images": images, "labels": labels})
+    assert terms["consistency"] == pytest.approx(float(score), abs=1e-5)
     assert float(loss.detach()) == pytest.approx(float(expected_loss), abs=1e-4)
 
 

@@ -196,7 +196,8 @@ def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_pat
 
 
 @pytest.mark.parametrize("name, runs, evaluations", [
-    ("base2new", 8 * 11 * 3, 0), ("fewshot", 5 * 11 * 5 * 3 + 11 * 3, 0), ("cross_dataset", 6 * 3, 6 * 3 * 10), ("domain_generalization", 6 * 3, 6 * 3 * 4),
+    ("base2new", 10 * 11 * 3, 0), ("fewshot", 7 * 11 * 5 * 3 + 11 * 3, 0), ("cross_dataset", 8 * 3, 8 * 3 * 10),
+    ("domain_generalization", 8 * 3, 8 * 3 * 4),
 ])
 def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, runs, evaluations):
     monkeypatch.setenv("DATA", "/datasets")

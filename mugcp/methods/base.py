@@ -1,7 +1,7 @@
 """What every prompt learner shares: the frozen backbone, class names, logits, loss and persistence."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,17 @@ class PromptLearner(nn.Module):
         logits = self(batch["images"], **{k: batch[k] for k in self.batch_inputs if k in batch})
         loss = F.cross_entropy(logits, batch["labels"])
         return loss, logits, {"ce": float(loss.detach())}
+
+    def backward(self, loss: torch.Tensor, scale: Callable[[torch.Tensor], torch.Tensor],
+                 average: Callable[[list], None]) -> None:
+        """Turn the loss of ``training_step`` into the gradients the trainer then clips and steps with.
+
+        ``scale`` is the trainer's loss scaling (its GradScaler's ``scale``), ``average`` averages the given
+        parameters' gradients over processes. Default: one backward pass. A method whose update is not the
+        gradient of one loss (ProGrad's projected gradient) overrides this.
+        """
+        scale(loss).backward()
+        average([p for p in self.parameters() if p.requires_grad])
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called by the trainer after each epoch (``epoch`` counts from 1)."""

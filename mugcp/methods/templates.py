@@ -44,6 +44,45 @@ ENSEMBLE_TEMPLATES = [
 # KgCoOp's released code has its own copy of the per-dataset table; it differs from CoOp's for DTD only.
 KGCOOP_DATASET_TEMPLATES = {**DATASET_TEMPLATES, "dtd": "a photo of a {}, a type of texture."}
 
+# ProGrad's released table (trainers/prograd.py): its zero-shot teacher's template, and, with " {}." cut off,
+# the text its context starts from. It differs from CoOp's for Pets, Flowers, Aircraft, DTD and Food101.
+PROGRAD_DATASET_TEMPLATES = {
+    "oxford_pets": "a type of pet, a photo of a {}.",
+    "flowers102": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
+    "dtd": "a texture of {}.",
+    "eurosat": "a centered satellite photo of {}.",
+    "food101": "a type of food, a photo of {}.",
+    "ucf101": "a photo of a person doing {}.",
+    # stanford_cars, sun397, caltech101 and the ImageNets (and datasets the table lacks): DEFAULT_TEMPLATE
+}
+
+# TCP's released tables (trainers/tcp.py): the hand-crafted prompt whose frozen features feed its token
+# generator and anchor its consistency term, and the learnable prompt whose tokens 1-4 are the context.
+TCP_HANDCRAFTED_TEMPLATES = {
+    **DATASET_TEMPLATES,
+    "fgvc_aircraft": "a photo of an aircraft {}.",
+    "dtd": "a photo of a {}, a type of texture.",
+    "food101": "a photo of a {}, a type of food.",
+}
+TCP_PROMPT_TEMPLATES = {
+    "oxford_pets": "X X X X {}, a type of pet.",
+    "flowers102": "X X X X {}, a type of flower.",
+    "fgvc_aircraft": "X X X X {}, a type of aircraft.",
+    "dtd": "X X X X {} texture.",
+    "eurosat": "X X X X {}.",
+    "stanford_cars": "X X X X {}, a type of car",  # no final period in the released table
+    "food101": "X X X X {}, a type of food.",
+    "sun397": "X X X X {}.",
+    "caltech101": "X X X X {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenet_v2": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+
 # The 60 ImageNet templates (a subset of CLIP's 80) whose averaged frozen features are PromptSRC's
 # text targets in its released code.
 IMAGENET_60_TEMPLATES = [

@@ -35,9 +35,12 @@ def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
     name = optim_cfg["name"].lower()
     if name == "sgd":
         return torch.optim.SGD(params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), weight_decay=optim_cfg["weight_decay"])
-    raise ConfigError(f"optim.name must be sgd or adamw, got '{optim_cfg['name']}'.")
+    # adam: weight decay added to the gradient (L2, Dassl's "adam", TCP's released optimiser); adamw: decoupled.
+    adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
+    if adam is not None:
+        return adam(params, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"],
+                    weight_decay=optim_cfg["weight_decay"])
+    raise ConfigError(f"optim.name must be sgd, adam or adamw, got '{optim_cfg['name']}'.")
 
 
 def run_length(epochs: int, steps_per_epoch: int, max_steps: int | None) -> int:

@@ -243,8 +243,7 @@ class TrainingLoop:
                 "Lower optim.lr, set optim.grad_clip, or use train.precision=fp32."
             )
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(local_loss).backward()
-        self.distributed.average_gradients(self.trainable)
+        self.model.backward(local_loss, scaler.scale, self.distributed.average_gradients)  # ProGrad has its own
         grad_clip = setup.cfg["optim"]["grad_clip"]
         if grad_clip:
             scaler.unscale_(optimizer)
