@@ -76,7 +76,7 @@ def project_conflicting(ce_grad: torch.Tensor, kl_grad: torch.Tensor, strength: 
 @register_method(
     "prograd",
     options={
-        "n_ctx": option(16, integer(1, MAX_TEXT_CONTEXT), "learned context tokens (template init: its words, 0-padded)"),
+        "n_ctx": option(16, integer(1, MAX_TEXT_CONTEXT), "learned context tokens (template init: words, 0-padded)"),
         "ctx_init": option("auto", text(), "'auto': the dataset's ProGrad template (released); '' starts it Gaussian"),
         "init_std": option(0.02, number(0), "standard deviation of a Gaussian initial context"),
         "grad_lambda": option(1.0, number(0), "how much of the conflicting component the cross-entropy gradient loses"),
