@@ -284,7 +284,8 @@ def resolves(dotted: str) -> bool:
             if missing.name is not None and not name.startswith(missing.name):
                 raise  # the module exists but something it imports does not
             continue
-        if not str(getattr(target, "__file__", None) or "").startswith(str(ROOT)):
+        file = str(getattr(target, "__file__", None) or "")
+        if not file.startswith(str(ROOT)) or "site-packages" in file:  # e.g. a venv inside the checkout
             return False  # another distribution's module of that name (Hugging Face's ``kernels``)
         try:
             for attribute in parts[cut:]:
