@@ -22,6 +22,7 @@ from pathlib import Path
 from mugcp.cli import config_arguments, run_cli
 from mugcp.config import CONFIG_DIR, load_config
 from mugcp.launch.slurm_launch import add_launcher_arguments
+from mugcp.utils import check_output_folder
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the job until it ends")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.output:
+        check_output_folder(args.output, "--output")  # a file there is one line, before Slurm or the config is read
     if args.launcher == "slurm":
         from mugcp.launch.slurm import require_slurm
 

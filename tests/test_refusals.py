@@ -1,0 +1,204 @@
+"""Issue 21: no command overwrites a run, and bad output paths are one line (exit status 2) before anything loads.
+
+The commands run in-process through ``run_cli`` (as ``python -m`` runs them) so that they see the tiny
+CLIP registered here; a run folder's files are compared byte for byte before and after.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fixtures import make_imagefolder
+from mugcp.cli import run_cli
+from mugcp.config import load_config
+from mugcp.training import train
+from released_reference import register_tiny_clip
+
+CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
+
+
+def tiny_config(root, *extra):
+    return load_config(None, [
+        "data.dataset=imagefolder", f"data.root={root}", "data.shots=1", "data.batch_size=2", "method=coop", "method.n_ctx=2",
+        f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1", "train.progress=false",
+        "train.tensorboard=false", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("data"), CLASSES, per_class={"train": 2, "test": 1})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_root):
+    """A finished run, trained once for the module; tests copy it before doing anything to it."""
+    run = tmp_path_factory.mktemp("runs") / "coop1"
+    train(tiny_config(data_root), run)
+    return run
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    copy = tmp_path / "runs" / "coop1"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def cli(main, argv, capsys):
+    """Exit status and stderr of a command's ``main(argv)`` run as ``python -m`` runs it."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    return exit_info.value.code, capsys.readouterr().err.strip()
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (but the lock) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+# ---------------------------------------------------------------- 1. evaluate never writes into a training run
+def test_evaluate_refuses_another_runs_folder_and_changes_nothing_there(run_copy, tmp_path, capsys):
+    from mugcp.evaluate import main
+
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run_copy, other)
+    before = snapshot(other)
+    code, err = cli(main, ["--checkpoint", str(run_copy), "--output", str(other), "data.max_eval_per_class=1"], capsys)
+    assert code == 2
+    assert err == (f"error: --output {other} holds a training run (checkpoint, splits.json, metrics.jsonl, metrics.json); "
+                   "evaluate never writes into a run's folder. Leave out --output (the evaluation goes to "
+                   "RUN/eval_<dataset>_<time>/) or choose a new folder.")
+    assert snapshot(other) == before
+
+
+def test_evaluate_refuses_the_runs_own_folder_and_its_checkpoint(run_copy, capsys):
+    from mugcp.evaluate import main
+
+    before = snapshot(run_copy)
+    code, err = cli(main, ["--checkpoint", str(run_copy), "--output", str(run_copy)], capsys)
+    assert code == 2 and err.startswith(f"error: --output {run_copy} holds a training run (checkpoint,")
+    code, err = cli(main, ["--checkpoint", str(run_copy), "--output", str(run_copy / "checkpoint" / "eval")], capsys)
+    assert code == 2
+    assert err == (f"error: --output {run_copy / 'checkpoint' / 'eval'} is inside the run {run_copy}'s checkpoint; "
+                   "choose a new folder, e.g. the default RUN/eval_<dataset>_<time>/.")
+    assert snapshot(run_copy) == before
+
+
+def test_evaluate_goes_to_a_folder_of_its_own_inside_the_run_by_default(run_copy, capsys):
+    from mugcp.evaluate import main
+
+    before = snapshot(run_copy)
+    code, _ = cli(main, ["--checkpoint", str(run_copy), "data.max_eval_per_class=1"], capsys)
+    assert code == 0
+    [evaluation] = [p for p in run_copy.iterdir() if p.name.startswith("eval_imagefolder_")]
+    after = snapshot(run_copy)
+    assert {k: v for k, v in after.items() if not k.startswith(evaluation.name)} == before
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(run_copy / "checkpoint")
+    from mugcp.reports.results import find_evaluations, find_runs
+
+    assert [m["_path"] for m in find_runs([run_copy])] == [str(run_copy)]
+    assert [m["_path"] for m in find_evaluations([run_copy])] == [str(evaluation)]
+
+
+def test_evaluate_replaces_a_finished_evaluation_only_with_overwrite(run_copy, tmp_path, capsys):
+    from mugcp.evaluate import main
+
+    out = tmp_path / "eval_new"
+    argv = ["--checkpoint", str(run_copy), "--output", str(out), "data.max_eval_per_class=1"]
+    assert cli(main, argv, capsys)[0] == 0
+    (out / "predictions" / "stale.csv").write_text("from an earlier evaluation\n")
+    before = snapshot(out)
+    code, err = cli(main, argv, capsys)
+    assert code == 2
+    assert err == (f"error: --output {out} holds a finished evaluation (of {run_copy / 'checkpoint'}); "
+                   "pass --overwrite to replace it, or choose another --output.")
+    assert snapshot(out) == before
+    assert cli(main, [*argv, "--overwrite"], capsys)[0] == 0
+    assert not (out / "predictions" / "stale.csv").exists() and (out / "metrics.json").is_file()
+
+
+def test_evaluate_continues_an_unfinished_evaluation(run_copy, tmp_path, capsys):
+    from mugcp.evaluate import main
+
+    out = tmp_path / "eval_failed"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    (out / "log.txt").write_text("an evaluation that failed\n")
+    assert cli(main, ["--checkpoint", str(run_copy), "--output", str(out), "data.max_eval_per_class=1"], capsys)[0] == 0
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(run_copy / "checkpoint")
+
+
+# ---------------------------------------------------------------- 2. an output path that is a file
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Loading a model, data, a run or a report fails the test: the output path is checked first."""
+    from mugcp import reports
+    from mugcp.inference import inference, inspection
+    from mugcp.runs import run_setup
+    from mugcp.training import evaluate_checkpoint, trainer
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something was loaded before the output path was checked")
+
+    for module, name in ((run_setup, "load_clip"), (trainer, "build_protocol"), (evaluate_checkpoint, "read_checkpoint"),
+                         (inference, "load_run"), (inspection, "inspect_run"), (reports, "write_report")):
+        monkeypatch.setattr(module, name, forbidden)
+
+
+@pytest.mark.parametrize("command, argv, flag", [
+    ("train", ["--output", "{file}", "model.pretrained=none"], "--output"),
+    ("evaluate", ["--checkpoint", "{run}", "--output", "{file}"], "--output"),
+    ("report", ["{run}", "--out", "{file}"], "--out"),
+    ("inspect", ["{run}", "--out", "{file}"], "--out"),
+])
+def test_an_output_folder_that_is_a_file_is_one_line(command, argv, flag, tmp_path, capsys, nothing_loads):
+    import importlib
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    main = importlib.import_module(f"mugcp.{command}").main
+    code, err = cli(main, [arg.format(file=afile, run=tmp_path) for arg in argv], capsys)
+    assert (code, err) == (2, f"error: {flag} {afile}: {afile} is a file, not a folder. "
+                              f"Choose another {flag} (a folder), or move that file away.")
+    assert afile.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_predict_out_under_a_file_is_one_line(tmp_path, capsys, nothing_loads):
+    from mugcp.predict import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    code, err = cli(main, ["--checkpoint", str(tmp_path), "--out", str(afile / "x.csv"), str(tmp_path)], capsys)
+    assert (code, err) == (2, f"error: --out {afile / 'x.csv'}: {afile} is a file, not a folder. "
+                              "Choose another --out, or move that file away.")
+    (tmp_path / "d.csv").mkdir()
+    code, err = cli(main, ["--checkpoint", str(tmp_path), "--out", str(tmp_path / "d.csv"), str(tmp_path)], capsys)
+    assert (code, err) == (2, f"error: --out {tmp_path / 'd.csv'} is a folder, not a file. "
+                              f"Choose a file name, e.g. {tmp_path / 'd.csv' / 'predictions.csv'}.")
+
+
+def test_a_sweep_reevaluates_a_stale_transfer_evaluation_with_overwrite(tmp_path):
+    """A run that trains again (here: resumes) makes its finished evaluation stale: the sweep passes --overwrite,
+    which evaluate needs to replace it, and the stale metrics never count as done."""
+    import yaml
+
+    from fixtures import make_coop_dataset
+    from mugcp.sweeps import load_sweep, plan
+    from mugcp.sweeps.jobs import refresh_mode
+
+    data = make_coop_dataset(tmp_path, "dtd", ["red_fox", "blue_whale"])
+    sweep_file = tmp_path / "transfer.yaml"
+    sweep_file.write_text(yaml.safe_dump({"protocol": "cross_dataset", "source": "dtd", "targets": ["eurosat"], "seeds": [1],
+                                          "methods": ["coop"], "shots": [1], "overrides": {"data.root": str(data)}}))
+    root = tmp_path / "runs"
+    (root / "coop_dtd_k1_s1" / "checkpoint").mkdir(parents=True)
+    (root / "coop_dtd_k1_s1" / "checkpoint" / "trainer_state.pt").write_bytes(b"")
+    (root / "coop_dtd_k1_s1" / "eval_eurosat").mkdir()
+    (root / "coop_dtd_k1_s1" / "eval_eurosat" / "metrics.json").write_text('{"checkpoint": "x"}')
+    training, evaluation = plan(load_sweep(sweep_file), root)
+    assert (training.mode, evaluation.mode) == ("resume", "overwrite")
+    assert evaluation.command()[3:6] == ["--checkpoint", str(root / "coop_dtd_k1_s1"), "--overwrite"]
+    assert refresh_mode(evaluation) == "overwrite"
