@@ -202,3 +202,50 @@ def test_a_sweep_reevaluates_a_stale_transfer_evaluation_with_overwrite(tmp_path
     assert (training.mode, evaluation.mode) == ("resume", "overwrite")
     assert evaluation.command()[3:6] == ["--checkpoint", str(root / "coop_dtd_k1_s1"), "--overwrite"]
     assert refresh_mode(evaluation) == "overwrite"
+
+
+# ---------------------------------------------------------------- 6. paths and sweep values checked up front
+def write_fewshot_sweep(path, **overrides):
+    import yaml
+
+    fields = {"protocol": "fewshot", "datasets": ["dtd"], "methods": ["coop"], "shots": overrides.pop("shots", [1]), "seeds": [1]}
+    path.write_text(yaml.safe_dump({**fields, "overrides": overrides}, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("overrides, line", [
+    ({"data.root": "{tmp}/nope"}, "overrides: data.root='{tmp}/nope' does not exist. Point it at the dataset's folder; "
+                                  "python -m mugcp.data check --dataset dtd --root ROOT checks a layout."),
+    ({"data.root": "{tmp}", "data.fewshot_file": "{tmp}/nope.pkl"},
+     "overrides: data.fewshot_file='{tmp}/nope.pkl': no such file. Point it at a released split_fewshot/shot_<K>-seed_<S>.pkl, "
+     "or set it to auto or none."),
+    ({"data.root": "{tmp}", "shots": [0]},
+     "'shots' lists 0, but data.shots=0 is not allowed: expected an integer >= 1, or null (every training image). The default is 16."),
+])
+def test_a_sweeps_bad_path_or_shots_is_one_line_at_dry_run_naming_the_sweep_file(overrides, line, tmp_path, capsys):
+    from mugcp.sweep import main
+
+    overrides = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else v) for k, v in overrides.items()}
+    sweep = write_fewshot_sweep(tmp_path / "sweep.yaml", **overrides)
+    code, err = cli(main, [str(sweep), "--root", str(tmp_path / "runs"), "--dry-run"], capsys)
+    assert (code, err) == (2, f"error: {sweep}: {line.format(tmp=tmp_path)}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_default_root_auto_fewshot_file_and_an_empty_root_pass_the_dry_run(tmp_path, capsys):
+    """null: the dataset's default location; auto: look beside the data; an existing folder is not read at dry run."""
+    from mugcp.sweep import main
+
+    (tmp_path / "empty").mkdir()
+    for overrides in ({}, {"data.fewshot_file": "auto"}, {"data.root": str(tmp_path / "empty"), "data.fewshot_file": "none"}):
+        sweep = write_fewshot_sweep(tmp_path / "sweep.yaml", **overrides)
+        assert cli(main, [str(sweep), "--root", str(tmp_path / "runs"), "--dry-run"], capsys)[0] == 0
+
+
+def test_print_config_refuses_a_missing_fewshot_file(tmp_path, capsys):
+    from mugcp.train import main
+
+    code, err = cli(main, ["--config", "methods/coop", "data.dataset=dtd", f"data.root={tmp_path}",
+                           f"data.fewshot_file={tmp_path / 'nope.pkl'}", "--print-config"], capsys)
+    assert (code, err) == (2, f"error: data.fewshot_file='{tmp_path / 'nope.pkl'}': no such file. Point it at a released "
+                              "split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none.")
