@@ -249,3 +249,57 @@ def test_print_config_refuses_a_missing_fewshot_file(tmp_path, capsys):
                            f"data.fewshot_file={tmp_path / 'nope.pkl'}", "--print-config"], capsys)
     assert (code, err) == (2, f"error: data.fewshot_file='{tmp_path / 'nope.pkl'}': no such file. Point it at a released "
                               "split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none.")
+
+
+# ---------------------------------------------------------------- 10. resume, signals, help, warnings
+def test_resume_on_a_finished_run_says_so_and_reevaluates_only_when_asked(run_copy, capsys):
+    from mugcp.analysis.curves import read_metrics
+    from mugcp.train import main
+
+    before = snapshot(run_copy)
+    assert main(["--output", str(run_copy), "--resume"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{run_copy} is a finished run (metrics.json): nothing to resume, nothing changed. "
+        f"To evaluate its checkpoint again: python -m mugcp.train --output {run_copy} --resume --reevaluate")
+    assert snapshot(run_copy) == before
+
+    records = read_metrics(run_copy / "metrics.jsonl")
+    assert main(["--output", str(run_copy), "--resume", "--reevaluate"]) == 0
+    again = read_metrics(run_copy / "metrics.jsonl")
+    assert [r["kind"] for r in again] == [r["kind"] for r in records] == ["train", "eval", "eval"]  # replaced, not doubled
+    assert again == records  # the same checkpoint on the same images: the same accuracies
+    assert "resumed from" in (run_copy / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_saves_the_step_in_flight_as_sigterm_does(signum, code, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from mugcp.config import dump_config
+    from mugcp.methods.coop import CoOp
+    from mugcp.runs.checkpoint import read_trainer_state
+    from mugcp.train import main
+
+    config = tmp_path / "config.yaml"
+    data_root = make_imagefolder(tmp_path, CLASSES, per_class={"train": 2, "val": 1, "test": 1}, splits=("train", "val", "test"))
+    dump_config(tiny_config(data_root, "data.shots=2", "data.batch_size=1"), config)  # 2 base classes x 2 images: 4 steps
+    real_step, calls = CoOp.training_step, []
+
+    def step_then_signal(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), getattr(signal, signum))  # arrives during the second step
+        return real_step(self, batch)
+
+    monkeypatch.setattr(CoOp, "training_step", step_then_signal)
+    out = tmp_path / "run"
+    status, err = cli(main, ["--config", str(config), "--output", str(out)], capsys)
+    assert status == code and len(calls) == 2
+    state = read_trainer_state(out / "checkpoint")
+    assert (state["step"], state["epoch"], state["batch"]) == (2, 0, 2)
+    assert err.splitlines()[-1] == (
+        f"run stopped by {signum} after step 2 of 4 (epoch 1, batch 2). The checkpoint of step 2 (epoch 1, batch 2) is kept in "
+        f"{out / 'checkpoint'}; continue with python -m mugcp.train --output {out} --resume. "
+        f"The log, with the traceback, is {out / 'log.txt'}.")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
