@@ -1,8 +1,12 @@
 """``python -m mugcp.evaluate --checkpoint DIR [--config FILE] [--output DIR] [key=value ...]``
 
 Evaluates a trained prompt learner on any dataset, split and class subset. The run's own resolved
-config (stored in the checkpoint) is the starting point; ``--config`` and overrides change the data,
-e.g. ``data.eval_subsets=[new]`` or ``data.dataset=caltech101 data.protocol=all`` (cross-dataset).
+config (stored in the checkpoint) is the starting point; ``--config`` and overrides change what is
+evaluated (the data keys); a training-only key or a method option that differs from the run's is refused.
+Examples (RUN: a run folder; $DATA: the folder holding the CoOp datasets)::
+
+    python -m mugcp.evaluate --checkpoint RUN data.eval_subsets=new
+    python -m mugcp.evaluate --checkpoint RUN data.dataset=caltech101 data.root=$DATA data.protocol=all
 
 The evaluation goes to a folder of its own, by default ``<run>/eval_<dataset>_<time>/`` (config.yaml,
 log.txt, metrics.json, predictions/, per_class/, confusion/); nothing of the training is touched.
@@ -24,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the finished evaluation in --output")
     parser.add_argument("--compare-zeroshot", action="store_true",
                         help="also evaluate zero-shot CLIP on the same backbone: per-class accuracy of both in per_class/<subset>.csv")
-    config_arguments(parser)
+    config_arguments(parser, example="data.eval_subsets=new data.max_eval_per_class=10")
     args = parser.parse_args(argv)
     if args.output:
         check_output_folder(args.output, "--output")  # a file there is one line, before torch is imported
@@ -32,9 +36,12 @@ def main(argv=None) -> int:
     from mugcp.training.evaluate_checkpoint import evaluate_checkpoint
 
     overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
-    metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output, overwrite=args.overwrite)
+    metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output,
+                                          overwrite=args.overwrite)
     summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
-    print(f"{summary}{', HM %.2f' % metrics['hm'] if 'hm' in metrics else ''}; metrics: {output / 'metrics.json'}")
+    summary += f", HM {metrics['hm']:.2f}" if "hm" in metrics else ""
+    summary += "" if metrics["pretrained"] else " (RANDOM weights)"  # open_clip's own warning about it is silenced
+    print(f"{summary}; metrics: {output / 'metrics.json'}")
     return 0
 
 

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     if out is None:
         print(table(predictions))
     summary = f"{len(predictions)} images classified over {len(model.classnames)} classes"
+    # open_clip's own warning about random weights is silenced: say it here
+    summary += "" if model.learner.clip.pretrained is not None else " (RANDOM weights)"
     summary += f"; predictions: {out}" if out is not None else ""
     if skipped:
         summary += f"; {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} skipped:"

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--reevaluate", action="store_true",
-                        help="with --resume on a finished run: evaluate its checkpoint again (replaces its metrics.json)")
+                        help="with --resume on a finished run: evaluate its checkpoint again (replaces metrics.json)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (the run's config.yaml) and exit; creates nothing")
     add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the job until it ends")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     if args.resume:
         check_resume_folder(Path(args.output))
         if (Path(args.output) / "metrics.json").is_file() and not args.reevaluate:
-            print(f"{args.output} is a finished run (metrics.json): nothing to resume, nothing changed. "
-                  f"To evaluate its checkpoint again: python -m mugcp.train --output {args.output} --resume --reevaluate")
+            print(f"{args.output} is a finished run (metrics.json): nothing to resume, nothing changed. To evaluate "
+                  f"its checkpoint again: python -m mugcp.train --output {args.output} --resume --reevaluate")
             return 0
         if not args.config:
             config = Path(args.output) / "config.yaml"  # continue the run as it was configured, not the demo

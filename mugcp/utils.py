@@ -75,10 +75,12 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """An output file: refused (one line) when it is a folder, or a folder on the way to it is a file."""
     path = Path(path)
     if path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a folder, not a file. Choose a file name, e.g. {path / 'predictions.csv'}.")
+        raise OutputPathError(f"{flag} {path} is a folder, not a file. "
+                              f"Choose a file name, e.g. {path / 'predictions.csv'}.")
     blocker = _file_in_the_way(path)
     if blocker is not None:
-        raise OutputPathError(f"{flag} {path}: {blocker} is a file, not a folder. Choose another {flag}, or move that file away.")
+        raise OutputPathError(f"{flag} {path}: {blocker} is a file, not a folder. "
+                              f"Choose another {flag}, or move that file away.")
     return path
 
 

@@ -101,6 +101,9 @@ def test_evaluate_goes_to_a_folder_of_its_own_inside_the_run_by_default(run_copy
 
     assert [m["_path"] for m in find_runs([run_copy])] == [str(run_copy)]
     assert [m["_path"] for m in find_evaluations([run_copy])] == [str(evaluation)]
+    assert cli(main, ["--checkpoint", str(run_copy), "data.max_eval_per_class=1"], capsys)[0] == 0
+    again = sorted(p.name for p in run_copy.iterdir() if p.name.startswith("eval_imagefolder_"))
+    assert len(again) == 2 and again[0] == evaluation.name  # a folder of its own, even within the same second
 
 
 def test_evaluate_replaces_a_finished_evaluation_only_with_overwrite(run_copy, tmp_path, capsys):
@@ -303,3 +306,64 @@ def test_ctrl_c_saves_the_step_in_flight_as_sigterm_does(signum, code, tmp_path,
         f"{out / 'checkpoint'}; continue with python -m mugcp.train --output {out} --resume. "
         f"The log, with the traceback, is {out / 'log.txt'}.")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_the_old_scheduler_name_is_said_once(monkeypatch):
+    import logging
+
+    from mugcp import config
+
+    monkeypatch.setattr(config, "_RENAMES_SAID", set())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mugcp").addHandler(handler)
+    try:
+        for _ in range(3):  # a sweep resolves many configs: one line, not one per config
+            cfg = load_config(None, ["optim.scheduler=cosine"])
+    finally:
+        logging.getLogger("mugcp").removeHandler(handler)
+    assert cfg["optim"]["scheduler"] == "cosine_per_step"
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("WARNING", "optim.scheduler=cosine (command line) is the old name of optim.scheduler=cosine_per_step; "
+                    "cosine_per_step is used.")]
+
+
+def test_open_clips_no_weights_warning_is_silenced_and_ours_says_random(run_copy, caplog, capsys):
+    """open_clip warns through the root logger on every model built without weights; we say RANDOM ourselves."""
+    import logging
+
+    from mugcp.backbones import load_clip
+    from mugcp.evaluate import main
+
+    with caplog.at_level(logging.WARNING):
+        clip = load_clip(register_tiny_clip(), pretrained=None)
+        assert main(["--checkpoint", str(run_copy), "data.max_eval_per_class=1"]) == 0
+    assert clip.pretrained is None
+    assert [r.getMessage() for r in caplog.records if "pretrained weights" in r.getMessage()] == []
+    assert " (RANDOM weights); metrics: " in capsys.readouterr().out
+    open_clip_log = logging.getLogger()
+    assert not any(type(f).__name__ == "_OpenClipNoWeightsNote" for f in open_clip_log.filters)  # the filter is removed
+
+
+def test_every_example_of_evaluate_help_runs(run_copy, tmp_path, capsys):
+    import shlex
+
+    from fixtures import make_coop_dataset
+    from mugcp.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    examples = [line.strip() for line in help_text.splitlines() if line.strip().startswith("python -m mugcp.evaluate ")]
+    assert len(examples) == 2
+    # The overrides' own example (argparse may wrap it): keys evaluate accepts, not training keys it refuses.
+    overrides = " ".join(help_text.split("dotted overrides, e.g.")[1].split())
+    assert overrides.startswith("data.eval_subsets=new data.max_eval_per_class=10")
+    examples.append(f"python -m mugcp.evaluate --checkpoint RUN {overrides.split()[0]} {overrides.split()[1]}")
+    data = make_coop_dataset(tmp_path, "caltech101")
+    for example in examples:
+        argv = shlex.split(example.replace("RUN", str(run_copy)).replace("$DATA", str(data)))[3:]
+        assert main([*argv, "data.max_eval_per_class=1"]) == 0, example
+    evaluations = sorted(p.name for p in run_copy.iterdir() if p.name.startswith("eval_"))
+    assert [name.rsplit("_", 1)[0] for name in evaluations] == ["eval_caltech101", "eval_imagefolder", "eval_imagefolder"]

@@ -40,7 +40,7 @@ class DataCheck:
     missing: list[str] = field(default_factory=list)  # file paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file path, reason)
     unknown_keys: list[str] = field(default_factory=list)  # split-file entries the dataset does not have
-    empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class name): a class without images there
+    empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class name) of a class without images
     checked: int = 0
 
     @property
@@ -87,7 +87,8 @@ class DataCheck:
             text += f"; {len(self.unknown_keys)} split-file entries name images the dataset does not list"
             fixes.append("the split file was made for another copy or version of the dataset: regenerate it")
         if self.empty_classes:
-            text += f"; {len(self.empty_classes)} class{'es' if len(self.empty_classes) > 1 else ''} without images in a split"
+            count = len(self.empty_classes)
+            text += f"; {count} class{'es' if count > 1 else ''} without images in a split"
             fixes.append("add images to those classes (for an image folder: their class folders) or remove them; "
                          "a run trains such a class with no examples")
         return f"{text}. Fix: {'; '.join(fixes)}."

@@ -187,8 +187,8 @@ def warn_classes_without_examples(train: Sequence[Datum], classnames: Sequence[s
     empty = [name for label, name in enumerate(classnames) if label not in present]
     if train and empty:  # no training images at all: a test-only dataset, not a class's problem
         shown = ", ".join(repr(name) for name in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        log.warning("%d training class%s of %s ha%s no images: %s; %s trained with no example. Add images or remove the "
-                    "class (python -m mugcp.data check --dataset %s --root %s lists them).", len(empty),
+        log.warning("%d training class%s of %s ha%s no images: %s; %s trained with no example. Add images or "
+                    "remove the class (python -m mugcp.data check --dataset %s --root %s lists them).", len(empty),
                     "es" if len(empty) > 1 else "", dataset.name, "ve" if len(empty) > 1 else "s", shown,
                     "they are" if len(empty) > 1 else "it is", dataset.name, dataset.root)
 

@@ -180,7 +180,8 @@ def refresh_mode(job: Job) -> str:
     if job.module == "mugcp.train":
         if job.mode in ("new", "resume", "overwrite"):
             job.mode = _train_mode(job.folder)
-    elif job.mode != "overwrite" and (job.folder / METRICS_FILE).is_file():  # "overwrite": stale, evaluated before its run trained again
+    # An evaluation planned as "overwrite" is stale (made before its run trained again): its metrics do not count.
+    elif job.mode != "overwrite" and (job.folder / METRICS_FILE).is_file():
         job.mode = "done"
     return job.mode
 

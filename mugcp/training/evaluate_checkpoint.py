@@ -80,8 +80,8 @@ def check_evaluation_output(output: Path, overwrite: bool = False) -> None:
         found = training_files(folder)
         if found and folder == output:
             raise ConfigError(
-                f"--output {output} holds a training run ({', '.join(found)}); evaluate never writes into a run's folder. "
-                "Leave out --output (the evaluation goes to RUN/eval_<dataset>_<time>/) or choose a new folder."
+                f"--output {output} holds a training run ({', '.join(found)}); evaluate never writes into a run's "
+                "folder. Leave out --output (the evaluation goes to RUN/eval_<dataset>_<time>/) or choose a new folder."
             )
         if found and folder != output and output.relative_to(folder).parts[0] in TRAINING_FILES:
             raise ConfigError(f"--output {output} is inside the run {folder}'s {output.relative_to(folder).parts[0]}; "
@@ -89,8 +89,8 @@ def check_evaluation_output(output: Path, overwrite: bool = False) -> None:
     earlier = _read_metrics(output)
     if earlier is not None and not overwrite:
         raise ConfigError(
-            f"--output {output} holds a finished evaluation (of {earlier.get('checkpoint')}); pass --overwrite to replace it, "
-            "or choose another --output."
+            f"--output {output} holds a finished evaluation (of {earlier.get('checkpoint')}); "
+            "pass --overwrite to replace it, or choose another --output."
         )
 
 
@@ -105,11 +105,15 @@ def _remove_earlier_evaluation(output: Path) -> None:
 
 
 def default_output(checkpoint_path: Path, cfg: dict) -> Path:
-    """Beside the training's files, in a folder of its own: ``<run>/eval_<dataset>_<time>``."""
-    return checkpoint_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    """Beside the training's files, in a folder of its own: ``<run>/eval_<dataset>_<time>`` (``_2``... when
+    another evaluation started in the same second)."""
+    folder = checkpoint_path.parent / f"eval_{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    taken = [folder] + [folder.with_name(f"{folder.name}_{n}") for n in range(2, 100)]
+    return next((candidate for candidate in taken if not candidate.exists()), taken[-1])
 
 
-def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None, overwrite: bool = False) -> tuple[dict, Path]:
+def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None,
+                        overwrite: bool = False) -> tuple[dict, Path]:
     """Evaluate ``checkpoint`` with the run's config updated by ``config_path`` and ``overrides``; writes
     ``config.yaml`` and ``metrics.json`` in ``output`` (default: ``<run>/eval_<dataset>_<time>``) and
     returns the metrics and that folder. ``output`` is checked first (``check_evaluation_output``)."""
@@ -124,7 +128,6 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None,
 
     if output is None:
         output = default_output(ckpt_path, cfg)
-        check_evaluation_output(output)  # an evaluation started in the same second
     output = Path(output)
     with RunFolder(output, overwrite=True) as folder:
         if overwrite:
