@@ -23,9 +23,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def config_arguments(parser: argparse.ArgumentParser) -> None:
+def config_arguments(parser: argparse.ArgumentParser, example: str = "optim.lr=0.01 method=maple") -> None:
+    """``--config`` and the ``KEY=VALUE`` overrides; ``example``: overrides this command accepts."""
     parser.add_argument("--config", help="YAML config (a path, or a name under configs/, e.g. methods/coop)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.01 method=maple")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {example}")
 
 
 def run_cli(main: Callable[[], int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import logging
 import os
 import re
 from pathlib import Path
@@ -153,14 +154,27 @@ def merge(base: dict, update: Mapping, source: str, path: str = "", strict: bool
         elif isinstance(out[key], dict) and not isinstance(value, Mapping):
             raise ConfigError(f"{source}: '{dotted}' is a section and needs a mapping, got {value!r}.")
         else:
-            out[key] = copy.deepcopy(RENAMED_VALUES.get((dotted, value), value) if isinstance(value, str) else value)
+            out[key] = copy.deepcopy(_renamed(dotted, value, source) if isinstance(value, str) else value)
     return out
+
+
+def _renamed(dotted: str, value: str, source: str) -> str:
+    """``value``, or its current name (RENAMED_VALUES); a rename is said once per process, not once per merge."""
+    new = RENAMED_VALUES.get((dotted, value))
+    if new is None:
+        return value
+    if (dotted, value) not in _RENAMES_SAID:
+        _RENAMES_SAID.add((dotted, value))
+        logging.getLogger("mugcp").warning("%s=%s (%s) is the old name of %s=%s; %s is used.",
+                                           dotted, value, source, dotted, new, new)
+    return new
 
 
 # Values an older release wrote that now have another name: (key, old value) -> new value. Run folders
 # and checkpoints written before the released schedule became the default say `optim.scheduler:
 # cosine` for what is now `cosine_per_step`; they still resume and evaluate as they were trained.
 RENAMED_VALUES = {("optim.scheduler", "cosine"): "cosine_per_step"}
+_RENAMES_SAID: set = set()
 
 
 # Parsed files by (path, mtime, size): a sweep resolves every run's config (a thousand for the few-shot

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mugcp.cli import run_cli
+from mugcp.utils import check_output_folder
 
 
 def main(argv=None) -> int:
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mllm", metavar="PATH_OR_ID", help="MuGCP on MLLM answers: run this MLLM on the images now")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_output_folder(args.out, "--out")  # before the run and its backbone are loaded
 
     from mugcp.inference.inspection import inspect_run
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from mugcp.inference.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, predict_files, result_rows, rows_csv,
                                           rows_jsonl, table)
     from mugcp.inference.inference import load_run
-    from mugcp.utils import atomic_write_text
+    from mugcp.utils import atomic_write_text, check_output_file
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}.")
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_FORMATS)} (it picks the format).")
+    if out is not None:
+        check_output_file(out, "--out")  # before the images and the run are loaded
     classnames = read_classes(args)
     files = collect_images(args.images)
     model, preprocess = load_run(args.checkpoint, classnames, device=args.device, semantic_cache=args.semantic_cache, mllm=args.mllm)
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
     if out is None:
         print(table(predictions))
     summary = f"{len(predictions)} images classified over {len(model.classnames)} classes"
+    # open_clip's own warning about random weights is silenced: say it here
+    summary += "" if model.learner.clip.pretrained is not None else " (RANDOM weights)"
     summary += f"; predictions: {out}" if out is not None else ""
     if skipped:
         summary += f"; {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} skipped:"

@@ -14,6 +14,7 @@ import argparse
 from mugcp.cli import run_cli
 from mugcp.reports.tables import LAYOUTS
 from mugcp.runs.layout import REPORT_DIR
+from mugcp.utils import check_output_folder
 
 
 
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=REPORT_DIR, help=f"output folder (default: {REPORT_DIR}/)")
     parser.add_argument("--layout", default="groups", choices=LAYOUTS, help="table layout (default: groups)")
     args = parser.parse_args(argv)
+    check_output_folder(args.out, "--out")
     from mugcp.reports import write_report
 
     write_report(args.runs, args.out, args.layout)

@@ -9,12 +9,16 @@ with the same global batch); the command prints the job id and returns, --wait f
 
     python -m mugcp.train --config methods/mugcp --output runs/x --launcher slurm --slurm-nodes 2 --slurm-gpus-per-node 4
 
-SIGTERM (how Slurm stops a job) saves the checkpoint of the step in flight; --resume continues from it.
+Ctrl-C (SIGINT) and SIGTERM (how Slurm stops a job) both save the checkpoint of the step in flight;
+--resume continues from it (a second Ctrl-C stops at once, losing that step). --resume on a finished
+run (one with metrics.json) says so and changes nothing; add --reevaluate to evaluate its checkpoint
+again (metrics.json and the evaluation lines of metrics.jsonl are replaced).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ from mugcp.cli import config_arguments, run_cli
 from mugcp.config import CONFIG_DIR, load_config
 from mugcp.launch.slurm_launch import add_launcher_arguments
 from mugcp.runs.layout import CONFIG_FILE, FINAL_METRICS_FILE, SUBMITIT_DIR
+from mugcp.utils import check_output_folder
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
@@ -39,10 +44,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="run folder (default: runs/<method>_<dataset>_seed<k>_<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="with --resume on a finished run: evaluate its checkpoint again (replaces metrics.json)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (the run's config.yaml) and exit; creates nothing")
     add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the job until it ends")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.output:
+        check_output_folder(args.output, "--output")  # a file there is one line, before Slurm or the config is read
     if args.launcher == "slurm":
         from mugcp.launch.slurm import require_slurm
 
@@ -54,11 +63,17 @@ def main(argv=None) -> int:
         parser.error("under torchrun, pass --output: every process must write to the same run folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one of them")
+    if args.reevaluate and not args.resume:
+        parser.error("--reevaluate evaluates a finished run again: pass it with --resume --output RUN")
     from mugcp.runs.run_setup import check_resume_folder, check_run_config, run_config_text
 
     config = args.config or DEMO_CONFIG
     if args.resume:
         check_resume_folder(Path(args.output))
+        if (Path(args.output) / FINAL_METRICS_FILE).is_file() and not args.reevaluate:
+            print(f"{args.output} is a finished run ({FINAL_METRICS_FILE}): nothing to resume, nothing changed. To evaluate "
+                  f"its checkpoint again: python -m mugcp.train --output {args.output} --resume --reevaluate")
+            return 0
         if not args.config:
             config = Path(args.output) / CONFIG_FILE  # continue the run as it was configured, not the demo
     cfg = load_config(config, args.overrides)
@@ -73,7 +88,8 @@ def main(argv=None) -> int:
     from mugcp.training.stopping import StopOnSignal
     from mugcp.training.trainer import train
 
-    with StopOnSignal() as stop:  # SIGTERM: save the step in flight and stop (a Slurm stop or requeue)
+    # Ctrl-C and SIGTERM (a Slurm stop or requeue) alike: save the step in flight and stop.
+    with StopOnSignal(signal.SIGTERM, signal.SIGINT) as stop:
         metrics = train(cfg, output, resume=args.resume, overwrite=args.overwrite, stop=stop)
     if not metrics:  # not rank 0 of a torchrun job
         return 0

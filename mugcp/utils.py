@@ -9,6 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from mugcp.errors import UserError
+
+
+class OutputPathError(UserError):
+    """An output path that cannot be written: a file where a folder must go, or a folder where a file must."""
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
@@ -44,6 +50,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents that exists as something other than a folder, or None."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """An output folder the command will create or fill: refused (one line) when it, or a folder on the
+    way to it, is a file. Checked before anything is loaded, so the mistake costs nothing."""
+    path = Path(path)
+    blocker = path if path.exists() and not path.is_dir() else _file_in_the_way(path)
+    if blocker is not None:
+        raise OutputPathError(f"{flag} {path}: {blocker} is a file, not a folder. "
+                              f"Choose another {flag} (a folder), or move that file away.")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """An output file: refused (one line) when it is a folder, or a folder on the way to it is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder, not a file. "
+                              f"Choose a file name, e.g. {path / 'predictions.csv'}.")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise OutputPathError(f"{flag} {path}: {blocker} is a file, not a folder. "
+                              f"Choose another {flag}, or move that file away.")
+    return path
 
 
 def seed_everything(seed: int) -> None:

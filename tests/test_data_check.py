@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_coop_dataset, make_fashion_mnist, make_imagefolder, make_manifest, write_corrupt_image, write_truncated_image
+from fixtures import (make_coop_dataset, make_fashion_mnist, make_imagefolder, make_manifest, write_corrupt_image, write_image,
+                      write_truncated_image)
 from mugcp.cli import run_cli
 from mugcp.data import COOP_DATASETS, build_dataset, build_protocol, save_splits
 from mugcp.data.__main__ import main as data_main
@@ -136,3 +137,37 @@ def test_python_dash_m_runs_the_check(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("images are readable.")
+
+
+def test_a_class_folder_without_images_is_named_and_fails_the_check(tmp_path, capsys):
+    root = make_imagefolder(tmp_path, ["red fox", "blue whale"], per_class={"train": 2, "test": 1})
+    (root / "train" / "zebra").mkdir()  # the class exists (its folder), with no image in train
+    (root / "test" / "zebra").mkdir()
+    write_image(root / "test" / "zebra" / "z.png")
+    status, out, err = cli(["check", "--dataset", "imagefolder", "--root", str(root), "--no-progress"], capsys)
+    assert status == 2
+    assert "no train images: class 'zebra'" in out.splitlines()
+    assert err == (f"error: imagefolder at {root}; 1 class without images in a split. Fix: add images to those classes "
+                   "(for an image folder: their class folders) or remove them; a run trains such a class with no examples.")
+
+
+def test_training_on_a_class_without_images_warns_once_naming_it(tmp_path):
+    import logging
+
+    from mugcp.data import build_protocol
+
+    root = make_imagefolder(tmp_path, ["red fox", "blue whale"], per_class={"train": 2, "test": 1})
+    (root / "train" / "zebra").mkdir()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mugcp").addHandler(handler)
+    try:
+        splits = build_protocol({"dataset": "imagefolder", "root": str(root), "shots": 1, "protocol": "all",
+                                 "train_classes": "all", "eval_subsets": ["all"]}, seed=1)
+    finally:
+        logging.getLogger("mugcp").removeHandler(handler)
+    assert splits.train_classnames == ["blue whale", "red fox", "zebra"]
+    assert [(r.levelname, r.getMessage()) for r in records if "no images" in r.getMessage()] == [(
+        "WARNING", f"1 training class of imagefolder has no images: 'zebra'; it is trained with no example. Add images or "
+                   f"remove the class (python -m mugcp.data check --dataset imagefolder --root {root} lists them).")]

@@ -311,7 +311,7 @@ def test_resume_from_the_command_line_reuses_the_runs_config(tmp_path, dataset_r
 
     out = tmp_path / "run"
     first = train(small_config(dataset_root, "optim.epochs=1"), out)
-    assert train_main(["--output", str(out), "--resume"]) == 0
+    assert train_main(["--output", str(out), "--resume", "--reevaluate"]) == 0  # a finished run: resumed only to re-evaluate
     again = json.loads((out / "metrics.json").read_text())
     assert again["dataset"] == "imagefolder" and again["steps"] == first["steps"] == 2
 

@@ -200,12 +200,13 @@ def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_pat
     ("domain_generalization", 8 * 3, 8 * 3 * 4),
 ])
 def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, runs, evaluations):
-    monkeypatch.setenv("DATA", "/datasets")
+    (tmp_path / "datasets").mkdir()  # data.root must exist at planning (its layout is the run's to read)
+    monkeypatch.setenv("DATA", str(tmp_path / "datasets"))
     sweep = load_sweep(name)
-    jobs = plan(sweep, tmp_path)
+    jobs = plan(sweep, tmp_path / "runs")
     assert sum(j.module == "mugcp.train" for j in jobs) == runs and sum(j.module == "mugcp.evaluate" for j in jobs) == evaluations
     assert len({j.folder for j in jobs}) == len(jobs)  # every run its own folder
-    assert sweep.seeds == [1, 2, 3] and all("data.root=/datasets" in j.args for j in jobs if j.module == "mugcp.train")
+    assert sweep.seeds == [1, 2, 3] and all(f"data.root={tmp_path / 'datasets'}" in j.args for j in jobs if j.module == "mugcp.train")
     mugcp = next(j for j in jobs if j.name.startswith("mugcp_") and j.module == "mugcp.train")
     assert f"semantic.cache=caches/{mugcp.name.split('_')[1]}" in mugcp.args
     if evaluations:

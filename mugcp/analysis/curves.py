@@ -36,16 +36,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def _before_resume(record: dict, resume_step: int) -> bool:
+    step = int(record.get("step", 0))
+    return step < resume_step or (step == resume_step and record.get("kind") != "eval")
+
+
 class MetricsLog:
     """Appends records to ``metrics.jsonl``, one line each, flushed as written (a crash loses at most the line in flight).
 
     A fresh run starts the file empty. A resumed run keeps only what happened up to the step of its
-    checkpoint (``resume_step``), so the steps it replays are not recorded twice.
+    checkpoint (``resume_step``), so the steps it replays are not recorded twice; the evaluation at that
+    step is not kept either: the resumed run evaluates again (``--resume --reevaluate`` on a finished run).
     """
 
     def __init__(self, path: str | Path, resume_step: Optional[int] = None):
         self.path = Path(path)
-        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step] if resume_step is not None else []
+        kept = [r for r in read_metrics(self.path) if _before_resume(r, resume_step)] if resume_step is not None else []
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._handle = open(self.path, "a", encoding="utf-8")
 

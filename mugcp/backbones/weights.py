@@ -270,6 +270,26 @@ def choose_quick_gelu(name: str, setting: Optional[bool], evidence: Optional[boo
 
 
 # ------------------------------------------------------------------ entry point
+class _OpenClipNoWeightsNote(logging.Filter):
+    """open_clip's "No pretrained weights loaded ... initialized randomly": we either load the weights
+    ourselves right after (a file, a folder) or say that they are random in our own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+def _create_unloaded(name: str, quick_gelu: bool):
+    """An open_clip model without weights, without open_clip's warning about it (see _OpenClipNoWeightsNote)."""
+    import open_clip
+
+    root, note = logging.getLogger(), _OpenClipNoWeightsNote()
+    root.addFilter(note)  # open_clip warns through the root logger
+    try:
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        root.removeFilter(note)
+
+
 def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Optional[bool] = None):
     """Returns (open_clip model, description of the weights actually loaded or None for random).
 
@@ -288,7 +308,7 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             use = choose_quick_gelu(name, quick_gelu, None, "random weights")
-            return open_clip.create_model(name, pretrained=None, force_quick_gelu=use), None
+            return _create_unloaded(name, use), None
 
     problem = pretrained_problem(name, source)
     if problem:
@@ -297,7 +317,7 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
     if path.is_dir():
         state, hf_quick_gelu = _read_hf_clip_dir(path)
         use = choose_quick_gelu(name, quick_gelu, hf_quick_gelu, f"Hugging Face CLIP folder {path}")
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use)
+        model = _create_unloaded(name, use)
         _check_and_load(model, state, f"Hugging Face CLIP folder {path}", name)
         return model, f"hf:{path}"
     if path.is_file():
@@ -310,7 +330,7 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
         # OpenAI's models were trained with QuickGELU; their TorchScript archives are the telltale.
         archive = kind == "OpenAI TorchScript archive"
         use = choose_quick_gelu(name, quick_gelu, True if archive else None, f"{kind} {path}")
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use)
+        model = _create_unloaded(name, use)
         _check_and_load(model, state, f"{kind} {path}", name)
         return model, f"file:{path}"
     tag = source

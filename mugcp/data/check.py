@@ -40,11 +40,12 @@ class DataCheck:
     missing: list[str] = field(default_factory=list)  # file paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file path, reason)
     unknown_keys: list[str] = field(default_factory=list)  # split-file entries the dataset does not have
+    empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class name) of a class without images
     checked: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unreadable or self.unknown_keys)
+        return not (self.missing or self.unreadable or self.unknown_keys or self.empty_classes)
 
     def table(self) -> str:
         header = ("split", "images", "classes", "missing", "unreadable")
@@ -59,7 +60,9 @@ class DataCheck:
         lines = [f"missing: {path}" for path in self.missing[:MAX_LISTED]]
         lines += [f"unreadable: {path} ({reason})" for path, reason in self.unreadable[:MAX_LISTED]]
         lines += [f"not in the dataset: {key}" for key in self.unknown_keys[:MAX_LISTED]]
-        for what, items in (("missing", self.missing), ("unreadable", self.unreadable), ("unknown", self.unknown_keys)):
+        lines += [f"no {split} images: class '{name}'" for split, name in self.empty_classes[:MAX_LISTED]]
+        for what, items in (("missing", self.missing), ("unreadable", self.unreadable), ("unknown", self.unknown_keys),
+                            ("classes without images", self.empty_classes)):
             if len(items) > MAX_LISTED:
                 lines.append(f"... and {len(items) - MAX_LISTED} more {what}")
         return lines
@@ -83,6 +86,11 @@ class DataCheck:
         if self.unknown_keys:
             text += f"; {len(self.unknown_keys)} split-file entries name images the dataset does not list"
             fixes.append("the split file was made for another copy or version of the dataset: regenerate it")
+        if self.empty_classes:
+            count = len(self.empty_classes)
+            text += f"; {count} class{'es' if count > 1 else ''} without images in a split"
+            fixes.append("add images to those classes (for an image folder: their class folders) or remove them; "
+                         "a run trains such a class with no examples")
         return f"{text}. Fix: {'; '.join(fixes)}."
 
 
@@ -117,6 +125,18 @@ def _open(dataset: DatasetSplits, key: str) -> Optional[tuple[str, str]]:
     except BadImageError as err:
         return "unreadable", f"{dataset.describe(key)}\t{getattr(err, 'reason', err)}"
     return None
+
+
+def classes_without_images(dataset: DatasetSplits) -> list[tuple[str, str]]:
+    """(split, class name) for each class with no image in train or test; a split with no images at all
+    (a test-only dataset's train) is not a class's problem. A val split carved from few images may lack some."""
+    empty = []
+    for split in ("train", "test"):
+        items = dataset.split(split)
+        present = {item.label for item in items}
+        if items:
+            empty += [(split, name) for label, name in enumerate(dataset.classnames) if label not in present]
+    return empty
 
 
 def check_dataset(
@@ -162,6 +182,7 @@ def check_dataset(
         else:
             path, _, reason = text.partition("\t")
             check.unreadable.append((path, reason))
+    check.empty_classes = classes_without_images(dataset)
     for split, items in parts:
         check.splits.append(SplitCount(
             split, len(items), len({item.label for item in items}),

@@ -180,6 +180,19 @@ def _protocol_subsets(data_cfg: Mapping) -> tuple[str, list[str]]:
     return train_classes, list(eval_subsets)
 
 
+def warn_classes_without_examples(train: Sequence[Datum], classnames: Sequence[str], dataset: DatasetSplits) -> None:
+    """One warning naming the training classes that have no image (an empty class folder, say): the run
+    still learns their prompts' place among the classes, from no example of them."""
+    present = {item.label for item in train}
+    empty = [name for label, name in enumerate(classnames) if label not in present]
+    if train and empty:  # no training images at all: a test-only dataset, not a class's problem
+        shown = ", ".join(repr(name) for name in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        log.warning("%d training class%s of %s ha%s no images: %s; %s trained with no example. Add images or "
+                    "remove the class (python -m mugcp.data check --dataset %s --root %s lists them).", len(empty),
+                    "es" if len(empty) > 1 else "", dataset.name, "ve" if len(empty) > 1 else "s", shown,
+                    "they are" if len(empty) > 1 else "it is", dataset.name, dataset.root)
+
+
 def build_protocol(data_cfg: Mapping, seed: int, dataset: DatasetSplits | None = None) -> ProtocolSplits:
     """Few-shot train/val and the evaluation subsets of one run.
 
@@ -209,6 +222,7 @@ def build_protocol(data_cfg: Mapping, seed: int, dataset: DatasetSplits | None =
         log.info("few-shot subset: the released code's %s (%d train%s images), not drawn here",
                  released_file, len(train_all), "" if released.val is None else f", {len(val_all)} val")
     train, train_classnames = subsample_classes(train_all, dataset.classnames, train_classes)
+    warn_classes_without_examples(train, train_classnames, dataset)
     val, _ = subsample_classes(val_all, dataset.classnames, train_classes)
 
     eval_split = str(data_cfg.get("eval_split", "test"))

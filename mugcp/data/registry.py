@@ -120,12 +120,30 @@ def _require_root(name: str, root: Path | None) -> Path:
     return root
 
 
+class DataPathError(DatasetError):
+    """A path of the data section (``key``) that does not exist."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def check_data_config(data_cfg: Mapping) -> None:
-    """The data section's names that need the registry: a known dataset, and a root folder that exists."""
+    """The data section's names that need the registry, checked without reading the dataset: a known
+    dataset, a root folder that exists (null: the dataset's default location) and a few-shot file that
+    exists (``auto`` and ``none`` name none). Whether the root holds the dataset's layout is left to the
+    run (and ``python -m mugcp.data check``): a dry run may be planned before the data is in place."""
     dataset = canonical_dataset_name(data_cfg["dataset"])
-    root = data_cfg.get("root")
-    if root is not None and str(root).strip() and not Path(os.path.expandvars(os.path.expanduser(str(root)))).exists():
-        raise DatasetError(
-            f"data.root={str(root)!r} does not exist. Point it at the dataset's folder; "
+    root = _resolve_root(data_cfg.get("root"))
+    if root is not None and not root.exists():
+        raise DataPathError(
+            "data.root", f"data.root={str(data_cfg['root'])!r} does not exist. Point it at the dataset's folder; "
             f"python -m mugcp.data check --dataset {dataset} --root ROOT checks a layout."
         )
+    fewshot_file = data_cfg.get("fewshot_file")
+    if fewshot_file is not None and str(fewshot_file).strip().lower() not in ("auto", "none"):
+        if not Path(str(fewshot_file)).expanduser().is_file():
+            raise DataPathError(
+                "data.fewshot_file", f"data.fewshot_file={str(fewshot_file)!r}: no such file. Point it at a released "
+                "split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none."
+            )

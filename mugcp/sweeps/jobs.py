@@ -31,7 +31,7 @@ class Job:
     module: str  # mugcp.train | mugcp.evaluate
     args: list[str]
     depends_on: Optional["Job"] = None
-    mode: str = "new"  # new | resume | overwrite | done | changed (training); new | done (evaluation)
+    mode: str = "new"  # new | resume | overwrite | done | changed (training); new | overwrite | done (evaluation)
     status: str = "pending"
     seconds: float = 0.0
     message: str = ""
@@ -156,10 +156,11 @@ def _evaluation(sweep: Sweep, train_job: Job, method: str, target: str, fields: 
     eval_args = ["--checkpoint", str(train_job.folder), "--output", str(eval_folder), f"data.dataset={target}", "data.protocol=all"]
     eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
     eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields, f"{sweep.path}: method_eval_overrides.{method}")
-    done = (eval_folder / FINAL_METRICS_FILE).is_file() and train_job.mode == "done"
-    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args,
-               depends_on=train_job,
-               mode="done" if done else "new", fields=eval_fields)
+    finished = (eval_folder / FINAL_METRICS_FILE).is_file()
+    # A finished evaluation of a run that trains again is stale: evaluate replaces it only when told (--overwrite).
+    mode = ("done" if train_job.mode == "done" else "overwrite") if finished else "new"
+    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
+               mode=mode, fields=eval_fields)
 
 
 def _place(root: Path, name: str, resolved: dict, rerun_changed: bool) -> tuple[Path, str, dict, Optional[Path]]:
@@ -191,7 +192,8 @@ def refresh_mode(job: Job) -> str:
     if job.module == "mugcp.train":
         if job.mode in ("new", "resume", "overwrite"):
             job.mode = _train_mode(job.folder)
-    elif (job.folder / FINAL_METRICS_FILE).is_file():
+    # An evaluation planned as "overwrite" is stale (made before its run trained again): its metrics do not count.
+    elif job.mode != "overwrite" and (job.folder / FINAL_METRICS_FILE).is_file():
         job.mode = "done"
     return job.mode
 

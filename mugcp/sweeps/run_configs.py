@@ -42,6 +42,7 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
     ``origins``: (name, dotted overrides) of each part of the sweep that sets keys, in merge order;
     an error names the sweep file and the last part that set the bad key.
     """
+    from mugcp.data.registry import check_data_config
     from mugcp.methods import resolve_options
 
     def origin_of(key: str) -> str:
@@ -67,6 +68,10 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
         setters = [name for name, part in origins if any(key in part for key in method_keys)]
         origin = setters[-1] if setters else f"config {config}"
         raise ConfigError(f"{sweep_path}: {origin}: {err}") from None
+    try:  # paths too (data.root, data.fewshot_file): a wrong one is one line here, not a failure in every job
+        check_data_config(cfg["data"])
+    except ConfigError as err:
+        raise ConfigError(f"{sweep_path}: {origin_of(getattr(err, 'key', 'data.dataset'))}: {err}") from None
     return with_resolved_semantics(cfg)
 
 

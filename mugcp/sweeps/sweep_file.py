@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from mugcp.config import CONFIG_DIR, ConfigError, parse_value, read_yaml, resolve_config_path
+from mugcp.config_schema import check_value
 from mugcp.data.registry import IMAGENET_VARIANTS, STANDARD_DATASETS
 
 # What each protocol means when the sweep file leaves it out (the published setting).
@@ -87,6 +88,12 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for key, values in (("seeds", seeds), ("shots", shots), ("methods", methods)):
         if not values or len(set(values)) != len(values):
             raise ConfigError(f"{where}: '{key}' must be a non-empty list without repeats, got {values}.")
+    for key, config_key, values in (("shots", "data.shots", shots), ("seeds", "train.seed", seeds)):
+        for value in values:
+            try:  # each value becomes that key of a run: the sweep file's key is named, not the recipe it picks
+                check_value(config_key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: '{key}' lists {value}, but {err}") from None
     per_method = {}
     for key in ("method_overrides", "method_eval_overrides"):
         given = data.get(key) or {}

@@ -39,6 +39,9 @@ class RunStopped(KeyboardInterrupt):
 class StopOnSignal:
     """``with StopOnSignal() as stop: train(..., stop=stop)``: SIGTERM (or ``signals``) stops the run cleanly.
 
+    ``mugcp.train`` watches SIGINT too, so Ctrl-C keeps the step in flight as SIGTERM does; a second
+    SIGINT while the step finishes interrupts at once.
+
     Handlers are installed only in the main thread (Python delivers signals there alone) and the
     previous ones are restored on exit.
     """
@@ -54,9 +57,11 @@ class StopOnSignal:
         return self.received is not None
 
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
+        first = self.received is None
+        if first:
             self.received = signum
-        if not self._deferred:
+        # Outside the loop there is no step to finish; a second Ctrl-C means "now", as Ctrl-C does elsewhere.
+        if not self._deferred or (not first and signum == signal.SIGINT):
             raise SignalInterrupt(signum)
 
     @contextmanager
