@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.base import PromptLearner
+from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_SPECS, DecoupledPromptLearner, take_dept
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
@@ -26,18 +26,20 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
     if embed_dim // reduction != hidden:
         raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a {embed_dim}-wide image feature.")
     mapping.options = {"n_ctx": ctx.shape[0], "meta_reduction": reduction}
+    take_dept(state, mapping)
     return mapping
 
 
 @register_method(
     "cocoop",
-    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16, "max_text_sequences": 4096},
+    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16, "max_text_sequences": 4096, **DEPT_DEFAULTS},
+    option_specs=DEPT_SPECS,
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",
     released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix")),
 )
-class CoCoOp(PromptLearner):
+class CoCoOp(DecoupledPromptLearner):
     """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.
 
     ``meta_net`` is Linear(E, E/meta_reduction)–ReLU–Linear(·, text_width) on the normalised image
@@ -56,6 +58,7 @@ class CoCoOp(PromptLearner):
         if hidden < 1:
             raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
         self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, clip.text_width))
+        self.init_dept(classnames)
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
@@ -85,6 +88,14 @@ class CoCoOp(PromptLearner):
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 
+    def training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw image features ``(B, E)``, raw per-image class text features ``(B, C, E)`` and the logits."""
+        raw = self.clip.encode_image(images)
+        image_features = F.normalize(raw, dim=-1)
+        text_features = self.per_image_text_features(self.image_contexts(image_features))
+        return raw, text_features, self.logits(image_features, text_features)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image_features = F.normalize(self.clip.encode_image(images), dim=-1)
-        return self.logits(image_features, self.per_image_text_features(self.image_contexts(image_features)))
+        raw, _, logits = self.training_features(images)
+        return self.dept_logits(raw, logits)
+

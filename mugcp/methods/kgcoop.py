@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.methods.coop import CoOp, released_coop
+from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_SPECS
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames
@@ -34,7 +35,9 @@ def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
         "kg_weight": 8.0,
         "kg_distance": "cosine",
         "handcrafted_template": "auto",
+        **DEPT_DEFAULTS,
     },
+    option_specs=DEPT_SPECS,
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
@@ -77,6 +80,10 @@ class KgCoOp(CoOp):
         return (learned - handcrafted).pow(2).sum(-1).mean()
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if self.dept is not None:  # the released elp_kgcoop: DePT's loss plus the same knowledge term
+            loss, logits, terms, raw_text = self.dept_step(batch)
+            kg = self.knowledge_distance(raw_text)
+            return loss + self.options["kg_weight"] * kg, logits, {**terms, "kg": float(kg.detach())}
         text_features = self.text_features()
         logits = self.logits(self.clip.encode_image(batch["images"]), text_features)
         ce = F.cross_entropy(logits, batch["labels"])

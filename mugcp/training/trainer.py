@@ -123,7 +123,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
     total_steps = run_length(epochs, steps_per_epoch, optim_cfg["max_steps"])
     # The epochs that will run: optim.max_steps may end training long before optim.epochs (the progress bar counts these).
     epochs_run = min(epochs, -(-total_steps // max(1, steps_per_epoch)))
-    optimizer = build_optimizer(model.parameters(), optim_cfg) if model.num_trainable_parameters() else None
+    optimizer = build_optimizer(model.parameter_groups(), optim_cfg) if model.num_trainable_parameters() else None
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps) if optimizer else None
     # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
