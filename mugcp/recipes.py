@@ -44,6 +44,8 @@ AUDITED_COMMITS = {
     "muzairkhattak/multimodal-prompt-learning": "69bce21ae8eda80ad6187534b2dce09cf6c59e17",
     "muzairkhattak/PromptSRC": "bb95c77b634d63488f2cad81ff4a72d53bdd06d5",
     "htyao89/KgCoOp": "c43ccc32c8739f64b165cfa205fcc6c0f5bb5b17",
+    "ZjjConan/Multi-Modal-Adapter": "547ee345a4dc5d60d43d3aa54e8eee50a107f591",
+    "Koorye/DePT": "d4ff41684bac42da30ebb6898496772dec3157f2",
 }
 FILE_KEYS = ("method", "protocol", "released", "trains", "sources", "eval_epoch", "datasets", "shots",
              "config", "per_shots", "per_dataset", "follows", "note")

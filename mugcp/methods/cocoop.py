@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_SPECS, DecoupledPromptLearner, take_dept
+from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_FROZEN, DEPT_SPECS, DecoupledPromptLearner, take_dept
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
@@ -37,7 +37,8 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix")),
+    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=DEPT_FROZEN),
 )
 class CoCoOp(DecoupledPromptLearner):
     """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.config import ConfigError
-from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_SPECS, DecoupledPromptLearner, take_dept
+from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_FROZEN, DEPT_SPECS, DecoupledPromptLearner, take_dept
 from mugcp.methods.prompt_text import ClassPrompts, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
@@ -29,7 +29,7 @@ def released_coop(state: dict) -> Mapping:
     paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
     conditions_on="nothing (one learned context per dataset)",
     config="configs/methods/coop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix")),
+    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix"), frozen_prefixes=DEPT_FROZEN),
 )
 class CoOp(DecoupledPromptLearner):
     """``ctx_init`` text sets the initial vectors and ``n_ctx`` (its word count, as the released code

@@ -32,6 +32,8 @@ from mugcp.methods.released import Mapping
 
 DEPT_DEFAULTS = {"dept": False, "dept_weight": 0.7, "dept_lr_scale": 6.5, "dept_fusion": True}
 DEPT_SPECS = {"dept": boolean(), "dept_weight": number(0.0, 1.0), "dept_lr_scale": number(0.0), "dept_fusion": boolean()}
+# A DePT checkpoint registers the whole CustomCLIP: its frozen CLIP weights sit beside the prompts.
+DEPT_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")
 # Released names of the head's tensors (trainers/elp_*.py) and ours.
 DEPT_RELEASED = {
     "film_lp_img.scale": "dept.film_image.scale", "film_lp_img.bias": "dept.film_image.bias",
@@ -186,7 +188,8 @@ class DecoupledPromptLearner(PromptLearner):
         head = state.get("dept.head.weight")
         if self.dept is not None and head is not None and head.shape[0] != self.dept.head.weight.shape[0]:
             classes = state.get("extra.dept_classes")
-            if classes is None:
-                raise ValueError(f"{source} has a DePT head for {head.shape[0]} classes but not their names (extra.dept_classes).")
+            if classes is None:  # a converted released file: its head's classes are unknown, so it never fuses
+                classes = torch.zeros(head.shape[0], self.dept.class_tokens.shape[1], dtype=self.dept.class_tokens.dtype)
+                state = {**state, "extra.dept_classes": classes}
             self.dept.resize(classes)
         super().load_adapter_state(state, source)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.methods.coop import CoOp, released_coop
-from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_SPECS
+from mugcp.methods.dept import DEPT_DEFAULTS, DEPT_FROZEN, DEPT_SPECS
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames
@@ -42,7 +42,9 @@ def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
     released=ReleasedNames(released_kgcoop,
-                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.bias")),
+                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.bias",
+                                    "adapter.fc.0.weight", "adapter.fc.2.weight"),  # built, never trained (DePT's KgCoOp)
+                           frozen_prefixes=DEPT_FROZEN),
 )
 class KgCoOp(CoOp):
     """Loss = CE + ``kg_weight`` · distance between the normalised learned class features w_c and the
