@@ -178,7 +178,8 @@ def test_dept_coop_loss_and_base_new_logits_are_the_restated_ones(clip, images):
     text, image = coop_features(clip, model.ctx, images)
     clip_logits = clip.model.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
     rows = torch.cat([head(model, text[LABELS], model.dept.film_text), head(model, image, model.dept.film_image)])
-    expected_loss = 0.3 * F.cross_entropy(clip_logits, LABELS) + 0.7 * F.cross_entropy(rows, torch.cat([LABELS, LABELS]))
+    head_ce = F.cross_entropy(rows, torch.cat([LABELS, LABELS]))
+    expected_loss = 0.3 * F.cross_entropy(clip_logits, LABELS) + 0.7 * head_ce
     model.train()
     loss, _, terms = model.training_step({"images": images, "labels": LABELS})
     assert float(loss.detach()) == pytest.approx(float(expected_loss), abs=1e-5)
@@ -242,9 +243,9 @@ def test_dept_maple_trains_prompts_couplings_and_head_only(clip, images):
     model.training_step({"images": images, "labels": LABELS})[0].backward()
     assert all(p.grad is None for p in clip.parameters())
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-    assert set(grads) == {"text_prompts.layers.0", "text_prompts.layers.1", "coupling.0.weight", "coupling.0.bias", "coupling.1.weight",
-                          "coupling.1.bias", "dept.film_image.scale", "dept.film_image.bias", "dept.film_text.scale",
-                          "dept.film_text.bias", "dept.head.weight", "dept.head.bias"}
+    assert set(grads) == {"text_prompts.layers.0", "text_prompts.layers.1", "coupling.0.weight", "coupling.0.bias",
+                          "coupling.1.weight", "coupling.1.bias", "dept.film_image.scale", "dept.film_image.bias",
+                          "dept.film_text.scale", "dept.film_text.bias", "dept.head.weight", "dept.head.bias"}
     assert all(grad is not None and grad.abs().sum() > 0 for grad in grads.values())
 
 
@@ -262,7 +263,8 @@ def test_dept_checkpoint_carries_its_classes_to_a_model_built_for_others(clip, i
 
 def test_dept_released_names_of_a_whole_model_coop_file(clip):
     state = {"prompt_learner.ctx": torch.randn(4, 48), "prompt_learner.token_prefix": torch.randn(4, 1, 48),
-             "prompt_learner.token_suffix": torch.randn(4, 72, 48), "image_encoder.conv1.weight": torch.randn(64, 3, 8, 8),
+             "prompt_learner.token_suffix": torch.randn(4, 72, 48),
+             "image_encoder.conv1.weight": torch.randn(64, 3, 8, 8),
              "text_encoder.ln_final.weight": torch.randn(48), "logit_scale": torch.tensor(4.6),
              "film_lp_img.scale": torch.randn(32), "film_lp_img.bias": torch.randn(32),
              "film_lp_text.scale": torch.randn(32), "film_lp_text.bias": torch.randn(32),
@@ -280,13 +282,16 @@ def test_dept_released_names_of_a_whole_model_coop_file(clip):
 
 # ----------------------------------------------------------------- training runs
 @pytest.mark.parametrize("method, options, trainable", [
-    ("mma", ["method.layers_from=2", "method.layers_to=3"], 16800),  # 2 layers x (3152 text + 4192 visual + 1056 shared)
-    ("coop", ["method.dept=true", "method.n_ctx=4"], 386),  # ctx 4x48, two scale/shift pairs 4x32, head over 2 base classes 2x32+2
+    # 2 layers x (3152 text + 4192 visual + 1056 shared)
+    ("mma", ["method.layers_from=2", "method.layers_to=3"], 16800),
+    # ctx 4x48, two scale/shift pairs 4x32, the head over the 2 base classes 2x32+2
+    ("coop", ["method.dept=true", "method.n_ctx=4"], 386),
 ])
 def test_a_tiny_training_run(tmp_path, method, options, trainable):
     root = make_imagefolder(tmp_path / "data", ["cat", "dog", "owl", "fox"], per_class={"train": 2, "test": 2})
     cfg = load_config(None, [
-        f"method={method}", *options, "data.dataset=imagefolder", f"data.root={root}", "data.shots=2", "data.batch_size=2",
+        f"method={method}", *options, "data.dataset=imagefolder", f"data.root={root}", "data.shots=2",
+        "data.batch_size=2",
         "data.eval_batch_size=8", f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1",
         "optim.lr=0.01", "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false",
     ])

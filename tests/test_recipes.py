@@ -119,7 +119,8 @@ def test_every_training_recipe_uses_the_released_warmup():
         if recipe.trains:
             optim = recipe.overrides["optim"]
             warmup = 0 if method == "mma" else 1  # MMA's released configs have WARMUP_EPOCH: 0
-            assert (optim["scheduler"], optim["warmup_epochs"], optim["warmup_lr"]) == ("released", warmup, 1.0e-5), recipe.path
+            expected = ("released", warmup, 1.0e-5)
+            assert (optim["scheduler"], optim["warmup_epochs"], optim["warmup_lr"]) == expected, recipe.path
 
 
 @pytest.mark.parametrize("protocol", RECIPE_PROTOCOLS)

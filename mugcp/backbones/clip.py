@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.kernels.attention import check_attention_backend
-from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, LayerHook, TextEmbeddings, insert_prompts, project, residual_block,
-                                   run_blocks)
+from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, LayerHook, TextEmbeddings, insert_prompts,
+                                   project, residual_block, run_blocks)
 from mugcp.backbones.text_buckets import encode_text_bucketed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -178,7 +178,8 @@ class ClipBackbone(nn.Module):
                 raise ValueError(f"{x.shape[0]} text sequences are not a multiple of the {eot.shape[0]} token rows.")
             eot = eot.repeat(x.shape[0] // eot.shape[0])
         x = x + self.model.positional_embedding[:length].to(x.dtype)
-        x = self.run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1, adapters=adapters)
+        x = self.run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1,
+                            adapters=adapters)
         tokens_out = self.model.ln_final(x)
         x = tokens_out[torch.arange(x.shape[0], device=x.device), eot]
         x = project(x, self.model.text_projection)
@@ -222,8 +223,8 @@ class ClipBackbone(nn.Module):
             x = insert_prompts(x, deep_prompts[0], appended=False, replace_at=None)
             deep_prompts, appended = [None, *deep_prompts[1:]], True
         x = visual.ln_pre(x)
-        x = self.run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None, appended=appended,
-                            adapters=adapters)
+        x = self.run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None,
+                            appended=appended, adapters=adapters)
         pooled, _ = visual._pool(x)
         pooled = project(pooled, visual.proj)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mugcp.kernels.attention import attention
-from mugcp.backbones.blocks import Adapter, DeepPrompts, LayerAdapters, TextEmbeddings, insert_prompts, layer_adapter, project
+from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, TextEmbeddings, insert_prompts, layer_adapter,
+                                   project)
 
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
 # weights in every block, forward and backward) on top of its time per token. Measured on the 2-core
@@ -200,7 +201,8 @@ def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[t
     return y + adapter(normed if eot is None else normed[torch.arange(batch, device=x.device), eot])
 
 
-def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor, adapter: Optional[Adapter] = None) -> torch.Tensor:
+def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor,
+              adapter: Optional[Adapter] = None) -> torch.Tensor:
     """The last text block at the EOT rows only: ``(n, L, width)`` in, ``(n, width)`` out."""
     return text_block(clip, block, x, eot=eot, adapter=adapter)
 

@@ -32,13 +32,14 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
 
 @register_method(
     "cocoop",
-    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16, "max_text_sequences": 4096, **DEPT_DEFAULTS},
+    defaults={"n_ctx": 4, "ctx_init": "a photo of a", "init_std": 0.02, "meta_reduction": 16,
+              "max_text_sequences": 4096, **DEPT_DEFAULTS},
     option_specs=DEPT_SPECS,
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix"),
-                           frozen_prefixes=DEPT_FROZEN),
+    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim),
+                           dropped=("token_prefix", "token_suffix"), frozen_prefixes=DEPT_FROZEN),
 )
 class CoCoOp(DecoupledPromptLearner):
     """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.

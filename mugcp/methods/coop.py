@@ -24,12 +24,14 @@ def released_coop(state: dict) -> Mapping:
 
 @register_method(
     "coop",
-    defaults={"n_ctx": 16, "ctx_init": "", "class_specific": False, "class_token_position": "end", "init_std": 0.02, **DEPT_DEFAULTS},
+    defaults={"n_ctx": 16, "ctx_init": "", "class_specific": False, "class_token_position": "end", "init_std": 0.02,
+              **DEPT_DEFAULTS},
     option_specs=DEPT_SPECS,
     paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
     conditions_on="nothing (one learned context per dataset)",
     config="configs/methods/coop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix"), frozen_prefixes=DEPT_FROZEN),
+    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=DEPT_FROZEN),
 )
 class CoOp(DecoupledPromptLearner):
     """``ctx_init`` text sets the initial vectors and ``n_ctx`` (its word count, as the released code

@@ -31,7 +31,8 @@ from mugcp.methods.base import PromptLearner
 from mugcp.methods.released import Mapping
 
 DEPT_DEFAULTS = {"dept": False, "dept_weight": 0.7, "dept_lr_scale": 6.5, "dept_fusion": True}
-DEPT_SPECS = {"dept": boolean(), "dept_weight": number(0.0, 1.0), "dept_lr_scale": number(0.0), "dept_fusion": boolean()}
+DEPT_SPECS = {"dept": boolean(), "dept_weight": number(0.0, 1.0), "dept_lr_scale": number(0.0),
+              "dept_fusion": boolean()}
 # A DePT checkpoint registers the whole CustomCLIP: its frozen CLIP weights sit beside the prompts.
 DEPT_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")
 # Released names of the head's tensors (trainers/elp_*.py) and ours.
@@ -165,8 +166,8 @@ class DecoupledPromptLearner(PromptLearner):
             return super().parameter_groups()
         head = {id(p) for p in self.dept.parameters()}
         own = [p for p in self.parameters() if p.requires_grad and id(p) not in head]
-        return [{"params": own, "lr_scale": 1.0},
-                {"params": [p for p in self.dept.parameters() if p.requires_grad], "lr_scale": float(self.options["dept_lr_scale"])}]
+        extra = [p for p in self.dept.parameters() if p.requires_grad]
+        return [{"params": own, "lr_scale": 1.0}, {"params": extra, "lr_scale": float(self.options["dept_lr_scale"])}]
 
     def extra_state_tensors(self) -> dict[str, torch.Tensor]:
         extras = dict(super().extra_state_tensors())
@@ -177,7 +178,7 @@ class DecoupledPromptLearner(PromptLearner):
     def load_extra_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
         classes = tensors.pop("dept_classes", None)
-        if self.dept is not None and classes is not None and not torch.equal(classes.to(self.dept.class_tokens), self.dept.class_tokens):
+        if self.dept is not None and classes is not None:
             self.dept.class_tokens = classes.to(self.dept.class_tokens)
         super().load_extra_state_tensors(tensors)
         if self.dept is not None:
@@ -189,7 +190,8 @@ class DecoupledPromptLearner(PromptLearner):
         if self.dept is not None and head is not None and head.shape[0] != self.dept.head.weight.shape[0]:
             classes = state.get("extra.dept_classes")
             if classes is None:  # a converted released file: its head's classes are unknown, so it never fuses
-                classes = torch.zeros(head.shape[0], self.dept.class_tokens.shape[1], dtype=self.dept.class_tokens.dtype)
+                known = self.dept.class_tokens
+                classes = torch.zeros(head.shape[0], known.shape[1], dtype=known.dtype)
                 state = {**state, "extra.dept_classes": classes}
             self.dept.resize(classes)
         super().load_adapter_state(state, source)

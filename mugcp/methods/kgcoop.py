@@ -42,8 +42,9 @@ def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
     released=ReleasedNames(released_kgcoop,
-                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.bias",
-                                    "adapter.fc.0.weight", "adapter.fc.2.weight"),  # built, never trained (DePT's KgCoOp)
+                           # built, never trained (DePT's KgCoOp also saves its unused adapter)
+                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight",
+                                    "meta_net.linear1.bias", "adapter.fc.0.weight", "adapter.fc.2.weight"),
                            frozen_prefixes=DEPT_FROZEN),
 )
 class KgCoOp(CoOp):

@@ -1,4 +1,5 @@
-"""MMA: residual adapters on the higher layers of both encoders, linked by a shared projection (Yang et al., CVPR 2024)."""
+"""MMA: residual adapters on the higher layers of both encoders, linked by a shared projection
+(Yang et al., CVPR 2024)."""
 from __future__ import annotations
 
 from functools import partial
@@ -102,10 +103,11 @@ class MMA(PromptLearner):
         first, last, dim = options["layers_from"], options["layers_to"], options["adapter_dim"]
         depth = min(clip.text_layers, clip.vision_layers)
         if not 1 <= first <= last <= depth:
-            raise ConfigError(f"method options layers_from={first}, layers_to={last} must satisfy 1 <= layers_from <= layers_to <= {depth} "
-                              f"(the blocks of {clip.name}, counted from 1).")
+            raise ConfigError(f"method options layers_from={first}, layers_to={last} must satisfy "
+                              f"1 <= layers_from <= layers_to <= {depth} (the blocks of {clip.name}, counted from 1).")
         if "{}" not in options["template"]:
-            raise ConfigError(f"method option 'template' ('{options['template']}') has no '{{}}' where the class name goes.")
+            raise ConfigError(f"method option 'template' ('{options['template']}') has no '{{}}' where the class "
+                              "name goes.")
         if options["scale"] <= 0:
             raise ConfigError(f"method option 'scale' must be positive, got {options['scale']}.")
         self.blocks = list(range(first - 1, last))
@@ -137,7 +139,8 @@ class MMA(PromptLearner):
         return self.clip.encode_text(self.class_tokens, adapters=adapters)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images, adapters=self.layer_adapters(self.visual_adapter, self.clip.vision_layers))
+        adapters = self.layer_adapters(self.visual_adapter, self.clip.vision_layers)
+        return self.clip.encode_image(images, adapters=adapters)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encode_images(images), self.text_features())

@@ -101,4 +101,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict, total_ste
     def factor(scale: float):
         return lambda step: group_learning_rate(step, total_steps, optim_cfg, scale) / (base_lr * scale)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(float(g.get("lr_scale", 1.0))) for g in optimizer.param_groups])
+    factors = [factor(float(group.get("lr_scale", 1.0))) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
