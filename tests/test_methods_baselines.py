@@ -17,7 +17,7 @@ from mugcp.methods.deep_prompts import text_context_init
 from mugcp.methods.prompt_text import encode_class_texts
 from mugcp.methods.promptsrc import gaussian_epoch_weights
 
-BASELINES = ["cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "mma"]
+BASELINES = ["cocoop", "ivlp", "maple", "kgcoop", "promptsrc"]
 CLASSES = ["red fox", "blue whale", "snow owl"]
 OTHER_CLASSES = ["sand cat", "tree frog", "barn swallow", "sea urchin"]
 SAMPLED_CLIP_TENSORS = ("token_embedding.weight", "positional_embedding", "class_embedding", "resblocks.0.attn.in_proj_weight",
