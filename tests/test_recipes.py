@@ -149,7 +149,7 @@ def test_settings_the_authors_did_not_run_are_flagged():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("mapel", "base2new"), r"no recipes for method 'mapel' under .*recipes\. Did you mean: maple\? Methods with recipes: cocoop, coop,"),
+    (("mapel", "base2new"), r"no recipes for method 'mapel' under .*recipes\. Did you mean: maple, mma\? Methods with recipes: cocoop, coop,"),
     (("maple", "base2novel"), r"no released recipes for protocol 'base2novel'\. Did you mean: base2new\?"),
     (("maple", "grid"), r"protocol 'grid'.*a 'grid' sweep takes its settings from its own config"),
 ])
