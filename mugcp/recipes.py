@@ -46,6 +46,8 @@ AUDITED_COMMITS = {
     "htyao89/KgCoOp": "c43ccc32c8739f64b165cfa205fcc6c0f5bb5b17",
     "BeierZhu/Prompt-align": "1b762036cbe97ecf504e17bb94d89191679e4e6e",
     "htyao89/Textual-based_Class-aware_prompt_tuning": "bd97bec6bd4901baaf318e9e8f073f618d12066e",
+    "ZjjConan/Multi-Modal-Adapter": "547ee345a4dc5d60d43d3aa54e8eee50a107f591",
+    "Koorye/DePT": "d4ff41684bac42da30ebb6898496772dec3157f2",
 }
 FILE_KEYS = ("method", "protocol", "released", "trains", "sources", "eval_epoch", "datasets", "shots",
              "config", "per_shots", "per_dataset", "follows", "note")

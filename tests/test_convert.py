@@ -311,7 +311,7 @@ def test_files_that_are_not_dassl_checkpoints_are_refused(tmp_path, clip, capsys
 
     source = write_dassl(tmp_path / "model.pth.tar-1", released_state("coop"))
     message = run_refused(["--method", "zsclip", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o")], capsys)
-    assert message == "error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, ivlp, kgcoop, maple, prograd, promptsrc, tcp."
+    assert message == "error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, ivlp, kgcoop, maple, mma, prograd, promptsrc, tcp."
 
 
 def test_options_that_contradict_the_shapes_are_refused(tmp_path, clip, capsys):

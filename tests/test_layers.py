@@ -212,6 +212,7 @@ NOT_FILE_NAMES = {
     ("mugcp/config.py", "tensorboard"): "the config key train.tensorboard",
     ("mugcp/training/trainer.py", "tensorboard"): "the config key train.tensorboard",
     ("mugcp/methods/base.py", "checkpoint"): "the default label of where loaded weights come from",
+    ("mugcp/methods/dept.py", "checkpoint"): "the same default label, on the DePT override",
     ("mugcp/reports/results.py", "checkpoint"): "the metrics key naming the checkpoint an evaluation evaluated",
     ("mugcp/training/evaluate_checkpoint.py", "checkpoint"): "the metrics key naming the evaluated checkpoint",
     ("mugcp/reports/__init__.py", "report"): "the module mugcp.reports.report",

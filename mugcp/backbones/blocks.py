@@ -20,8 +20,17 @@ LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 DeepPrompts = Optional[Union[Sequence[torch.Tensor], LayerHook]]
 # Text embeddings: a tensor (N, L, width), or a builder (token rows, length) -> (n * len(rows), length, width).
 TextEmbeddings = Optional[Union[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]]
-# One residual block applied to a sequence: (block module, x, causal) -> x.
-BlockFn = Callable[[nn.Module, torch.Tensor, bool], torch.Tensor]
+# One residual block applied to a sequence: (block module, x, causal[, adapter]) -> x.
+BlockFn = Callable[..., torch.Tensor]
+# A residual adapter beside one block: the block's ``ln_1`` output -> a term added to the block's output.
+# It must act on every token on its own (the EOT-only last text block passes just the EOT rows).
+Adapter = Callable[[torch.Tensor], torch.Tensor]
+# Per-layer adapters: entry j (None: none) runs beside block j; layers past the end have none.
+LayerAdapters = Optional[Sequence[Optional[Adapter]]]
+
+
+def layer_adapter(adapters: LayerAdapters, index: int) -> Optional[Adapter]:
+    return adapters[index] if adapters is not None and index < len(adapters) else None
 
 
 def project(x: torch.Tensor, proj) -> torch.Tensor:
@@ -46,25 +55,32 @@ def insert_prompts(x: torch.Tensor, prompts: torch.Tensor, appended: bool, repla
     return torch.cat([x[:, :-count], prompts], dim=1)
 
 
-def residual_block(block: nn.Module, x: torch.Tensor, causal: bool, attention_backend: str) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock, with the attention core swapped for ``mugcp.kernels.attention``."""
+def residual_block(block: nn.Module, x: torch.Tensor, causal: bool, attention_backend: str,
+                   adapter: Optional[Adapter] = None) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock, with the attention core swapped for ``mugcp.kernels.attention``.
+
+    ``adapter`` runs in parallel to the whole block on its ``ln_1`` output (the normalised block input)
+    and its result is added to the block's output (MMA's placement)."""
     mha = block.attn
     batch, length, width = x.shape
     heads = mha.num_heads
-    qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
+    normed = block.ln_1(x)
+    qkv = F.linear(normed, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     out = attention(q, k, v, causal=causal, backend=attention_backend)
     out = out.transpose(1, 2).reshape(batch, length, width)
     x = x + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x if adapter is None else x + adapter(normed)
 
 
 def run_blocks(blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None, block_fn: BlockFn,
-               checkpointing: bool = False, appended: bool = False) -> torch.Tensor:
+               checkpointing: bool = False, appended: bool = False, adapters: LayerAdapters = None) -> torch.Tensor:
     """Run ``blocks`` over ``x``, writing each layer's prompts (a list entry or a hook's result) first.
 
     ``appended``: vision prompts are already in ``x`` (layer-0 prompts added before ``ln_pre``).
     ``checkpointing``: every block is recomputed in backward instead of keeping its activations.
+    ``adapters``: per-layer residual adapters, passed to ``block_fn`` only for layers that have one.
     """
     for index, block in enumerate(blocks):
         if callable(deep_prompts):
@@ -72,8 +88,10 @@ def run_blocks(blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool,
         elif deep_prompts is not None and index < len(deep_prompts) and deep_prompts[index] is not None:
             x = insert_prompts(x, deep_prompts[index], appended, replace_at)
             appended = True
+        adapter = layer_adapter(adapters, index)
+        extra = () if adapter is None else (adapter,)
         if checkpointing:
-            x = checkpoint(block_fn, block, x, causal, use_reentrant=False)
+            x = checkpoint(block_fn, block, x, causal, *extra, use_reentrant=False)
         else:
-            x = block_fn(block, x, causal)
+            x = block_fn(block, x, causal, *extra)
     return x

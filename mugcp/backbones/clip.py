@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.kernels.attention import check_attention_backend
-from mugcp.backbones.blocks import DeepPrompts, LayerHook, TextEmbeddings, insert_prompts, project, residual_block, run_blocks
+from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, LayerHook, TextEmbeddings, insert_prompts,
+                                   project, residual_block, run_blocks)
 from mugcp.backbones.text_buckets import encode_text_bucketed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -133,6 +134,7 @@ class ClipBackbone(nn.Module):
         normalize: bool = False,
         return_tokens: bool = False,
         shared_prefix: int = 0,
+        adapters: LayerAdapters = None,
     ):
         """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
         ``(N, L', width)`` with ``L'`` the truncated length).
@@ -157,9 +159,11 @@ class ClipBackbone(nn.Module):
         positions. The bucketed path then runs them once per copy and every sequence attends to their
         keys and values (exact, by the causal mask); hooks are then called with the ``(copies, P, width)``
         prefix only.
+
+        ``adapters``: per-layer residual adapters (see ``blocks.residual_block``); entry ``j`` runs beside block ``j``.
         """
         if self.text_bucketing and not return_tokens:
-            features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix)
+            features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix, adapters)
             return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
         length = int(eot.max()) + 1
@@ -174,7 +178,8 @@ class ClipBackbone(nn.Module):
                 raise ValueError(f"{x.shape[0]} text sequences are not a multiple of the {eot.shape[0]} token rows.")
             eot = eot.repeat(x.shape[0] // eot.shape[0])
         x = x + self.model.positional_embedding[:length].to(x.dtype)
-        x = self.run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1)
+        x = self.run_blocks(self.model.transformer.resblocks, x, deep_prompts, causal=True, replace_at=1,
+                            adapters=adapters)
         tokens_out = self.model.ln_final(x)
         x = tokens_out[torch.arange(x.shape[0], device=x.device), eot]
         x = project(x, self.model.text_projection)
@@ -204,8 +209,10 @@ class ClipBackbone(nn.Module):
         deep_prompts: DeepPrompts = None,
         normalize: bool = False,
         return_tokens: bool = False,
+        adapters: LayerAdapters = None,
     ):
-        """Image features ``(B, embed_dim)`` (and, with ``return_tokens``, the final token sequence)."""
+        """Image features ``(B, embed_dim)`` (and, with ``return_tokens``, the final token sequence);
+        ``adapters`` as in ``encode_text``."""
         visual = self.model.visual
         x = self.embed_patches(images)
         appended = False
@@ -216,20 +223,21 @@ class ClipBackbone(nn.Module):
             x = insert_prompts(x, deep_prompts[0], appended=False, replace_at=None)
             deep_prompts, appended = [None, *deep_prompts[1:]], True
         x = visual.ln_pre(x)
-        x = self.run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None, appended=appended)
+        x = self.run_blocks(visual.transformer.resblocks, x, deep_prompts, causal=False, replace_at=None,
+                            appended=appended, adapters=adapters)
         pooled, _ = visual._pool(x)
         pooled = project(pooled, visual.proj)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         return (pooled, x) if return_tokens else pooled
 
     # ----------------------------------------------------------------- blocks
-    def block(self, block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def block(self, block: nn.Module, x: torch.Tensor, causal: bool, adapter: Adapter | None = None) -> torch.Tensor:
         """One residual block of either tower with this backbone's attention backend; every full block of
         both towers runs through here (the one place to observe a layer's input)."""
-        return residual_block(block, x, causal, self.attention_backend)
+        return residual_block(block, x, causal, self.attention_backend, adapter)
 
     def run_blocks(self, blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None,
-                   appended: bool = False) -> torch.Tensor:
+                   appended: bool = False, adapters: LayerAdapters = None) -> torch.Tensor:
         """``blocks.run_blocks`` with this backbone's block and activation checkpointing."""
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
-        return run_blocks(blocks, x, deep_prompts, causal, replace_at, self.block, checkpointing, appended)
+        return run_blocks(blocks, x, deep_prompts, causal, replace_at, self.block, checkpointing, appended, adapters)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mugcp.kernels.attention import attention
-from mugcp.backbones.blocks import DeepPrompts, TextEmbeddings, insert_prompts, project
+from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, TextEmbeddings, insert_prompts, layer_adapter,
+                                   project)
 
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
 # weights in every block, forward and backward) on top of its time per token. Measured on the 2-core
@@ -142,7 +143,7 @@ def _rows_of(prompt: torch.Tensor, rows: torch.Tensor, copies: int, total_rows: 
 
 
 def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-               eot: Optional[torch.Tensor] = None) -> torch.Tensor:
+               eot: Optional[torch.Tensor] = None, adapter: Optional[Adapter] = None) -> torch.Tensor:
     """A causal text block over ``x`` ``(n, S, width)`` that may follow a shared prefix and may keep only the EOT rows.
 
     ``prefix``: keys and values ``(copies, heads, P, head_dim)`` of ``P`` earlier positions, shared by the
@@ -150,7 +151,7 @@ def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[t
     queries see the prefix and the causal part of ``x``. ``eot``: ``(n,)``
     positions within ``x``; the block then computes queries, attention output, out-projection, MLP and
     residual at those rows only and returns ``(n, width)`` (keys and values still cover every position).
-    Without either it is ``blocks.residual_block``.
+    Without either it is ``blocks.residual_block``; ``adapter`` as there (at the EOT rows only with ``eot``).
     """
     mha = block.attn
     batch, length, width = x.shape
@@ -194,12 +195,16 @@ def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[t
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
         out = out.reshape(batch, width)
     y = residual + block.ls_1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
-    return y + block.ls_2(block.mlp(block.ln_2(y)))
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    if adapter is None:
+        return y
+    return y + adapter(normed if eot is None else normed[torch.arange(batch, device=x.device), eot])
 
 
-def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor,
+              adapter: Optional[Adapter] = None) -> torch.Tensor:
     """The last text block at the EOT rows only: ``(n, L, width)`` in, ``(n, width)`` out."""
-    return text_block(clip, block, x, eot=eot)
+    return text_block(clip, block, x, eot=eot, adapter=adapter)
 
 
 def _group_embeddings(clip: nn.Module, tokens: torch.Tensor, embeddings: TextEmbeddings, rows: torch.Tensor, length: int) -> torch.Tensor:
@@ -221,6 +226,7 @@ def _apply_prompts(clip: nn.Module, prompts: DeepPrompts, layer: int, x: torch.T
 
 def prefix_keys_values(
     clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings, prefix: int,
+    adapters: LayerAdapters = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values ``(copies, heads, prefix, head_dim)`` of the shared first ``prefix`` positions at
     every layer, computed once from token row 0 (every row has the same prefix, see ``encode_text``)."""
@@ -237,13 +243,15 @@ def prefix_keys_values(
         k, v = kv.view(x.shape[0], prefix, 2, mha.num_heads, width // mha.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         states.append((k, v))
         if layer < len(blocks) - 1:
-            x = clip.block(block, x, True)
+            adapter = layer_adapter(adapters, layer)
+            x = clip.block(block, x, True) if adapter is None else clip.block(block, x, True, adapter)
     return states
 
 
 def encode_group(
     clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings,
     rows: torch.Tensor, length: int, copies: int, prefix_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+    adapters: LayerAdapters = None,
 ) -> torch.Tensor:
     """Projected EOT features ``(copies, len(rows), embed_dim)`` of the token rows ``rows`` cut to ``length``.
 
@@ -262,25 +270,31 @@ def encode_group(
         prompts = deep_prompts
         if deep_prompts is not None and not callable(deep_prompts):
             prompts = [None if p is None else _rows_of(p, rows, copies, tokens.shape[0]) for p in deep_prompts]
-        x = clip.run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1)
+        x = clip.run_blocks(blocks[:last], x, prompts, causal=True, replace_at=1, adapters=adapters)
         x = _apply_prompts(clip, prompts, last, x)
-        x = checkpoint(eot_block, clip, blocks[last], x, eot, use_reentrant=False) if checkpointing else eot_block(clip, blocks[last], x, eot)
+        adapter = layer_adapter(adapters, last)
+        if checkpointing:
+            x = checkpoint(eot_block, clip, blocks[last], x, eot, adapter, use_reentrant=False)
+        else:
+            x = eot_block(clip, blocks[last], x, eot, adapter)
     else:
         offset = prefix_states[0][0].shape[2]
         x = x[:, offset:] + clip.model.positional_embedding[offset:length].to(x.dtype)
         for layer, block in enumerate(blocks):
             shared = prefix_states[layer]  # every sequence of copy n attends to copy n's prefix
             at_eot = eot - offset if layer == last else None
+            adapter = layer_adapter(adapters, layer)
             if checkpointing:
-                x = checkpoint(text_block, clip, block, x, shared, at_eot, use_reentrant=False)
+                x = checkpoint(text_block, clip, block, x, shared, at_eot, adapter, use_reentrant=False)
             else:
-                x = text_block(clip, block, x, shared, at_eot)
+                x = text_block(clip, block, x, shared, at_eot, adapter)
     x = project(clip.model.ln_final(x), clip.model.text_projection)
     return x.view(copies, rows.numel(), -1)
 
 
 def encode_text_bucketed(
     clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings, shared_prefix: int = 0,
+    adapters: LayerAdapters = None,
 ) -> torch.Tensor:
     """``ClipBackbone.encode_text`` with length buckets, budgeted chunks, an EOT-only last block and, with
     ``shared_prefix``, the shared first positions computed once: features ``(copies · T, embed_dim)`` in
@@ -307,7 +321,7 @@ def encode_text_bucketed(
                         f"the text prompt of layer {layer} ({tuple(prompt.shape)}) is not shared by every sequence's first "
                         f"{shared_prefix} positions; pass shared_prefix=0."
                     )
-        prefix_states = prefix_keys_values(clip, tokens, deep_prompts, embeddings, shared_prefix)
+        prefix_states = prefix_keys_values(clip, tokens, deep_prompts, embeddings, shared_prefix, adapters)
         copies = prefix_states[0][0].shape[0]
     elif copies is None:
         # A builder's sequence count per token row shows once it ran: build row 0 alone (small) to see it.
@@ -316,7 +330,7 @@ def encode_text_bucketed(
     offset = 0 if prefix_states is None else shared_prefix
 
     def run(rows: torch.Tensor, length: int, count: int) -> torch.Tensor:
-        return encode_group(clip, tokens, deep_prompts, embeddings, rows, length, count, prefix_states)
+        return encode_group(clip, tokens, deep_prompts, embeddings, rows, length, count, prefix_states, adapters)
 
     # Sizes for the memory plan, in tokens: the positions a pass computes, plus the prefix keys and values
     # every sequence's attention keeps (2 widths per prefix position, GRAPH_WIDTHS_PER_TOKEN_LAYER per token).

@@ -146,5 +146,10 @@ class PromptLearner(nn.Module):
         self.load_extra_state_tensors({k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")})
         self._eval_text_features = None
 
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser groups: ``{"params": [...], "lr_scale": s}``, trained at ``s`` times ``optim.lr``
+        (``training.optim.parameter_groups``). One group by default; DePT's head runs faster."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

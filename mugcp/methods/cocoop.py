@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.config_schema import integer, option, with_defaults
-from mugcp.methods.base import PromptLearner
 from mugcp.methods.coop import COOP_OPTIONS
 from mugcp.methods.prompt_text import ClassPrompts, check_context_words, init_context
+from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS, DecoupledPromptLearner, take_dept
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 
@@ -28,6 +28,7 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
     if embed_dim // reduction != hidden:
         raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a {embed_dim}-wide image feature.")
     mapping.options = {"n_ctx": ctx.shape[0], "meta_reduction": reduction}
+    take_dept(state, mapping)
     return mapping
 
 
@@ -39,14 +40,16 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
         "meta_reduction": option(16, integer(1), "the meta-net's hidden width is the image feature width over this"),
         "max_text_sequences": option(4096, integer(0, nullable=True, null_means="no grouping"),
                                      "evaluation groups images so images x classes stays under this; 0: no grouping"),
+        **DEPT_OPTIONS,
     },
     check=check_context_words,
     paper="Zhou et al., Conditional Prompt Learning for Vision-Language Models (CVPR 2022)",
     conditions_on="the image (meta-net on the CLIP image feature)",
     config="configs/methods/cocoop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim), dropped=("token_prefix", "token_suffix")),
+    released=ReleasedNames(lambda state, embed_dim: released_cocoop(state, embed_dim),
+                           dropped=("token_prefix", "token_suffix"), frozen_prefixes=DEPT_FROZEN),
 )
-class CoCoOp(PromptLearner):
+class CoCoOp(DecoupledPromptLearner):
     """Context ``ctx + meta_net(f_img)`` per image, so every image gets its own C class prompts.
 
     ``meta_net`` is Linear(E, E/meta_reduction)–ReLU–Linear(·, text_width) on the normalised image
@@ -65,6 +68,7 @@ class CoCoOp(PromptLearner):
         if hidden < 1:
             raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
         self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, clip.text_width))
+        self.init_dept(classnames)
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
@@ -94,6 +98,14 @@ class CoCoOp(PromptLearner):
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 
+    def training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw image features ``(B, E)``, raw per-image class text features ``(B, C, E)`` and the logits."""
+        raw = self.clip.encode_image(images)
+        image_features = F.normalize(raw, dim=-1)
+        text_features = self.per_image_text_features(self.image_contexts(image_features))
+        return raw, text_features, self.logits(image_features, text_features)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image_features = F.normalize(self.clip.encode_image(images), dim=-1)
-        return self.logits(image_features, self.per_image_text_features(self.image_contexts(image_features)))
+        raw, _, logits = self.training_features(images)
+        return self.dept_logits(raw, logits)
+

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.config_schema import boolean, choice, integer, number, option, text
-from mugcp.methods.base import PromptLearner
 from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, check_context_words, init_context
+from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS, DecoupledPromptLearner, take_dept
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 
@@ -18,6 +19,7 @@ def released_coop(state: dict) -> Mapping:
     mapping = Mapping()
     ctx = mapping.take(state, "ctx", "ctx")
     mapping.options = {"n_ctx": ctx.shape[-2], "class_specific": ctx.dim() == 3}
+    take_dept(state, mapping)
     return mapping
 
 
@@ -32,14 +34,15 @@ COOP_OPTIONS = {
 
 @register_method(
     "coop",
-    options=COOP_OPTIONS,
+    options={**COOP_OPTIONS, **DEPT_OPTIONS},
     check=check_context_words,
     paper="Zhou et al., Learning to Prompt for Vision-Language Models (IJCV 2022)",
     conditions_on="nothing (one learned context per dataset)",
     config="configs/methods/coop.yaml",
-    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix")),
+    released=ReleasedNames(lambda state, embed_dim: released_coop(state), dropped=("token_prefix", "token_suffix"),
+                           frozen_prefixes=DEPT_FROZEN),
 )
-class CoOp(PromptLearner):
+class CoOp(DecoupledPromptLearner):
     """``ctx_init`` text sets the initial vectors and ``n_ctx`` (its word count, as the released code
     counts; see ``init_context``); ``class_specific`` learns one context per class (then the checkpoint
     is tied to the number of classes; unlike the released code, which silently learns one shared
@@ -51,6 +54,7 @@ class CoOp(PromptLearner):
         vectors, self.prompt_prefix = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"], rows)
         self.n_ctx = vectors.shape[1]
         self.ctx = nn.Parameter(vectors if options["class_specific"] else vectors[0])
+        self.init_dept(classnames)
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
@@ -67,5 +71,15 @@ class CoOp(PromptLearner):
         shared = 1 if self.options["class_specific"] else self.prompts.shared_prefix
         return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx), shared_prefix=shared)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.clip.encode_image(images), self.text_features())
+        image_features = self.encode_images(images)
+        return self.dept_logits(image_features, self.logits(image_features, self.text_features()))
+
+    def training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw image features ``(B, E)``, raw class text features ``(C, E)`` and the logits."""
+        image_features, text_features = self.encode_images(images), self.compute_text_features()
+        return image_features, text_features, self.logits(image_features, F.normalize(text_features, dim=-1))
+

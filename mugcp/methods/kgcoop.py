@@ -10,6 +10,7 @@ from mugcp.config import ConfigError
 from mugcp.config_schema import Spec, choice, number, option, with_defaults
 from mugcp.methods.coop import COOP_OPTIONS, CoOp, released_coop
 from mugcp.methods.prompt_text import check_context_words
+from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS
 from mugcp.methods.prompt_text import template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames
@@ -34,13 +35,17 @@ def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
                               "cosine: 1 - mean cos (the released code); squared_l2: the paper's formula"),
         "handcrafted_template": option("auto", Spec("list", item_kind="str"),
                                        "auto (the dataset's template in KgCoOp's table), a template or a list"),
+        **DEPT_OPTIONS,
     },
     check=check_context_words,
     paper="Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (CVPR 2023)",
     conditions_on="nothing (CoOp context, pulled toward hand-crafted prompt features)",
     config="configs/methods/kgcoop.yaml",
     released=ReleasedNames(released_kgcoop,
-                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight", "meta_net.linear1.bias")),
+                           # built, never trained (DePT's KgCoOp also saves its unused adapter)
+                           dropped=("token_prefix", "token_suffix", "bias_vectors", "meta_net.linear1.weight",
+                                    "meta_net.linear1.bias", "adapter.fc.0.weight", "adapter.fc.2.weight"),
+                           frozen_prefixes=DEPT_FROZEN),
 )
 class KgCoOp(CoOp):
     """Loss = CE + ``kg_weight`` · distance between the normalised learned class features w_c and the
@@ -73,6 +78,10 @@ class KgCoOp(CoOp):
         return (learned - handcrafted).pow(2).sum(-1).mean()
 
     def training_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if self.dept is not None:  # the released elp_kgcoop: DePT's loss plus the same knowledge term
+            loss, logits, terms, raw_text = self.dept_step(batch)
+            kg = self.knowledge_distance(raw_text)
+            return loss + self.options["kg_weight"] * kg, logits, {**terms, "kg": float(kg.detach())}
         text_features = self.text_features()
         logits = self.logits(self.clip.encode_image(batch["images"]), text_features)
         ce = F.cross_entropy(logits, batch["labels"])

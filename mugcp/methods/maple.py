@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.config_schema import integer, number, option, text
-from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import (
     PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init, text_context_option,
 )
+from mugcp.methods.dept import DEPT_OPTIONS, DecoupledPromptLearner, take_dept
 from mugcp.methods.prompt_text import ClassPrompts
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
@@ -32,6 +33,7 @@ def released_maple(state: dict) -> Mapping:
                 raise ConfigError(f"missing ['{released}'] (one projection per compound prompt)")
             mapping.take(state, released, f"coupling.{index + 1}.{kind}")
     mapping.options = {"n_ctx": ctx.shape[0], "depth": 1 + len(deeper)}
+    take_dept(state, mapping)
     return mapping
 
 
@@ -43,6 +45,7 @@ def released_maple(state: dict) -> Mapping:
         "ctx_init": option("a photo of a", text(),
                            "text whose first n_ctx token embeddings start layer 0; its other words stay fixed"),
         "init_std": option(0.02, number(0), "standard deviation of the Gaussian prompts"),
+        **DEPT_OPTIONS,
     },
     paper="Khattak et al., MaPLe: Multi-modal Prompt Learning (CVPR 2023)",
     conditions_on="nothing (text prompts; vision prompts are coupled from them)",
@@ -50,7 +53,7 @@ def released_maple(state: dict) -> Mapping:
     released=ReleasedNames(lambda state, embed_dim: released_maple(state), dropped=("token_prefix", "token_suffix"),
                            frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale"), whole_model=True),
 )
-class MaPLe(PromptLearner):
+class MaPLe(DecoupledPromptLearner):
     """Text prompts ``P_j`` at layers ``0 .. depth-1`` (``P_0`` from ``ctx_init``); the vision prompt of
     layer ``j`` is ``F_j(P_j)`` with one linear coupling ``F_j: text_width -> vision_width`` per layer,
     so both encoders are steered by the same learned tokens. As in the released code, the class texts
@@ -71,6 +74,7 @@ class MaPLe(PromptLearner):
         # they all start equal (the layer-0 coupling is initialised on its own).
         for layer in range(2, depth):
             self.coupling[layer].load_state_dict(self.coupling[1].state_dict())
+        self.init_dept(classnames)
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
@@ -87,4 +91,11 @@ class MaPLe(PromptLearner):
         return encode_prompted_image(self.clip, images, self.vision_prompts(self.text_prompts()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.encode_images(images), self.text_features())
+        image_features = self.encode_images(images)
+        return self.dept_logits(image_features, self.logits(image_features, self.text_features()))
+
+    def training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw image features ``(B, E)``, raw class text features ``(C, E)`` and the logits."""
+        image_features, text_features = self.encode_images(images), self.compute_text_features()
+        return image_features, text_features, self.logits(image_features, F.normalize(text_features, dim=-1))
+

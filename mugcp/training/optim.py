@@ -28,8 +28,23 @@ from mugcp.config import ConfigError
 SCHEDULES = ("released", "cosine_per_step", "constant")
 
 
+def parameter_groups(params, base_lr: float) -> list[dict]:
+    """Trainable parameters as optimiser groups: a plain iterable is one group at ``base_lr``; groups given as
+    ``{"params": [...], "lr_scale": s}`` (``PromptLearner.parameter_groups``) run at ``s · base_lr``."""
+    items = list(params)
+    if not items or not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = []
+    for group in items:
+        trainable = [p for p in group["params"] if p.requires_grad]
+        if trainable:
+            scale = float(group.get("lr_scale", 1.0))
+            groups.append({**group, "params": trainable, "lr_scale": scale, "lr": base_lr * scale})
+    return groups
+
+
 def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    params = parameter_groups(params, float(optim_cfg["lr"]))
     if not params:
         raise ValueError("this method has no trainable parameters; evaluate it with python -m mugcp.evaluate instead.")
     name = optim_cfg["name"].lower()
@@ -72,8 +87,22 @@ def learning_rate(step: int, total_steps: int, optim_cfg: dict) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+def group_learning_rate(step: int, total_steps: int, optim_cfg: dict, lr_scale: float = 1.0) -> float:
+    """The rate of a parameter group at ``lr_scale`` times ``optim.lr``: the schedule scaled, except the
+    warm-up, which is ``warmup_lr`` for every group (Dassl's ConstantWarmupScheduler sets each group to it)."""
+    if schedule_epoch(step, total_steps, int(optim_cfg["epochs"])) < int(optim_cfg["warmup_epochs"]):
+        return float(optim_cfg["warmup_lr"])
+    return lr_scale * learning_rate(step, total_steps, optim_cfg)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: dict, total_steps: int):
-    """A scheduler stepped after every optimiser step; its state is the step count (saved for ``--resume``)."""
+    """A scheduler stepped after every optimiser step; its state is the step count (saved for ``--resume``).
+    Each group follows ``group_learning_rate`` with its ``lr_scale`` (1 for groups without one)."""
     base_lr = float(optim_cfg["lr"])
     learning_rate(0, total_steps, optim_cfg)  # a bad optim.scheduler fails here, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, total_steps, optim_cfg) / base_lr)
+
+    def factor(scale: float):
+        return lambda step: group_learning_rate(step, total_steps, optim_cfg, scale) / (base_lr * scale)
+
+    factors = [factor(float(group.get("lr_scale", 1.0))) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -168,7 +168,7 @@ class TrainingLoop:
         # The epochs that will run: optim.max_steps may end training long before optim.epochs (the bar counts these).
         self.epochs_run = min(self.epochs, -(-self.total_steps // max(1, self.steps_per_epoch)))
         trains = self.model.num_trainable_parameters() > 0
-        self.optimizer = build_optimizer(self.model.parameters(), optim_cfg) if trains else None
+        self.optimizer = build_optimizer(self.model.parameter_groups(), optim_cfg) if trains else None
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, self.total_steps) if self.optimizer else None
         # fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a no-op.
         self.scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.precision == "amp_fp16")
