@@ -133,6 +133,7 @@ class ClipBackbone(nn.Module):
         normalize: bool = False,
         return_tokens: bool = False,
         shared_prefix: int = 0,
+        length: int | None = None,
     ):
         """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
         ``(N, L', width)`` with ``L'`` the truncated length).
@@ -157,12 +158,15 @@ class ClipBackbone(nn.Module):
         positions. The bucketed path then runs them once per copy and every sequence attends to their
         keys and values (exact, by the causal mask); hooks are then called with the ``(copies, P, width)``
         prefix only.
+
+        ``length`` (unbucketed path) is the last EOT position + 1 when the caller knows it as a number
+        (``ClassPrompts.length``): ``torch.export`` (ONNX export) traces the token ids and cannot read them.
         """
         if self.text_bucketing and not return_tokens:
             features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix)
             return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
-        length = int(eot.max()) + 1
+        length = int(eot.max()) + 1 if length is None else length
         if embeddings is None:
             x = self.embed_tokens(tokens[:, :length])
         elif callable(embeddings):

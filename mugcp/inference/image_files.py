@@ -14,15 +14,37 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from mugcp.config import ConfigError
 from mugcp.errors import UserError
-from mugcp.data.dataset import IMAGE_EXTENSIONS
+from mugcp.data.dataset import IMAGE_EXTENSIONS, open_image_file as open_image
 from mugcp.data.image_tree import find_images
-from mugcp.inference.inference import Prediction, Preprocess, TrainedModel, key_candidates, open_image
+
+if TYPE_CHECKING:  # torch-free at import: predict --onnx runs these without torch
+    from mugcp.inference.inference import Preprocess, TrainedModel
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first (``probs`` are softmax probabilities)."""
+
+    classes: list[str]
+    probs: list[float]
+    indices: list[int]
+    path: Optional[str] = None
+
+
+def key_candidates(path: str, relative: Optional[str] = None) -> list[str]:
+    """Where an image may sit in a semantic cache: relative to the folder given (as ``extract --images``
+    keys it), the path as given, absolute, or its bare file name."""
+    if not path:
+        return [""]
+    candidates = [relative] if relative else []
+    candidates += [path, str(Path(path).resolve()), Path(path).name]
+    return list(dict.fromkeys(candidates))
 
 
 class NoImageClassifiedError(UserError):
@@ -110,7 +132,7 @@ def table(predictions: Sequence[Prediction]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def predict_files(model: TrainedModel, preprocess: Preprocess, files: Sequence[ImageFile], top_k: int, batch_size: int,
+def predict_files(model: "TrainedModel", preprocess: "Preprocess", files: Sequence[ImageFile], top_k: int, batch_size: int,
                   progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Batched predictions for image files; unreadable ones are returned as (path, reason), not raised."""
     from tqdm.auto import tqdm
