@@ -243,3 +243,16 @@ def test_predict_onnx_bad_input_is_one_line(tmp_path, exports, data_root, capsys
     for argv, message in cases:
         code, _, err = command(predict_main, argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}"), err
+
+
+def test_metrics_record_what_the_run_cost(runs):
+    metrics = json.loads((runs("coop") / "metrics.json").read_text())
+    for subset in ("base", "new"):
+        entry = metrics[subset]
+        assert entry["eval_time_s"] > 0 and entry["images_per_s"] == pytest.approx(entry["total"] / entry["eval_time_s"], rel=0.01)
+    assert metrics["eval_time_s"] == pytest.approx(metrics["base"]["eval_time_s"] + metrics["new"]["eval_time_s"], abs=0.002)
+    assert metrics["eval_images_per_s"] == pytest.approx(8 / metrics["eval_time_s"], rel=0.01)
+    # one epoch at batch 2: every step trained on 2 images, over the training time
+    assert metrics["steps"] >= 1
+    assert metrics["train_images_per_s"] == pytest.approx(2 * metrics["steps"] / metrics["train_time_s"], rel=0.02)
+    assert metrics["trainable_parameters"] == 96 and metrics["peak_memory_mb"] >= 0

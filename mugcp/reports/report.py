@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mugcp.analysis.per_class import write_per_class_report
 from mugcp.config import ConfigError
+from mugcp.reports.cost import aggregate_cost, cost_csv, cost_markdown, plot_cost
 from mugcp.reports.plots import plot, plot_fewshot, plot_transfer
 from mugcp.reports.results import GROUP_KEYS, aggregate, aggregate_transfer, find_evaluations, find_runs
 from mugcp.reports.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
@@ -54,10 +55,17 @@ def write_report(folders, out, layout: str = "groups") -> str:
         table = {"groups": markdown, "base2new": base2new_markdown, "fewshot": fewshot_markdown}[layout](rows)
         table_csv = csv_text(rows)
         (plot_fewshot if layout == "fewshot" else plot)(rows, out / "results.png")
+    cost = aggregate_cost(runs)
+    if cost:
+        table += "\n" + cost_markdown(cost)
+        atomic_write_text(out / "cost.csv", cost_csv(cost))
+        plot_cost(cost, out / "cost.png")
     atomic_write_text(out / "results.md", table)
     atomic_write_text(out / "results.csv", table_csv)
     print(table)
     print(f"{groups} → {out}/results.md, results.csv, results.png")
+    if cost:
+        print(f"cost (training time, evaluation images/s, peak memory, trainable parameters) → {out}/results.md, cost.csv, cost.png")
     if write_per_class_report(runs, out, GROUP_KEYS):
         print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table

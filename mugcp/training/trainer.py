@@ -20,7 +20,7 @@ from mugcp.data import ImageDataset, build_loader, build_protocol, build_transfo
 from mugcp.data.loader import set_loader_epoch
 from mugcp.runs.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.training.distributed import Distributed
-from mugcp.training.evaluation import evaluate_subsets
+from mugcp.training.evaluation import evaluate_subsets, training_cost
 from mugcp.training.optim import build_optimizer, build_scheduler, run_length
 from mugcp.runs.run_setup import (
     RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
@@ -135,6 +135,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         log.info("resumed from %s at epoch %d (step %d)", checkpoint_dir, start_epoch + 1, step)
     elif resume:
         log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.", output)
+    first_step = step  # the steps before it cost another process's time
 
     writer = _tensorboard(output) if train_cfg["tensorboard"] and main else None
     metrics_log = MetricsLog(output / METRICS_FILE, resume_step=step if resume else None) if main else None
@@ -241,6 +242,7 @@ def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: D
         "wall_time_s": round(time.time() - started, 2),
         "train_time_s": round(train_time, 2),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
+        **training_cost((step - first_step) * data_cfg["batch_size"], train_time),
         "device": str(device),
         "precision": precision,
     })
