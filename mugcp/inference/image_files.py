@@ -1,7 +1,8 @@
 """Classifying image files in batches: collecting them from folders, the predictions, and their tables.
 
 Unreadable images are named, skipped and returned with the reason, never raised; the output
-formats are a console table, CSV and JSON lines. The files list every image, in the order found:
+formats are a console table, CSV and JSON lines. This module imports no torch (``predict --onnx``
+uses it). The files list every image, in the order found:
 a skipped one has no classes and its reason in ``error`` (CSV: empty cells; JSONL: ``"error": null``
 on every classified line, so each line has the same keys).
 """
@@ -14,15 +15,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from mugcp.config import ConfigError
 from mugcp.errors import UserError
 from mugcp.data.dataset import IMAGE_EXTENSIONS, open_image_file as open_image
 from mugcp.data.image_tree import find_images
-
-if TYPE_CHECKING:  # torch-free at import: predict --onnx runs these without torch
-    from mugcp.inference.inference import Preprocess, TrainedModel
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -132,9 +130,9 @@ def table(predictions: Sequence[Prediction]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def predict_files(model: "TrainedModel", preprocess: "Preprocess", files: Sequence[ImageFile], top_k: int, batch_size: int,
+def predict_files(model, preprocess, files: Sequence[ImageFile], top_k: int, batch_size: int,
                   progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Batched predictions for image files; unreadable ones are returned as (path, reason), not raised."""
+    """Batched predictions of a ``TrainedModel`` for image files; unreadable ones are returned as (path, reason), not raised."""
     from tqdm.auto import tqdm
 
     from mugcp.data import DatasetSplits, Datum, ImageDataset, build_loader
