@@ -10,6 +10,7 @@ MLLM would be needed for every new image); runs with semantic.source=clip or non
 --check runs onnxruntime and the PyTorch model on the same random images and prints the largest
 logit difference. See docs/export.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,23 @@ from mugcp.inference.class_arguments import add_class_arguments, read_classes
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mugcp.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", metavar="RUN", help="run folder (or its checkpoint/ folder)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     add_class_arguments(parser)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and arithmetic of the graph [fp32]; "
-                        "fp16 keeps fp32 images in and logits out")
-    parser.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random images and print the difference")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="weights and arithmetic of the graph [fp32]; fp16 keeps fp32 images in and logits out",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare onnxruntime with PyTorch on random images and print the difference",
+    )
     args = parser.parse_args(argv)
     from mugcp.config import ConfigError
 
@@ -37,19 +48,25 @@ def main(argv=None) -> int:
         raise ConfigError(f"--out {out} is a folder; give a file name ending in .onnx.")
     run = Path(args.run)
     if run.is_dir() and out.resolve().is_relative_to(run.resolve()):
-        raise ConfigError(f"--out {out} lies inside the run {run}; this command writes no run it did not create: write it elsewhere.")
+        raise ConfigError(
+            f"--out {out} lies inside the run {run}; this command writes no run it did not create: write it elsewhere."
+        )
     classnames = read_classes(args)
 
     from mugcp.inference.export import check_exportable, export_run, largest_logit_difference
 
     check_exportable(run)
     learner, metadata = export_run(run, out, classnames, args.dtype)
-    print(f"exported {metadata.method} ({metadata.backbone}, {len(metadata.classnames)} classes, {metadata.dtype}, "
-          f"{metadata.image_size}px) to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    print(
+        f"exported {metadata.method} ({metadata.backbone}, {len(metadata.classnames)} classes, {metadata.dtype}, "
+        f"{metadata.image_size}px) to {out} ({out.stat().st_size / 2**20:.1f} MiB)"
+    )
     if args.check:
         difference, largest = largest_logit_difference(learner, out, metadata.image_size)
-        print(f"check: onnxruntime vs PyTorch on 4 random images: largest logit difference {difference:.3g} "
-              f"(largest logit {largest:.3g})")
+        print(
+            f"check: onnxruntime vs PyTorch on 4 random images: largest logit difference {difference:.3g} "
+            f"(largest logit {largest:.3g})"
+        )
     return 0
 
 

@@ -6,6 +6,7 @@ float32 ulps of 1.0: what reordered float32 sums (onnxruntime fuses layer norms,
 give after six transformer layers (observed: under 1e-5), and a thousand times finer than any logit gap
 that could change a prediction here.
 """
+
 import json
 import shutil
 import subprocess
@@ -31,8 +32,14 @@ from released_reference import register_tiny_clip
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 FP32_TOLERANCE = 1e-4
-TINY_MUGCP = ["method.depth=2", "method.amg_dim=16", "method.amg_heads=2", "method.pool_dim=16", "method.pool_heads=2",
-              "semantic.source=clip"]
+TINY_MUGCP = [
+    "method.depth=2",
+    "method.amg_dim=16",
+    "method.amg_heads=2",
+    "method.pool_dim=16",
+    "method.pool_heads=2",
+    "semantic.source=clip",
+]
 METHOD_OPTIONS = {
     "coop": ["method.n_ctx=2"],
     "maple": ["method.depth=2"],
@@ -55,11 +62,28 @@ def runs(tmp_path_factory, data_root):
     def run(method: str) -> Path:
         if method not in made:
             out = tmp_path_factory.mktemp(method) / "run"
-            train(load_config(None, [
-                "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=2", "data.batch_size=2", "data.eval_batch_size=8",
-                f"method={method}", *METHOD_OPTIONS[method], f"model.backbone={register_tiny_clip()}", "model.pretrained=none",
-                "optim.epochs=1", "optim.lr=0.01", "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false",
-            ]), out)
+            train(
+                load_config(
+                    None,
+                    [
+                        "data.dataset=imagefolder",
+                        f"data.root={data_root}",
+                        "data.shots=2",
+                        "data.batch_size=2",
+                        "data.eval_batch_size=8",
+                        f"method={method}",
+                        *METHOD_OPTIONS[method],
+                        f"model.backbone={register_tiny_clip()}",
+                        "model.pretrained=none",
+                        "optim.epochs=1",
+                        "optim.lr=0.01",
+                        "optim.warmup_epochs=0",
+                        "train.progress=false",
+                        "train.tensorboard=false",
+                    ],
+                ),
+                out,
+            )
             made[method] = out
         return made[method]
 
@@ -113,8 +137,16 @@ def test_metadata_round_trips(runs, exports):
     props = {entry.key: entry.value for entry in onnx.load(exports("maple")).metadata_props}
     metadata = ExportMetadata.from_props(props, "maple.onnx")
     assert metadata == ExportMetadata(
-        classnames=["blue whale", "red fox", "sand cat", "snow owl"], method="maple", backbone=register_tiny_clip(), pretrained="none",
-        image_size=32, mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", dtype="fp32", run=str(runs("maple")),
+        classnames=["blue whale", "red fox", "sand cat", "snow owl"],
+        method="maple",
+        backbone=register_tiny_clip(),
+        pretrained="none",
+        image_size=32,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        interpolation="bicubic",
+        dtype="fp32",
+        run=str(runs("maple")),
     )
     assert ExportMetadata.from_props(metadata.to_props(), "again") == metadata
 
@@ -133,7 +165,9 @@ def test_predict_onnx_gives_the_checkpoints_top1(method, tmp_path, runs, exports
     shutil.copytree(data_root / "test", photos)
     write_corrupt_image(photos / "broken.png")
     by_checkpoint, by_onnx = tmp_path / "checkpoint.jsonl", tmp_path / "onnx.jsonl"
-    assert command(predict_main, [photos, "--checkpoint", runs(method), "--out", by_checkpoint, "--device", "cpu"])[0] == 0
+    assert (
+        command(predict_main, [photos, "--checkpoint", runs(method), "--out", by_checkpoint, "--device", "cpu"])[0] == 0
+    )
     assert command(predict_main, [photos, "--onnx", exports(method), "--out", by_onnx])[0] == 0
     expected = [json.loads(line) for line in by_checkpoint.read_text().splitlines()]
     got = [json.loads(line) for line in by_onnx.read_text().splitlines()]
@@ -156,8 +190,13 @@ except SystemExit as stop:
 
 
 def test_predict_onnx_runs_without_importing_torch(tmp_path, exports, data_root):
-    done = subprocess.run([sys.executable, "-c", CHILD, str(data_root / "test"), "--onnx", str(exports("coop")), "--top-k", "2"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(data_root / "test"), "--onnx", str(exports("coop")), "--top-k", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.stdout.strip().splitlines()[-1] == "status 0 torch imported: False", done.stderr
     assert "8 images classified over 4 classes" in done.stderr
     assert done.stdout.splitlines()[0].split() == ["image", "top-1", "top-2"]
@@ -215,14 +254,29 @@ def test_bad_input_is_one_line_before_anything_is_loaded(tmp_path, runs, capsys,
     (tmp_path / "not_a_run").mkdir()
     cases = [
         ([tmp_path / "missing", "--out", out], f"checkpoint not found: {tmp_path / 'missing'} does not exist."),
-        ([tmp_path / "not_a_run", "--out", out], f"{tmp_path / 'not_a_run'} is not a checkpoint: expected adapter_config.json"),
-        ([edited_run(runs("coop"), tmp_path / "a", method="coop2"), "--out", out],
-         f"{tmp_path / 'a' / 'edited'}: method 'coop2' is unknown to this mugcp (known: cocoop, coop, ivlp, kgcoop, maple, mugcp, "),
-        ([edited_run(runs("mugcp"), tmp_path / "b", options={"semantic_source": "mllm"}), "--out", out],
-         f"{tmp_path / 'b' / 'edited'}: MuGCP with semantic_source='mllm' needs each new image's MLLM answer at inference, "
-         "which an ONNX graph of CLIP cannot compute; export runs trained with semantic.source=clip or none."),
-        ([runs("coop"), "--out", tmp_path / "model.pt"], f"--out {tmp_path / 'model.pt'}: the file name must end in .onnx."),
-        ([runs("coop"), "--out", runs("coop") / "model.onnx"], f"--out {runs('coop') / 'model.onnx'} lies inside the run "),
+        (
+            [tmp_path / "not_a_run", "--out", out],
+            f"{tmp_path / 'not_a_run'} is not a checkpoint: expected adapter_config.json",
+        ),
+        (
+            [edited_run(runs("coop"), tmp_path / "a", method="coop2"), "--out", out],
+            f"{tmp_path / 'a' / 'edited'}: method 'coop2' is unknown to this mugcp "
+            "(known: cocoop, coop, ivlp, kgcoop, maple, mugcp, ",
+        ),
+        (
+            [edited_run(runs("mugcp"), tmp_path / "b", options={"semantic_source": "mllm"}), "--out", out],
+            f"{tmp_path / 'b' / 'edited'}: MuGCP with semantic_source='mllm' needs each new image's MLLM answer "
+            "at inference, "
+            "which an ONNX graph of CLIP cannot compute; export runs trained with semantic.source=clip or none.",
+        ),
+        (
+            [runs("coop"), "--out", tmp_path / "model.pt"],
+            f"--out {tmp_path / 'model.pt'}: the file name must end in .onnx.",
+        ),
+        (
+            [runs("coop"), "--out", runs("coop") / "model.onnx"],
+            f"--out {runs('coop') / 'model.onnx'} lies inside the run ",
+        ),
     ]
     for argv, message in cases:
         code, printed, err = command(export_main, argv, capsys)
@@ -235,9 +289,15 @@ def test_predict_onnx_bad_input_is_one_line(tmp_path, exports, data_root, capsys
     not_onnx = tmp_path / "model.onnx"
     not_onnx.write_text("not a model")
     cases = [
-        ([data_root / "test", "--onnx", tmp_path / "missing.onnx"], f"--onnx {tmp_path / 'missing.onnx'}: no such file"),
+        (
+            [data_root / "test", "--onnx", tmp_path / "missing.onnx"],
+            f"--onnx {tmp_path / 'missing.onnx'}: no such file",
+        ),
         ([data_root / "test", "--onnx", not_onnx], f"--onnx {not_onnx}: onnxruntime cannot load it"),
-        ([data_root / "test", "--onnx", exports("coop"), "--classes", "cat,dog"], f"--onnx {exports('coop')} was exported for its 4 classes"),
+        (
+            [data_root / "test", "--onnx", exports("coop"), "--classes", "cat,dog"],
+            f"--onnx {exports('coop')} was exported for its 4 classes",
+        ),
         ([data_root / "test", "--onnx", exports("coop"), "--mllm", "x"], "--mllm does not apply to --onnx"),
     ]
     for argv, message in cases:
@@ -249,8 +309,12 @@ def test_metrics_record_what_the_run_cost(runs):
     metrics = json.loads((runs("coop") / "metrics.json").read_text())
     for subset in ("base", "new"):
         entry = metrics[subset]
-        assert entry["eval_time_s"] > 0 and entry["images_per_s"] == pytest.approx(entry["total"] / entry["eval_time_s"], rel=0.01)
-    assert metrics["eval_time_s"] == pytest.approx(metrics["base"]["eval_time_s"] + metrics["new"]["eval_time_s"], abs=0.002)
+        assert entry["eval_time_s"] > 0 and entry["images_per_s"] == pytest.approx(
+            entry["total"] / entry["eval_time_s"], rel=0.01
+        )
+    assert metrics["eval_time_s"] == pytest.approx(
+        metrics["base"]["eval_time_s"] + metrics["new"]["eval_time_s"], abs=0.002
+    )
     assert metrics["eval_images_per_s"] == pytest.approx(8 / metrics["eval_time_s"], rel=0.01)
     # one epoch at batch 2: every step trained on 2 images, over the training time
     assert metrics["steps"] >= 1

@@ -2,6 +2,7 @@
 
 Imports no torch: both commands read these before anything is loaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,9 @@ from typing import Optional
 
 def add_class_arguments(parser: argparse.ArgumentParser) -> None:
     names = parser.add_mutually_exclusive_group()
-    names.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog,owl" (default: the run\'s own classes)')
+    names.add_argument(
+        "--classes", help='comma-separated class names, e.g. "cat,dog,owl" (default: the run\'s own classes)'
+    )
     names.add_argument("--classes-file", help="a text file with one class name per line")
 
 
@@ -22,7 +25,9 @@ def read_classes(args) -> Optional[list[str]]:
     if args.classes is not None:
         names = [name.strip() for name in args.classes.split(",")]
         if not all(names):
-            raise ConfigError(f"--classes {args.classes!r}: give comma-separated non-empty names, e.g. --classes \"cat,dog\".")
+            raise ConfigError(
+                f'--classes {args.classes!r}: give comma-separated non-empty names, e.g. --classes "cat,dog".'
+            )
         return validate_classnames(names, "--classes", [f"--classes name {i + 1}" for i in range(len(names))])
     if args.classes_file is not None:
         return read_classnames_file(args.classes_file)

@@ -9,6 +9,7 @@ batch size into the per-image text path's reshapes. Exports build the model with
 ``sdpa`` attention and the unbucketed text path (bucketing groups classes by their token ids, which a
 traced graph cannot read); all three compute the same logits as the trained configuration.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,21 @@ def check_exportable(run: str | Path) -> dict:
         config = json.loads((checkpoint / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         method, options = config["method"], dict(config.get("method_options") or {})
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ExportError(f"{checkpoint / ADAPTER_CONFIG}: not written by mugcp ({type(err).__name__}: {err}).") from None
+        raise ExportError(
+            f"{checkpoint / ADAPTER_CONFIG}: not written by mugcp ({type(err).__name__}: {err})."
+        ) from None
     known = list_methods()
     if method not in known:
-        raise ExportError(f"{run}: method {method!r} is unknown to this mugcp (known: {', '.join(known)}); "
-                          "export it with the mugcp version that trained it.")
+        raise ExportError(
+            f"{run}: method {method!r} is unknown to this mugcp (known: {', '.join(known)}); "
+            "export it with the mugcp version that trained it."
+        )
     source = options.get("semantic_source")
     if method == "mugcp" and source not in EXPORTABLE_SEMANTIC_SOURCES:
-        raise ExportError(f"{run}: MuGCP with semantic_source={source!r} needs each new image's MLLM answer at inference, "
-                          "which an ONNX graph of CLIP cannot compute; export runs trained with semantic.source=clip or none.")
+        raise ExportError(
+            f"{run}: MuGCP with semantic_source={source!r} needs each new image's MLLM answer at inference, "
+            "which an ONNX graph of CLIP cannot compute; export runs trained with semantic.source=clip or none."
+        )
     return config
 
 
@@ -107,9 +114,18 @@ def export_metadata(learner, trained, image_size: int, dtype: str) -> ExportMeta
     from mugcp.data.transforms import OPENAI_MEAN, OPENAI_STD
 
     model_cfg = trained.cfg["model"]
-    return ExportMetadata(classnames=list(learner.classnames), method=trained.method, backbone=str(model_cfg["backbone"]),
-                          pretrained=str(model_cfg["pretrained"]), image_size=image_size, mean=OPENAI_MEAN, std=OPENAI_STD,
-                          interpolation="bicubic", dtype=dtype, run=str(trained.checkpoint.parent))
+    return ExportMetadata(
+        classnames=list(learner.classnames),
+        method=trained.method,
+        backbone=str(model_cfg["backbone"]),
+        pretrained=str(model_cfg["pretrained"]),
+        image_size=image_size,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        interpolation="bicubic",
+        dtype=dtype,
+        run=str(trained.checkpoint.parent),
+    )
 
 
 def onnx_model(module: nn.Module, image_size: int, dtype: str = "fp32"):
@@ -117,8 +133,16 @@ def onnx_model(module: nn.Module, image_size: int, dtype: str = "fp32"):
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
-        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
     model = program.model_proto
     if dtype == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -137,7 +161,9 @@ def write_onnx(model, metadata: ExportMetadata, out: str | Path) -> Path:
     return out
 
 
-def largest_logit_difference(learner, onnx_path: str | Path, image_size: int, images: int = 4, seed: int = 0) -> tuple[float, float]:
+def largest_logit_difference(
+    learner, onnx_path: str | Path, image_size: int, images: int = 4, seed: int = 0
+) -> tuple[float, float]:
     """(largest |onnxruntime − PyTorch| logit, largest |PyTorch logit|) on ``images`` random inputs."""
     from mugcp.inference.onnx_runner import OnnxClassifier
 

@@ -6,6 +6,7 @@ transform of :mod:`mugcp.data.transforms` with PIL and numpy (bicubic resize of 
 crop, ``pixels / 255`` normalised by mean and std, in the same float32 operations), so its arrays equal
 the transform's tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,18 @@ from mugcp.inference.image_files import ImageFile, Prediction, bad_image_reason,
 
 METADATA_PREFIX = "mugcp."
 #: metadata every export writes; values are strings (JSON for the lists)
-METADATA_KEYS = ("classnames", "method", "backbone", "pretrained", "image_size", "mean", "std", "interpolation", "dtype", "run")
+METADATA_KEYS = (
+    "classnames",
+    "method",
+    "backbone",
+    "pretrained",
+    "image_size",
+    "mean",
+    "std",
+    "interpolation",
+    "dtype",
+    "run",
+)
 
 
 @dataclass
@@ -41,23 +53,37 @@ class ExportMetadata:
 
     def to_props(self) -> dict[str, str]:
         values = {key: getattr(self, key) for key in METADATA_KEYS}
-        return {METADATA_PREFIX + key: json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
-                for key, value in values.items()}
+        return {
+            METADATA_PREFIX + key: json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+            for key, value in values.items()
+        }
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str) -> "ExportMetadata":
         missing = [METADATA_PREFIX + key for key in METADATA_KEYS if METADATA_PREFIX + key not in props]
         if missing:
-            raise ConfigError(f"{source}: not an export of python -m mugcp.export (its metadata lacks {', '.join(missing)}); "
-                              "export the run again with python -m mugcp.export RUN --out FILE.onnx.")
+            raise ConfigError(
+                f"{source}: not an export of python -m mugcp.export (its metadata lacks {', '.join(missing)}); "
+                "export the run again with python -m mugcp.export RUN --out FILE.onnx."
+            )
         get = {key: props[METADATA_PREFIX + key] for key in METADATA_KEYS}
-        return cls(classnames=list(json.loads(get["classnames"])), method=get["method"], backbone=get["backbone"],
-                   pretrained=get["pretrained"], image_size=int(get["image_size"]), mean=tuple(json.loads(get["mean"])),
-                   std=tuple(json.loads(get["std"])), interpolation=get["interpolation"], dtype=get["dtype"], run=get["run"])
+        return cls(
+            classnames=list(json.loads(get["classnames"])),
+            method=get["method"],
+            backbone=get["backbone"],
+            pretrained=get["pretrained"],
+            image_size=int(get["image_size"]),
+            mean=tuple(json.loads(get["mean"])),
+            std=tuple(json.loads(get["std"])),
+            interpolation=get["interpolation"],
+            dtype=get["dtype"],
+            run=get["run"],
+        )
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side ``size``, the longer scaled and truncated (torchvision's ``Resize(int)``)."""
+    """(width, height) with the shorter side ``size``, the longer scaled and truncated
+    (torchvision's ``Resize(int)``)."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
@@ -85,7 +111,9 @@ class OnnxClassifier:
     def __init__(self, path: str | Path, threads: int = 0):
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--onnx {path}: no such file; make one with python -m mugcp.export RUN --out {path.name or 'model.onnx'}.")
+            raise ConfigError(
+                f"--onnx {path}: no such file; make one with python -m mugcp.export RUN --out {path.name}."
+            )
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -93,7 +121,9 @@ class OnnxClassifier:
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for a file that is no ONNX model
-            raise ConfigError(f"--onnx {path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:200]}).") from None
+            raise ConfigError(
+                f"--onnx {path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:200]})."
+            ) from None
         self.metadata = ExportMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, f"--onnx {path}")
         self.input_name = self.session.get_inputs()[0].name
 
@@ -116,17 +146,21 @@ class OnnxClassifier:
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         names = self.classnames
-        return [Prediction([names[i] for i in row], [round(float(probs[n, i]), 6) for i in row], [int(i) for i in row])
-                for n, row in enumerate(order)]
+        return [
+            Prediction([names[i] for i in row], [round(float(probs[n, i]), 6) for i in row], [int(i) for i in row])
+            for n, row in enumerate(order)
+        ]
 
-    def predict_files(self, files: Sequence[ImageFile], top_k: int, batch_size: int) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    def predict_files(
+        self, files: Sequence[ImageFile], top_k: int, batch_size: int
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Batched predictions for image files; unreadable ones are returned as (path, reason), not raised."""
         predictions: list[Prediction] = []
         skipped: list[tuple[str, str]] = []
         paths = list(dict.fromkeys(f.path for f in files))
         for first in range(0, len(paths), batch_size):
             arrays, kept = [], []
-            for path in paths[first:first + batch_size]:
+            for path in paths[first : first + batch_size]:
                 try:
                     arrays.append(self.preprocess(open_image(path)))
                     kept.append(path)

@@ -5,6 +5,7 @@ trainable parameters; :func:`aggregate_cost` averages them over seeds per group 
 protocol, shots, backbone), with the group's HM (or accuracy on all classes) for the plot. Runs written
 before a field existed leave its cell empty.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,10 +54,15 @@ def _number(row: dict, field: str, digits: int) -> str:
 
 def cost_markdown(rows: list[dict]) -> str:
     header = ["dataset", "method", "backbone", "seeds", *(title for _, title, _ in COST_FIELDS)]
-    lines = ["## Cost", "",
-             "Mean over seeds. Training time counts from the command's start (setup included); evaluation images/s "
-             "over the evaluated subsets' own passes.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "## Cost",
+        "",
+        "Mean over seeds. Training time counts from the command's start (setup included); evaluation images/s "
+        "over the evaluated subsets' own passes.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for row in rows:
         cells = [str(row["dataset"]), str(row["method"]), str(row["backbone"]), str(row["seeds"])]
         cells += [_number(row, field, digits) for field, _, digits in COST_FIELDS]
@@ -69,13 +75,21 @@ def cost_csv(rows: list[dict]) -> str:
     writer = csv.writer(buffer)
     writer.writerow([*GROUP_KEYS, "seeds", *(field for field, _, _ in COST_FIELDS), "accuracy", "accuracy_metric"])
     for row in rows:
-        writer.writerow([*(row[k] for k in GROUP_KEYS), row["seeds"], *(row.get(field, "") for field, _, _ in COST_FIELDS),
-                         row.get("accuracy", ""), row.get("accuracy_metric", "")])
+        writer.writerow(
+            [
+                *(row[k] for k in GROUP_KEYS),
+                row["seeds"],
+                *(row.get(field, "") for field, _, _ in COST_FIELDS),
+                row.get("accuracy", ""),
+                row.get("accuracy_metric", ""),
+            ]
+        )
     return buffer.getvalue()
 
 
 def plot_cost(rows: list[dict], path: Path) -> bool:
-    """Training time against HM (or accuracy), one colour per method, a point per dataset; False when nothing to plot."""
+    """Training time against HM (or accuracy), one colour per method, a point per dataset;
+    False when there is nothing to plot."""
     from mugcp.reports.plots import _pyplot, _save
 
     shown = [r for r in rows if "train_time_s" in r and "accuracy" in r]
@@ -87,7 +101,13 @@ def plot_cost(rows: list[dict], path: Path) -> bool:
         mine = [r for r in shown if r["method"] == method]
         ax.scatter([r["train_time_s"] for r in mine], [r["accuracy"] for r in mine], label=method)
         for r in mine:
-            ax.annotate(str(r["dataset"]), (r["train_time_s"], r["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(r["dataset"]),
+                (r["train_time_s"], r["accuracy"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     metrics = {r["accuracy_metric"] for r in shown}
     ax.set_xlabel("training time (s), mean over seeds")
     ax.set_ylabel("harmonic mean (base, new) %" if metrics == {"hm"} else "HM or accuracy on all classes %")
