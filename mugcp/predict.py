@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images (searched recursively)")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="run folder (or its checkpoint/ folder)")
-    model.add_argument("--onnx", metavar="FILE", help="a file of python -m mugcp.export, run by onnxruntime without torch")
+    model.add_argument("--onnx", metavar="FILE",
+                       help="a file of python -m mugcp.export, run by onnxruntime without torch")
     add_class_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="classes per image [5]")
     parser.add_argument("--out", help="write predictions to a .csv or .jsonl file (default: print a table)")
@@ -44,8 +45,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Everything below imports no torch until load_run: --onnx runs with onnxruntime alone.
     from mugcp.config import ConfigError
-    from mugcp.inference.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, result_rows, rows_csv, rows_jsonl,
-                                          table)
+    from mugcp.inference.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, result_rows,
+                                             rows_csv, rows_jsonl, table)
     from mugcp.utils import atomic_write_text
 
     if args.top_k < 1:
@@ -86,10 +87,12 @@ def predict_checkpoint(args, classnames, files):
     from mugcp.inference.image_files import predict_files
     from mugcp.inference.inference import load_run
 
-    model, preprocess = load_run(args.checkpoint, classnames, device=args.device, semantic_cache=args.semantic_cache, mllm=args.mllm)
+    model, preprocess = load_run(args.checkpoint, classnames, device=args.device, semantic_cache=args.semantic_cache,
+                                 mllm=args.mllm)
     if model.semantics.needed and model.semantics.cache is None and model.semantics.mllm is None:
         raise ConfigError(model.semantics.missing_message())
-    predictions, skipped = predict_files(model, preprocess, files, args.top_k, args.batch_size, progress=not args.no_progress)
+    predictions, skipped = predict_files(model, preprocess, files, args.top_k, args.batch_size,
+                                         progress=not args.no_progress)
     return predictions, skipped, model.classnames
 
 
@@ -100,13 +103,15 @@ def predict_onnx(args, classnames, files):
 
     for option, value in (("--semantic-cache", args.semantic_cache), ("--mllm", args.mllm)):
         if value is not None:
-            raise ConfigError(f"{option} does not apply to --onnx: an exported MuGCP computes its semantic prompts from the image.")
+            raise ConfigError(f"{option} does not apply to --onnx: an exported MuGCP computes its semantic prompts "
+                              "from the image.")
     if args.device not in ("auto", "cpu"):
-        raise ConfigError(f"--device {args.device} with --onnx: exported files run on the CPU (onnxruntime); use --device cpu.")
+        raise ConfigError(f"--device {args.device} with --onnx: exported files run on the CPU (onnxruntime); "
+                          "use --device cpu.")
     classifier = OnnxClassifier(args.onnx)
     if classnames is not None and classnames != classifier.classnames:
-        raise ConfigError(f"--onnx {args.onnx} was exported for its {len(classifier.classnames)} classes "
-                          f"({', '.join(classifier.classnames[:5])}{', ...' if len(classifier.classnames) > 5 else ''}); "
+        shown = ", ".join(classifier.classnames[:5]) + (", ..." if len(classifier.classnames) > 5 else "")
+        raise ConfigError(f"--onnx {args.onnx} was exported for its {len(classifier.classnames)} classes ({shown}); "
                           "other classes need another export: python -m mugcp.export RUN --classes ... --out FILE.onnx.")
     predictions, skipped = classifier.predict_files(files, args.top_k, args.batch_size)
     return predictions, skipped, classifier.classnames

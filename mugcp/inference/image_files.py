@@ -132,7 +132,8 @@ def table(predictions: Sequence[Prediction]) -> str:
 
 def predict_files(model, preprocess, files: Sequence[ImageFile], top_k: int, batch_size: int,
                   progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Batched predictions of a ``TrainedModel`` for image files; unreadable ones are returned as (path, reason), not raised."""
+    """Batched predictions of a ``TrainedModel`` for image files; unreadable ones are returned as
+    (path, reason), not raised."""
     from tqdm.auto import tqdm
 
     from mugcp.data import DatasetSplits, Datum, ImageDataset, build_loader

@@ -65,7 +65,8 @@ def write_report(folders, out, layout: str = "groups") -> str:
     print(table)
     print(f"{groups} → {out}/results.md, results.csv, results.png")
     if cost:
-        print(f"cost (training time, evaluation images/s, peak memory, trainable parameters) → {out}/results.md, cost.csv, cost.png")
+        print(f"cost (training time, evaluation images/s, peak memory, trainable parameters) → "
+              f"{out}/results.md, cost.csv, cost.png")
     if write_per_class_report(runs, out, GROUP_KEYS):
         print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table
