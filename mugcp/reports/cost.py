@@ -79,12 +79,16 @@ def cost_csv(rows: list[dict]) -> str:
             [
                 *(row[k] for k in GROUP_KEYS),
                 row["seeds"],
-                *(row.get(field, "") for field, _, _ in COST_FIELDS),
-                row.get("accuracy", ""),
+                *(_rounded(row.get(field, "")) for field, _, _ in COST_FIELDS),
+                _rounded(row.get("accuracy", "")),
                 row.get("accuracy_metric", ""),
             ]
         )
     return buffer.getvalue()
+
+
+def _rounded(number):
+    return round(number, 4) if isinstance(number, float) else number
 
 
 def plot_cost(rows: list[dict], path: Path) -> bool:
