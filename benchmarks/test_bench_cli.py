@@ -20,7 +20,7 @@ import pytest
 from benchmarks.conftest import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["train", "evaluate", "predict", "sweep", "extract", "report", "convert", "data", "data check"]
+COMMANDS = ["train", "evaluate", "predict", "sweep", "extract", "report", "convert", "export", "data", "data check"]
 
 # Runs one command's --help the way `python -m` does, then reports its own peak memory and imports.
 # Peak memory is VmHWM, not ru_maxrss: a child started from this (torch-sized) process inherits its ru_maxrss.

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = [
     ("mugcp.train", []), ("mugcp.evaluate", []), ("mugcp.predict", []), ("mugcp.sweep", []), ("mugcp.extract", []),
-    ("mugcp.report", []), ("mugcp.convert", []), ("mugcp.data", []), ("mugcp.data", ["check"]),
+    ("mugcp.report", []), ("mugcp.convert", []), ("mugcp.export", []), ("mugcp.data", []), ("mugcp.data", ["check"]),
 ]
 
 CHILD = """

@@ -135,6 +135,7 @@ class ClipBackbone(nn.Module):
         return_tokens: bool = False,
         shared_prefix: int = 0,
         adapters: LayerAdapters = None,
+        length: int | None = None,
     ):
         """Text features ``(N, embed_dim)`` (and, with ``return_tokens``, every position after ``ln_final``,
         ``(N, L', width)`` with ``L'`` the truncated length).
@@ -161,12 +162,14 @@ class ClipBackbone(nn.Module):
         prefix only.
 
         ``adapters``: per-layer residual adapters (see ``blocks.residual_block``); entry ``j`` runs beside block ``j``.
+        ``length`` (unbucketed path) is the last EOT position + 1 when the caller knows it as a number
+        (``ClassPrompts.length``): ``torch.export`` (ONNX export) traces the token ids and cannot read them.
         """
         if self.text_bucketing and not return_tokens:
             features = encode_text_bucketed(self, tokens, deep_prompts, embeddings, shared_prefix, adapters)
             return F.normalize(features, dim=-1) if normalize else features
         eot = tokens.argmax(dim=-1)
-        length = int(eot.max()) + 1
+        length = int(eot.max()) + 1 if length is None else length
         if embeddings is None:
             x = self.embed_tokens(tokens[:, :length])
         elif callable(embeddings):

@@ -1,7 +1,8 @@
 """Classifying image files in batches: collecting them from folders, the predictions, and their tables.
 
 Unreadable images are named, skipped and returned with the reason, never raised; the output
-formats are a console table, CSV and JSON lines. The files list every image, in the order found:
+formats are a console table, CSV and JSON lines. This module imports no torch (``predict --onnx``
+uses it). The files list every image, in the order found:
 a skipped one has no classes and its reason in ``error`` (CSV: empty cells; JSONL: ``"error": null``
 on every classified line, so each line has the same keys).
 """
@@ -18,11 +19,30 @@ from typing import Optional, Sequence
 
 from mugcp.config import ConfigError
 from mugcp.errors import UserError
-from mugcp.data.dataset import IMAGE_EXTENSIONS
+from mugcp.data.dataset import IMAGE_EXTENSIONS, open_image_file as open_image
 from mugcp.data.image_tree import find_images
-from mugcp.inference.inference import Prediction, Preprocess, TrainedModel, key_candidates, open_image
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first (``probs`` are softmax probabilities)."""
+
+    classes: list[str]
+    probs: list[float]
+    indices: list[int]
+    path: Optional[str] = None
+
+
+def key_candidates(path: str, relative: Optional[str] = None) -> list[str]:
+    """Where an image may sit in a semantic cache: relative to the folder given (as ``extract --images``
+    keys it), the path as given, absolute, or its bare file name."""
+    if not path:
+        return [""]
+    candidates = [relative] if relative else []
+    candidates += [path, str(Path(path).resolve()), Path(path).name]
+    return list(dict.fromkeys(candidates))
 
 
 class NoImageClassifiedError(UserError):
@@ -110,9 +130,10 @@ def table(predictions: Sequence[Prediction]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def predict_files(model: TrainedModel, preprocess: Preprocess, files: Sequence[ImageFile], top_k: int, batch_size: int,
+def predict_files(model, preprocess, files: Sequence[ImageFile], top_k: int, batch_size: int,
                   progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Batched predictions for image files; unreadable ones are returned as (path, reason), not raised."""
+    """Batched predictions of a ``TrainedModel`` for image files; unreadable ones are returned as
+    (path, reason), not raised."""
     from tqdm.auto import tqdm
 
     from mugcp.data import DatasetSplits, Datum, ImageDataset, build_loader

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,17 +14,8 @@ import torch.nn as nn
 from PIL import Image
 
 from mugcp.config import ConfigError
+from mugcp.inference.image_files import Prediction, key_candidates  # noqa: F401 (also imported from here)
 from mugcp.inference.semantic_inputs import SemanticInputs
-
-
-@dataclass
-class Prediction:
-    """The top-k classes of one image, most probable first (``probs`` are softmax probabilities)."""
-
-    classes: list[str]
-    probs: list[float]
-    indices: list[int]
-    path: Optional[str] = None
 
 
 class Preprocess:
@@ -149,16 +139,6 @@ class TrainedModel(nn.Module):
 
 def _tensor_has_no_pil():
     raise ConfigError("running the MLLM needs the images themselves: call model.predict with PIL images or paths, not a tensor.")
-
-
-def key_candidates(path: str, relative: Optional[str] = None) -> list[str]:
-    """Where an image may sit in a semantic cache: relative to the folder given (as ``extract --images``
-    keys it), the path as given, absolute, or its bare file name."""
-    if not path:
-        return [""]
-    candidates = [relative] if relative else []
-    candidates += [path, str(Path(path).resolve()), Path(path).name]
-    return list(dict.fromkeys(candidates))
 
 
 def load_run(run, classnames: Optional[Sequence[str]] = None, device: str = "cpu", semantic_cache=None, mllm: Optional[str] = None):

@@ -83,10 +83,10 @@ class CoCoOp(DecoupledPromptLearner):
         """Text features ``(B, C, E)`` for per-image contexts ``(B, n_ctx, width)``."""
         classes = len(self.classnames)
         limit = self.options["max_text_sequences"]
-        group = contexts.shape[0] if torch.is_grad_enabled() or not limit else max(1, limit // classes)
+        # One group needs no split: then the batch size is never compared to anything (ONNX export keeps it dynamic).
+        chunks = [contexts] if torch.is_grad_enabled() or not limit else contexts.split(max(1, limit // classes))
         features = []
-        for start in range(0, contexts.shape[0], group):
-            chunk = contexts[start : start + group]
+        for chunk in chunks:
             if self.clip.text_bucketing:
                 def embeddings(rows: torch.Tensor, length: int, chunk: torch.Tensor = chunk) -> torch.Tensor:
                     # built per bucket/chunk inside its own (maybe recomputed) pass: no B×C tensor outlives it
@@ -94,7 +94,8 @@ class CoCoOp(DecoupledPromptLearner):
             else:
                 embeddings = self.prompts.assemble_per_image(chunk)
             # [SOS, ctx + π(x)] is per image and shared by every class: the backbone runs it once per image.
-            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings, shared_prefix=1 + self.n_ctx)
+            encoded = self.clip.encode_text(self.prompts.tokens, embeddings=embeddings, shared_prefix=1 + self.n_ctx,
+                                            length=self.prompts.length)
             features.append(encoded.view(chunk.shape[0], classes, -1))
         return torch.cat(features)
 

@@ -240,7 +240,7 @@ class MuGCP(PromptLearner):
         prompts = self.class_prompts
         tokens = prompts.tokens
         # Every position after the last EOT is invisible to the EOT features (causal mask).
-        length = int(tokens.argmax(dim=-1).max()) + 1
+        length = prompts.length
         placeholders = prompts.prefix.new_zeros(tokens.shape[0], self.n_ctx + self.n_semantic, prompts.prefix.shape[-1])
         class_embeddings = torch.cat([prompts.prefix, placeholders, prompts.suffix], dim=1)[:, :length]
         batch, classes = semantic_layers[0].shape[0], tokens.shape[0]
@@ -264,6 +264,7 @@ class MuGCP(PromptLearner):
             # [SOS, ctx_t, S] are per image and shared by every class: the backbone runs them once per image.
             encoded = self.clip.encode_text(
                 tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build, shared_prefix=1 + self.n_ctx + self.n_semantic,
+                length=length,
             )
             features.append(encoded.view(batch, chunk.shape[0], -1))
         return torch.cat(features, dim=1)

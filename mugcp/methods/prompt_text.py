@@ -97,6 +97,8 @@ class ClassPrompts(nn.Module):
         with torch.no_grad():
             embedding = clip.embed_tokens(tokens)
         # Buffers, not parameters, and not persistent: a checkpoint must not carry class names.
+        # The sequences' useful length as a number, so that exporting (torch.export) need not read the token ids.
+        self.length = int(tokens.argmax(dim=-1).max()) + 1
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedding[:, :1], persistent=False)
         self.register_buffer("suffix", embedding[:, 1 + n_ctx :], persistent=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mugcp.analysis.per_class import write_per_class_report
 from mugcp.config import ConfigError
-from mugcp.runs.layout import FINAL_METRICS_FILE, RESULTS_CSV_FILE, RESULTS_FIGURE_FILE, RESULTS_TABLE_FILE
+from mugcp.reports.cost import aggregate_cost, cost_csv, cost_markdown, plot_cost
+from mugcp.runs.layout import FINAL_METRICS_FILE, COST_CSV_FILE, COST_FIGURE_FILE, RESULTS_CSV_FILE, RESULTS_FIGURE_FILE, RESULTS_TABLE_FILE
 from mugcp.reports.plots import plot, plot_fewshot, plot_transfer
 from mugcp.reports.results import GROUP_KEYS, aggregate, aggregate_transfer, find_evaluations, find_runs
 from mugcp.reports.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
@@ -56,10 +57,18 @@ def write_report(folders, out, layout: str = "groups") -> str:
         table = {"groups": markdown, "base2new": base2new_markdown, "fewshot": fewshot_markdown}[layout](rows)
         table_csv = csv_text(rows)
         (plot_fewshot if layout == "fewshot" else plot)(rows, out / RESULTS_FIGURE_FILE)
+    cost = aggregate_cost(runs)
+    if cost:
+        table += "\n" + cost_markdown(cost)
+        atomic_write_text(out / COST_CSV_FILE, cost_csv(cost))
+        plot_cost(cost, out / COST_FIGURE_FILE)
     atomic_write_text(out / RESULTS_TABLE_FILE, table)
     atomic_write_text(out / RESULTS_CSV_FILE, table_csv)
     print(table)
     print(f"{groups} → {out}/{RESULTS_TABLE_FILE}, {RESULTS_CSV_FILE}, {RESULTS_FIGURE_FILE}")
+    if cost:
+        print(f"cost (training time, evaluation images/s, peak memory, trainable parameters) → "
+              f"{out}/{RESULTS_TABLE_FILE}, {COST_CSV_FILE}, {COST_FIGURE_FILE}")
     if write_per_class_report(runs, out, GROUP_KEYS):
         print(f"per-class accuracy → {out}/per_class.md, per_class.csv, per_class/*.png")
     return table

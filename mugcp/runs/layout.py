@@ -45,6 +45,8 @@ REPORT_DIR = "report"  # ROOT/report: the sweep's report once every run finished
 RESULTS_TABLE_FILE = "results.md"  # in a report folder, with the two below
 RESULTS_CSV_FILE = "results.csv"
 RESULTS_FIGURE_FILE = "results.png"
+COST_CSV_FILE = "cost.csv"  # the cost of each method and dataset (mugcp/reports/cost.py), beside the results
+COST_FIGURE_FILE = "cost.png"
 
 
 def job_file_stem(job_name: str) -> str:

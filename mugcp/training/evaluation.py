@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +29,7 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
     eval_set = ImageDataset(items, dataset, build_transform(image_size, train=False), on_bad_image=data_cfg["on_bad_image"], semantic=features)
     loader = build_loader(eval_set, data_cfg["eval_batch_size"], train=False, seed=0, num_workers=data_cfg["num_workers"])
     correct = total = skipped = 0
+    started = time.perf_counter()  # loading and decoding the images counts: it is part of what evaluation costs
     per_class_correct = torch.zeros(len(classnames), dtype=torch.long)
     per_class_total = torch.zeros(len(classnames), dtype=torch.long)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress_wanted(progress), leave=False):
@@ -45,6 +47,9 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
         total += labels.numel()
         per_class_total += torch.bincount(labels, minlength=len(classnames))
         per_class_correct += torch.bincount(labels[hits], minlength=len(classnames))
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the last batch's kernels are part of its time
+    seconds = time.perf_counter() - started
     if total == 0:
         raise RuntimeError(f"{desc}: no readable images to evaluate ({skipped} skipped).")
     present = per_class_total > 0  # classes with no readable image would count as 0 %
@@ -56,6 +61,8 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
         "skipped": skipped,
         "mean_per_class_accuracy": round(sum(per_class) / len(per_class), 4),
         "classes": len(classnames),
+        "eval_time_s": round(seconds, 6),
+        "images_per_s": round(total / max(seconds, 1e-9), 2),
     }
 
 
@@ -93,7 +100,25 @@ def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=
             write_subset_outputs(output, name, recorder.result(), zero_shot)
     if "base" in metrics and "new" in metrics:
         metrics["hm"] = round(harmonic_mean(metrics["base"]["accuracy"], metrics["new"]["accuracy"]), 4)
+    metrics.update(evaluation_cost(metrics))
     return metrics
+
+
+def evaluation_cost(metrics: dict) -> dict:
+    """``eval_time_s`` and ``eval_images_per_s`` over the evaluated subsets (their own passes, without the
+    zero-shot comparison or the files written); empty when nothing was evaluated."""
+    subsets = [entry for entry in metrics.values() if isinstance(entry, dict) and "eval_time_s" in entry]
+    if not subsets:
+        return {}
+    seconds = sum(entry["eval_time_s"] for entry in subsets)
+    images = sum(entry["total"] for entry in subsets)
+    return {"eval_time_s": round(seconds, 6), "eval_images_per_s": round(images / max(seconds, 1e-9), 2)}
+
+
+def training_cost(images: int, train_time_s: float) -> dict:
+    """``train_images_per_s``: training images this process stepped through per second of ``train_time_s``
+    (which counts from the command's start, so setup is included)."""
+    return {"train_images_per_s": round(images / max(train_time_s, 1e-9), 2)}
 
 
 def zero_shot_predictions(model, items, classnames, dataset, cfg: dict, device, precision: str, name: str):

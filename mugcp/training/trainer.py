@@ -24,7 +24,7 @@ from mugcp.runs.layout import (CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, 
                                TENSORBOARD_DIR, TRAINER_STATE_FILE)
 from mugcp.runs.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
 from mugcp.training.distributed import Distributed
-from mugcp.training.evaluation import evaluate_subsets
+from mugcp.training.evaluation import evaluate_subsets, training_cost
 from mugcp.training.optim import build_optimizer, build_scheduler, run_length
 from mugcp.runs.run_setup import (
     RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
@@ -182,6 +182,7 @@ class TrainingLoop:
         elif resume:
             log.info("--resume: %s holds no checkpoint yet (the run stopped in its first epoch); training starts over.",
                      output)
+        self.first_step = self.step  # the steps before it cost another process's time
 
         main = distributed.is_main
         self.writer = _tensorboard(output) if setup.cfg["train"]["tensorboard"] and main else None
@@ -332,6 +333,7 @@ def _final_metrics(setup: RunSetup, loop: TrainingLoop, output: Path, started: f
         "wall_time_s": round(time.time() - started, 2),
         "train_time_s": round(train_time, 2),
         "peak_memory_mb": round(peak_memory_mb(setup.device), 1),
+        **training_cost((loop.step - loop.first_step) * data_cfg["batch_size"], train_time),
         "device": str(setup.device),
         "precision": setup.precision,
     })
