@@ -236,6 +236,7 @@ COMMANDS = [
     "mugcp.inspect",
     "mugcp.sweep",
     "mugcp.extract",
+    "mugcp.export",
     "mugcp.report",
     "mugcp.convert",
 ]

@@ -129,7 +129,7 @@ def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, 
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
     sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
-                        methods=["coop"], shots=[1], overrides={"data.root": str(data), "method.n_ctx": 2, **TINY, "optim.epochs": 1})
+                        methods=["coop"], shots=[1], overrides={"data.root": str(data), "method.n_ctx": 2, "method.ctx_init": "", **TINY, "optim.epochs": 1})
     root = tmp_path / "runs"
     assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=in_process) == 0
     source = metrics_of(root, "coop_dtd_k1_s1")
