@@ -33,7 +33,7 @@ from mugcp.methods import create_model
 
 BACKBONE = "ViT-B-16"
 CLASSNAMES = [f"class number {i}" for i in range(100)]
-BATCHES = [int(b) for b in os.environ.get("MUGCP_BENCH_EXPORT_BATCHES", "1,8").split(",")]
+BATCHES = [int(b) for b in os.environ.get("MUGCP_BENCH_EXPORT_BATCHES", "1").split(",")]
 ROUNDS = int(os.environ.get("MUGCP_BENCH_EXPORT_ROUNDS", "3"))
 METHOD_OPTIONS = {"coop": {}, "maple": {}}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.text_scaling import BATCH, BACKBONE, build_step, imagenet_classnames
+from benchmarks.text_scaling import BACKBONE, BATCH, build_step, imagenet_classnames
 from mugcp.backbones import load_clip
 from mugcp.methods.prompt_text import ClassPrompts
 

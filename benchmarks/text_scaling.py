@@ -52,8 +52,8 @@ def build_step(method: str, classes: int, path: str, memory_mb: float | None, ba
     import torch
 
     from mugcp.backbones import load_clip
-    from mugcp.runs.run_setup import configure_text_path
     from mugcp.methods import create_model
+    from mugcp.runs.run_setup import configure_text_path
 
     torch.manual_seed(0)
     clip = load_clip(BACKBONE, pretrained=None)

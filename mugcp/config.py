@@ -12,13 +12,13 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from mugcp.errors import UserError
-
 
 
 def _config_dir() -> Path:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
-from mugcp.kernels import ATTENTION_BACKENDS, BACKENDS as KERNEL_BACKENDS
 from mugcp.config import DEFAULTS, ConfigError
+from mugcp.kernels import ATTENTION_BACKENDS
+from mugcp.kernels import BACKENDS as KERNEL_BACKENDS
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 PROTOCOLS = ("base2new", "fewshot", "all", "cross_dataset", "domain_generalization")

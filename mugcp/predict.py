@@ -45,8 +45,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Everything below imports no torch until load_run: --onnx runs with onnxruntime alone.
     from mugcp.config import ConfigError
-    from mugcp.inference.image_files import (OUTPUT_FORMATS, collect_images, no_image_classified, result_rows,
-                                             rows_csv, rows_jsonl, table)
+    from mugcp.inference.image_files import (
+        OUTPUT_FORMATS,
+        collect_images,
+        no_image_classified,
+        result_rows,
+        rows_csv,
+        rows_jsonl,
+        table,
+    )
     from mugcp.utils import atomic_write_text, check_output_file
 
     if args.top_k < 1:

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from mugcp.config import CONFIG_DIR, DEFAULTS, ConfigError, merge, read_yaml
 

@@ -17,7 +17,6 @@ from mugcp.runs.layout import REPORT_DIR
 from mugcp.utils import check_output_folder
 
 
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mugcp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="folders searched recursively for runs (metrics.json)")

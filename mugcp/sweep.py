@@ -37,8 +37,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from mugcp.cli import run_cli
 from mugcp.launch.slurm import add_slurm_arguments

@@ -186,7 +186,9 @@ def _stop(processes: dict, timeout: float = 15.0) -> None:
 
 def _cancel_all_jobs(env: dict) -> None:
     """Jobs still queued or running at the end are cancelled, so no slurmstepd outlives the cluster."""
-    run = lambda *cmd: subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=30)
+    def run(*cmd):
+        return subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=30)
+
     with contextlib.suppress(Exception):
         run("scancel", "--user", pwd.getpwuid(os.geteuid()).pw_name)
         deadline = time.monotonic() + 20

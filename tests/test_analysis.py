@@ -9,15 +9,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from released_reference import randomise_prompt_parameters, tiny_clip
 
-from mugcp.analysis.amg import AMGRecorder, cocoop_conditional_sizes, gate_values, map_grid_size, mugcp_conditional_sizes, plot_gates, plot_map_grid, GATES_SIZE
+from mugcp.analysis.amg import (
+    GATES_SIZE,
+    AMGRecorder,
+    cocoop_conditional_sizes,
+    gate_values,
+    map_grid_size,
+    mugcp_conditional_sizes,
+    plot_gates,
+    plot_map_grid,
+)
 from mugcp.analysis.confusion import cluster_order, figure_size, plot_confusion, top_pairs
 from mugcp.analysis.curves import CURVES_SIZE, MetricsLog, plot_curves, read_metrics
 from mugcp.analysis.nearest_words import learned_text_contexts, nearest_tokens, nearest_words, token_text
 from mugcp.analysis.per_class import aggregate_per_class, write_per_class_report
 from mugcp.analysis.predictions import PredictionRecorder, write_subset_outputs
 from mugcp.methods import create_model
-from released_reference import randomise_prompt_parameters, tiny_clip
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 

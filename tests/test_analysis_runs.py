@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from fixtures import make_imagefolder
+from PIL import Image
+from released_reference import register_tiny_clip
+from test_analysis import CLASSES, assert_png
+
 from mugcp.analysis.amg import GATES_SIZE, map_grid_size
 from mugcp.analysis.confusion import figure_size
 from mugcp.analysis.curves import CURVES_SIZE, read_metrics
 from mugcp.config import load_config
 from mugcp.training import train
-from released_reference import register_tiny_clip
-from test_analysis import CLASSES, assert_png
 
 TINY_MUGCP = ["method=mugcp", "method.depth=2", "method.amg_dim=16", "method.amg_heads=2", "method.pool_dim=16", "method.pool_heads=2"]
 
@@ -84,7 +84,7 @@ def test_training_writes_predictions_per_class_confusion_and_curves(mugcp_run, d
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == list(range(1, metrics["steps"] + 1))
     assert {r["subset"]: r["accuracy"] for r in records if r["kind"] == "eval"} == {s: metrics[s]["accuracy"] for s in ("base", "new")}
-    assert "epoch 2 step 4/4 loss %.4f" % train_records[-1]["loss"] in (run / "log.txt").read_text()
+    assert f"epoch 2 step 4/4 loss {train_records[-1]['loss']:.4f}" in (run / "log.txt").read_text()
     assert_png(run / "curves.png", CURVES_SIZE)
 
 
@@ -137,9 +137,10 @@ def test_inspect_of_a_missing_run_is_one_line(tmp_path, capsys):
 
 def test_inspect_shows_the_caption_each_image_was_given(tmp_path, data_root):
     from fixtures import write_image
+    from test_engine import write_semantic_cache
+
     from mugcp.inspect import main
     from mugcp.semantics import write_cache
-    from test_engine import write_semantic_cache
 
     write_semantic_cache(tmp_path / "train_cache", data_root)
     cfg = load_config(None, [

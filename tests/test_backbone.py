@@ -4,8 +4,8 @@ import contextlib
 import pytest
 import torch
 
-from mugcp.kernels.attention import AttentionBackendError, attention
 from mugcp.backbones import PretrainedLoadError, load_clip, normalize_model_name, quick_gelu_setting
+from mugcp.kernels.attention import AttentionBackendError, attention
 
 TEXTS = ["a photo of a cat.", "a dog", "a very long description of a small red fox in the snow at dawn"]
 

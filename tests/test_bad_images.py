@@ -7,19 +7,19 @@ import json
 import warnings
 
 import pytest
-from PIL import Image
-
 from fixtures import make_imagefolder, write_bomb_image, write_image
+from PIL import Image
+from test_engine import CLASSES, small_config
+
 from mugcp.cli import run_cli
 from mugcp.config import DEFAULTS, ConfigError
 from mugcp.config_schema import check_value
 from mugcp.data import BadImageError, build_dataset, open_image_file
 from mugcp.data.__main__ import main as data_main
-from mugcp.training import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main
-from test_engine import CLASSES, small_config
+from mugcp.training import train
 
 BOMB_REASON = ("14000 x 14000 = 196,000,000 pixels, over the limit of 89,478,485 (data.max_image_pixels, a guard against "
                "decompression bombs; raise it if the image is genuine)")

@@ -5,19 +5,18 @@ import logging
 import shutil
 
 import pytest
+from fixtures import make_coop_dataset, make_imagefolder, write_image
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from test_engine import CLASSES, small_config
 
 import mugcp
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-from fixtures import make_coop_dataset, make_imagefolder, write_image
 from mugcp.cli import run_cli
 from mugcp.data import build_dataset
 from mugcp.data.classnames import ClassNamesError, read_classnames_file, validate_classnames
-from mugcp.training import train
 from mugcp.errors import UserError
 from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main
-from test_engine import CLASSES, small_config
+from mugcp.training import train
 
 BASE, NEW = ["blue whale", "red fox"], ["sand cat", "snow owl"]  # the sorted first and second half of CLASSES
 

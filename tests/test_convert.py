@@ -19,11 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mugcp.config import ConfigError
-from mugcp.convert import main as convert_main
-from mugcp.runs.checkpoint import read_checkpoint
-from mugcp.methods import create_model
 from fixtures import make_imagefolder
 from released_reference import (
     TINY_CLIP,
@@ -33,6 +28,11 @@ from released_reference import (
     released_deep_logits,
     tiny_clip,
 )
+
+from mugcp.config import ConfigError
+from mugcp.convert import main as convert_main
+from mugcp.methods import create_model
+from mugcp.runs.checkpoint import read_checkpoint
 
 CLASSES = ["red fox", "blue whale", "snow owl"]
 TEXT, VISION, EMBED = 48, 64, 32  # the tiny CLIP's widths
@@ -59,7 +59,7 @@ def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 
 
-def randn(*shape, seed=[0]):
+def randn(*shape, seed=[0]):  # noqa: B006 -- the list is a counter shared by every call: each draw differs
     seed[0] += 1
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]))
 

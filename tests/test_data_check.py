@@ -6,9 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import (
+    make_coop_dataset,
+    make_fashion_mnist,
+    make_imagefolder,
+    make_manifest,
+    write_corrupt_image,
+    write_image,
+    write_truncated_image,
+)
 
-from fixtures import (make_coop_dataset, make_fashion_mnist, make_imagefolder, make_manifest, write_corrupt_image, write_image,
-                      write_truncated_image)
 from mugcp.cli import run_cli
 from mugcp.data import COOP_DATASETS, build_dataset, build_protocol, save_splits
 from mugcp.data.__main__ import main as data_main

@@ -5,9 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-from mugcp.data import COOP_DATASETS, BadImageError, DatasetError, build_dataset, canonical_dataset_name
-from mugcp.data.coop import AIRCRAFT, IMAGENET, IMAGENET_TEST_ONLY, IMAGENET_V2, SPLIT_JSON
 from fixtures import (
     DEFAULT_CLASSES,
     make_coop_dataset,
@@ -16,6 +13,9 @@ from fixtures import (
     wnid,
     write_corrupt_image,
 )
+
+from mugcp.data import COOP_DATASETS, BadImageError, DatasetError, build_dataset, canonical_dataset_name
+from mugcp.data.coop import AIRCRAFT, IMAGENET, IMAGENET_TEST_ONLY, IMAGENET_V2, SPLIT_JSON
 
 SPECS = {spec.name: spec for spec in COOP_DATASETS}
 AIRCRAFT_VARIANTS = ["707-320", "Boeing 737-200", "F/A-18", "DC-10"]

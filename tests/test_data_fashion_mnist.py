@@ -6,10 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from fixtures import fashion_mnist_arrays, make_fashion_mnist
 
 from mugcp.data import FASHION_MNIST_CLASSNAMES, BadImageError, DatasetError, build_dataset, build_protocol
 from mugcp.data.fashion_mnist import DEFAULT_ROOT
-from fixtures import fashion_mnist_arrays, make_fashion_mnist
 
 REAL_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 

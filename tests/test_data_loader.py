@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
@@ -18,7 +19,6 @@ from mugcp.data import (
     collate,
     set_loader_epoch,
 )
-from fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
 
 SIZE = 16
 

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fixtures import DEFAULT_CLASSES, make_coop_dataset, make_imagefolder
 
 from mugcp.data import (
     DatasetError,
@@ -23,7 +24,6 @@ from mugcp.data import (
     save_splits,
     subsample_classes,
 )
-from fixtures import DEFAULT_CLASSES, make_coop_dataset, make_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fixtures import make_imagefolder
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

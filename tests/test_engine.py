@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import make_imagefolder, write_corrupt_image
 from safetensors.torch import load_file
 
-from fixtures import make_imagefolder, write_corrupt_image
 from mugcp.config import load_config
-from mugcp.training import TrainingDiverged, train
 from mugcp.runs import run_setup
-from mugcp.training import trainer
+from mugcp.training import TrainingDiverged, train, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
@@ -246,8 +245,8 @@ def test_missing_cache_entries_are_counted_and_named(tmp_path, dataset_root, sha
 
 def test_non_conditional_text_features_are_computed_once_per_evaluation(tmp_path, dataset_root, vit_b32, monkeypatch):
     from mugcp.data import build_protocol
-    from mugcp.training.evaluation import evaluate
     from mugcp.methods import create_model
+    from mugcp.training.evaluation import evaluate
 
     cfg = small_config(dataset_root, "data.eval_batch_size=1", "data.eval_subsets=[all]", "data.protocol=all")
     splits = build_protocol(cfg["data"], seed=1)

@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
-
 from fixtures import make_imagefolder, write_corrupt_image
+from PIL import Image
+from released_reference import register_tiny_clip
+
 from mugcp.cli import run_cli
 from mugcp.config import load_config
 from mugcp.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
@@ -27,7 +28,6 @@ from mugcp.export import main as export_main
 from mugcp.inference.onnx_runner import ExportMetadata, OnnxClassifier, preprocess_image
 from mugcp.predict import main as predict_main
 from mugcp.training import train
-from released_reference import register_tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]

@@ -10,8 +10,8 @@ import types
 from collections import defaultdict
 
 import pytest
-
 from fixtures import make_coop_dataset
+
 from mugcp.data import Datum, build_protocol, few_shot
 from mugcp.data.fewshot_file import FewShotFileError
 from mugcp.errors import UserError

@@ -86,12 +86,13 @@ def test_curves_step_axis_has_whole_steps_only(drawn, tmp_path):
 
 
 def test_inspect_draws_no_progress_bars_into_a_redirected_log(tmp_path, monkeypatch):
-    from test_analysis_runs import TINY_MUGCP
     from fixtures import make_imagefolder
+    from released_reference import register_tiny_clip
+    from test_analysis_runs import TINY_MUGCP
+
     from mugcp.config import load_config
     from mugcp.inspect import main
     from mugcp.training import train
-    from released_reference import register_tiny_clip
 
     data = make_imagefolder(tmp_path / "data", ["red fox", "snow owl"], per_class={"train": 2, "test": 1})
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={data}", "data.shots=1", "data.batch_size=2",

@@ -17,11 +17,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from fixtures import make_imagefolder
-from mugcp.sweeps import load_sweep
 from released_reference import TINY_CLIP, TINY_CONFIG
 from tiny_mllm import build_tiny_mllm
+
+from mugcp.sweeps import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

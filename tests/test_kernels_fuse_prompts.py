@@ -10,10 +10,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_testing import DEVICE, needs_triton  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import mugcp.kernels as kernels  # noqa: E402
-from kernel_testing import DEVICE, needs_triton  # noqa: E402
 from mugcp.kernels.fuse_prompts import fuse_prompts_expand_concat, fuse_prompts_reference  # noqa: E402
 
 INPUT_NAMES = ("seq", "ctx", "cond", "gate")

@@ -13,12 +13,11 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_testing import DEVICE, needs_triton  # noqa: E402
 
 import mugcp.kernels as kernels  # noqa: E402
-from kernel_testing import DEVICE, needs_triton  # noqa: E402
 from mugcp.kernels import backend as backend_module  # noqa: E402
 from mugcp.kernels.mutual_attention import mutual_attention_reference  # noqa: E402
-
 
 
 def make_inputs(bt, heads, n_a, n_b, dim, value_dim, dtype=torch.float32, seed=0):

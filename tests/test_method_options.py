@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures import make_imagefolder
 from safetensors.torch import load_file
 
-from fixtures import make_imagefolder
 from mugcp.cli import run_cli
 from mugcp.config import CONFIG_DIR, ConfigError, load_config, merge
 from mugcp.config_schema import Option, integer, option, show_value

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fixtures import make_imagefolder
+from released_reference import randomise_prompt_parameters, register_tiny_clip, released_class_embeddings, tiny_clip
+
 from mugcp.config import load_config
 from mugcp.methods import create_model, get_method
 from mugcp.methods.released import split_state
 from mugcp.runs.checkpoint import read_checkpoint
 from mugcp.training import train
 from mugcp.training.optim import build_optimizer, build_scheduler
-from released_reference import randomise_prompt_parameters, register_tiny_clip, released_class_embeddings, tiny_clip
 
 CLASSES = ["red fox", "blue whale", "snow owl", "golden retriever"]
 LABELS = torch.tensor([0, 3, 1])

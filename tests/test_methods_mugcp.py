@@ -17,8 +17,8 @@ import mugcp.kernels as kernels
 from mugcp.backbones.text_buckets import text_groups
 from mugcp.config import ConfigError, load_config
 from mugcp.methods import create_model, get_method, resolve_options
-from mugcp.methods.mugcp_semantics import CaptionFeatures, encode_captions, resolve_semantic_source
 from mugcp.methods.mugcp_modules import AttentionPooling, MutualGuidance
+from mugcp.methods.mugcp_semantics import CaptionFeatures, encode_captions, resolve_semantic_source
 
 CLASSES = ["red fox", "blue whale", "snow owl"]
 OTHER_CLASSES = ["sand cat", "tree frog", "barn swallow", "sea urchin"]

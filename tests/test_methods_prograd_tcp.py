@@ -11,13 +11,7 @@ import math
 
 import pytest
 import torch
-
 from fixtures import make_imagefolder
-from mugcp.config import load_config
-from mugcp.methods import create_model
-from mugcp.methods.prograd import ProGrad, project_conflicting
-from mugcp.training import train
-from test_convert import CLASSES as CONVERT_CLASSES, convert, converted_model, released_state
 from released_reference import (
     randomise_prompt_parameters,
     register_tiny_clip,
@@ -29,6 +23,13 @@ from released_reference import (
     released_template_features,
     tiny_clip,
 )
+from test_convert import CLASSES as CONVERT_CLASSES
+from test_convert import convert, converted_model, released_state
+
+from mugcp.config import load_config
+from mugcp.methods import create_model
+from mugcp.methods.prograd import ProGrad, project_conflicting
+from mugcp.training import train
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 

@@ -5,15 +5,15 @@ import re
 
 import pytest
 import torch
+from fixtures import make_imagefolder, write_corrupt_image, write_image
 from PIL import Image
+from test_engine import CLASSES, small_config, write_semantic_cache
 
 import mugcp
-from fixtures import make_imagefolder, write_corrupt_image, write_image
 from mugcp.cli import run_cli
 from mugcp.config import ConfigError
-from mugcp.training import train
 from mugcp.predict import main as predict_main
-from test_engine import CLASSES, small_config, write_semantic_cache
+from mugcp.training import train
 
 BASE = ["blue whale", "red fox"]  # the run's training classes (the first half, sorted)
 
@@ -245,8 +245,9 @@ def test_mugcp_without_semantics_says_exactly_what_to_do(tmp_path, mugcp_run, da
 
 def test_mugcp_runs_the_mllm_on_the_fly_like_its_cache(tmp_path, data_root, shared_clip):
     """Captions from ``--mllm`` now equal captions extracted into a cache first (tiny random LLaVA)."""
-    from mugcp.extract import main as extract_main
     from tiny_mllm import build_tiny_mllm
+
+    from mugcp.extract import main as extract_main
 
     mllm = build_tiny_mllm(tmp_path / "tiny_mllm")
     images = tmp_path / "photos"

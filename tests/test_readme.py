@@ -2,11 +2,11 @@
 import re
 from pathlib import Path
 
-
 from fixtures import make_imagefolder, write_image
+from test_engine import CLASSES, small_config
+
 from mugcp.runs import run_setup
 from mugcp.training import train
-from test_engine import CLASSES, small_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

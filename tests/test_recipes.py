@@ -9,9 +9,9 @@ import pytest
 from mugcp import recipes
 from mugcp.config import ConfigError, load_config, merge
 from mugcp.data.registry import DATASET_NAMES
-from mugcp.runs.run_setup import check_run_config
 from mugcp.methods.registry import list_methods
 from mugcp.recipes import RECIPE_PROTOCOLS, list_recipes, read_recipe_file, recipe_for
+from mugcp.runs.run_setup import check_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list_recipes()

@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fixtures import make_imagefolder
+from released_reference import register_tiny_clip
+
 from mugcp.cli import run_cli
 from mugcp.config import load_config
 from mugcp.training import train
-from released_reference import register_tiny_clip
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 
@@ -187,8 +187,8 @@ def test_a_sweep_reevaluates_a_stale_transfer_evaluation_with_overwrite(tmp_path
     """A run that trains again (here: resumes) makes its finished evaluation stale: the sweep passes --overwrite,
     which evaluate needs to replace it, and the stale metrics never count as done."""
     import yaml
-
     from fixtures import make_coop_dataset
+
     from mugcp.sweeps import load_sweep, plan
     from mugcp.sweeps.jobs import refresh_mode
 
@@ -350,6 +350,7 @@ def test_every_example_of_evaluate_help_runs(run_copy, tmp_path, capsys):
     import shlex
 
     from fixtures import make_coop_dataset
+
     from mugcp.evaluate import main
 
     with pytest.raises(SystemExit):

@@ -11,22 +11,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mugcp.methods import create_model
-from mugcp.methods.templates import ENSEMBLE_TEMPLATES, IMAGENET_60_TEMPLATES
 from released_reference import (
+    randomise_prompt_parameters,
     released_cocoop_logits,
-    released_prograd_init,
-    released_prograd_losses,
-    released_tcp_text_features,
     released_coop_logits,
     released_deep_logits,
     released_image_encoder,
     released_logits,
+    released_prograd_init,
+    released_prograd_losses,
+    released_tcp_text_features,
     released_template_features,
-    randomise_prompt_parameters,
     tiny_clip,
 )
+
+from mugcp.methods import create_model
+from mugcp.methods.templates import ENSEMBLE_TEMPLATES, IMAGENET_60_TEMPLATES
 
 CLASSES = ["red fox", "blue whale", "snow owl", "golden retriever"]
 TOL = dict(atol=1e-4, rtol=0)

@@ -1,13 +1,13 @@
 """Small things a new user meets first: ``mugcp.data --help``, a file given as data.root, the epoch bar's counts."""
 import pytest
-
 from fixtures import make_imagefolder
+from test_engine import CLASSES, small_config
+
 from mugcp.cli import run_cli
 from mugcp.data import DatasetError, build_dataset
 from mugcp.data.__main__ import main as data_main
 from mugcp.runs import run_setup
 from mugcp.training import train
-from test_engine import CLASSES, small_config
 
 
 def test_data_help_exits_0_with_the_commands(capsys):

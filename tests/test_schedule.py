@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
+from fixtures import make_imagefolder
 from safetensors.torch import load_file
 
-from fixtures import make_imagefolder
 from mugcp.config import DEFAULTS, load_config
 from mugcp.runs import run_setup
 from mugcp.training import train, trainer

@@ -14,7 +14,14 @@ import pytest
 
 pytest.importorskip("submitit", reason="submitit is not installed: pip install -e '.[slurm]'")
 
-from mugcp.launch.slurm import SlurmOptions, job_states, last_log_line, submit_commands, submit_distributed, wait_for_jobs  # noqa: E402
+from mugcp.launch.slurm import (  # noqa: E402
+    SlurmOptions,
+    job_states,
+    last_log_line,
+    submit_commands,
+    submit_distributed,
+    wait_for_jobs,
+)
 from mugcp.launch.slurm_task import read_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mugcp.cli import run_cli
-from mugcp.launch.slurm_launch import task_arguments
 from mugcp.extract import build_parser
 from mugcp.extract import main as extract_main
+from mugcp.launch.slurm_launch import task_arguments
 from mugcp.semantics import SemanticCache, read_manifest
 from mugcp.semantics.cache_manifest import SHARD_DIR
 from mugcp.train import main as train_main

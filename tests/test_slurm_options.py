@@ -4,8 +4,8 @@ import builtins
 
 import pytest
 
-from mugcp.launch.slurm import SlurmError, SlurmOptions, add_slurm_arguments, parse_time_minutes, slurm_available
 from mugcp.errors import UserError
+from mugcp.launch.slurm import SlurmError, SlurmOptions, add_slurm_arguments, parse_time_minutes, slurm_available
 
 
 @pytest.mark.parametrize("text, minutes", [

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fixtures import make_coop_dataset
 from released_reference import TINY_CLIP, TINY_CONFIG
+
 from mugcp.launch.slurm import SlurmError
-from mugcp.sweeps import load_sweep
 from mugcp.sweep import main as sweep_main
+from mugcp.sweeps import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]
@@ -206,8 +206,8 @@ def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cl
 @pytest.mark.slow  # 2 concurrent submissions, 2 Slurm runs: ~50-75 s measured at load 4-7
 def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, tiny_env, capsys):
     from mugcp.launch.slurm import SlurmOptions
-    from mugcp.sweeps import plan
     from mugcp.launch.slurm_sweep import submit_sweep
+    from mugcp.sweeps import plan
 
     sweep = grid(tmp_path, ["zsclip"], [1, 2])
     root = tmp_path / "runs"

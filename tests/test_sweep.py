@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fixtures import make_coop_dataset
+
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
 from mugcp.runs import run_setup
-from mugcp.training import trainer
-from mugcp.sweeps import load_sweep, plan
 from mugcp.sweep import main as sweep_main
+from mugcp.sweeps import load_sweep, plan
+from mugcp.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fixtures import make_coop_dataset
 from released_reference import TINY_CLIP, TINY_CONFIG, tiny_clip
+
 from mugcp.cli import user_errors
 from mugcp.config import ConfigError
+from mugcp.recipes import recipe_for
 from mugcp.runs import run_setup
 from mugcp.runs.run_lock import PROBE_GRACE_S, RunFolderBusy, RunLock, empty_run_folder, holder
-from mugcp.recipes import recipe_for
 from mugcp.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import torch
 
 from mugcp.backbones.text_buckets import eot_block, plan_chunks, text_groups
 from mugcp.config import ConfigError
-from mugcp.runs.run_setup import configure_text_path
 from mugcp.methods import create_model
+from mugcp.runs.run_setup import configure_text_path
 
 # EOT positions from 3 to 17: several buckets, one name alone at its length.
 NAMES = ["cat", "red fox", "a rather long class name with quite a few words in it", "dog", "snow owl of the far north",

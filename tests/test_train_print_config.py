@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 import yaml
-
 from fixtures import make_imagefolder
+
 from mugcp.runs import run_setup
 from mugcp.train import main as train_main
 

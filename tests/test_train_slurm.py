@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import make_imagefolder
 from safetensors.torch import load_file
 
-from fixtures import make_imagefolder
 from mugcp.cli import run_cli
-from mugcp.runs.checkpoint import read_trainer_state
 from mugcp.methods import get_method
+from mugcp.runs.checkpoint import read_trainer_state
 from mugcp.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

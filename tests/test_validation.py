@@ -4,17 +4,17 @@ import logging
 
 import pytest
 import torch
-
 from fixtures import make_imagefolder
+
 from mugcp.cli import run_cli
 from mugcp.config import DEFAULTS, ConfigError, load_config
 from mugcp.config_schema import CLASS_SUBSETS, PRECISIONS, PROTOCOLS, SCHEMA, check_values, flatten
 from mugcp.runs import run_setup
-from mugcp.training import trainer
 from mugcp.runs.checkpoint import CheckpointError, read_trainer_state
 from mugcp.runs.run_setup import RunInterrupted, check_run_config
-from mugcp.training.evaluate_checkpoint import evaluation_config
 from mugcp.train import main as train_main
+from mugcp.training import trainer
+from mugcp.training.evaluate_checkpoint import evaluation_config
 
 CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 

@@ -12,14 +12,15 @@ distribution over the CLS and patch tokens that sums to one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
-from mugcp.kernels.mutual_attention import mutual_attention_weights
 from mugcp.analysis.figures import new_figure, save_figure
+from mugcp.kernels.mutual_attention import mutual_attention_weights
 
 CELL = 150  # pixels per image in the map grid
 
@@ -31,7 +32,7 @@ class AMGRecorder:
         self.model = model
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
 
-    def __enter__(self) -> "AMGRecorder":
+    def __enter__(self) -> AMGRecorder:
         for layer, module in enumerate(self.model.guidance):
             module.recorder = self._recorder(layer)
         return self

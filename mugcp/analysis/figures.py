@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from mugcp.utils import atomic_write
 

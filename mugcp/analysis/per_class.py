@@ -11,8 +11,9 @@ import io
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from mugcp.analysis.figures import new_figure, save_figure, use_fonts_for_labels
 from mugcp.runs.layout import PER_CLASS_DIR

@@ -6,7 +6,8 @@ layer's input, running a stack of blocks with per-layer prompts, and the output 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn

@@ -7,16 +7,25 @@ With no prompts it computes exactly ``model.encode_text`` / ``model.encode_image
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mugcp.kernels.attention import check_attention_backend
-from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, LayerHook, TextEmbeddings, insert_prompts,
-                                   project, residual_block, run_blocks)
+from mugcp.backbones.blocks import (
+    Adapter,
+    DeepPrompts,
+    LayerAdapters,
+    LayerHook,
+    TextEmbeddings,
+    insert_prompts,
+    project,
+    residual_block,
+    run_blocks,
+)
 from mugcp.backbones.text_buckets import encode_text_bucketed
+from mugcp.kernels.attention import check_attention_backend
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -24,9 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mugcp.backbones.blocks import (
+    Adapter,
+    DeepPrompts,
+    LayerAdapters,
+    TextEmbeddings,
+    insert_prompts,
+    layer_adapter,
+    project,
+)
 from mugcp.kernels.attention import attention
-from mugcp.backbones.blocks import (Adapter, DeepPrompts, LayerAdapters, TextEmbeddings, insert_prompts, layer_adapter,
-                                   project)
 
 # A separate pass per group costs a fixed time (per-op dispatch, allocation and one read of the
 # weights in every block, forward and backward) on top of its time per token. Measured on the 2-core

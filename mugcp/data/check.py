@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from mugcp.data.coop import COOP_DATASETS, SPLIT_JSON, read_split_json
 from mugcp.data.dataset import BadImageError, DatasetError, DatasetSplits, Datum
@@ -176,7 +177,7 @@ def check_dataset(
     bad = {key: result for key, result in zip(keys, results) if result is not None}
 
     check = DataCheck(dataset, [], unknown_keys=unknown, checked=len(keys))
-    for key, (kind, text) in sorted(bad.items()):
+    for _key, (kind, text) in sorted(bad.items()):
         if kind == "missing":
             check.missing.append(text)
         else:

@@ -9,9 +9,10 @@ import os
 import random
 import threading
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 from mugcp.data.dataset import DatasetError, DatasetSplits, Datum
 from mugcp.errors import UserError

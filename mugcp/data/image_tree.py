@@ -6,8 +6,8 @@ folder has a key for every image ``predict`` finds in it.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 
 def find_images(folder: Path, extensions: Collection[str]) -> list[Path]:

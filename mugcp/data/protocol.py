@@ -14,9 +14,9 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from mugcp.data.dataset import DatasetError, DatasetSplits, Datum
 from mugcp.data.fewshot_file import find_fewshot_file, load_released_fewshot
@@ -129,7 +129,7 @@ class ProtocolSplits:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping, dataset: DatasetSplits | None = None, where: str = "splits") -> "ProtocolSplits":
+    def from_json(cls, data: Mapping, dataset: DatasetSplits | None = None, where: str = "splits") -> ProtocolSplits:
         if not isinstance(data, Mapping) or data.get("format") != SPLITS_FORMAT:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise DatasetError(f"{where}: not a MuGCP splits file (format {found!r}, expected {SPLITS_FORMAT!r}).")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from mugcp.data.classnames import validate_classnames
 from mugcp.data.coop import COOP_DATASETS, CoopDatasetSpec, build_coop_dataset, expected_layout

@@ -13,8 +13,9 @@ traced graph cannot read); all three compute the same logits as the trained conf
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -13,14 +13,16 @@ import io
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from mugcp.config import ConfigError
-from mugcp.errors import UserError
-from mugcp.data.dataset import IMAGE_EXTENSIONS, open_image_file as open_image
+from mugcp.data.dataset import IMAGE_EXTENSIONS
+from mugcp.data.dataset import open_image_file as open_image
 from mugcp.data.image_tree import find_images
+from mugcp.errors import UserError
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 

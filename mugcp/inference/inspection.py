@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -56,8 +57,8 @@ def find_images(arguments: Sequence[str]) -> list[tuple[str, list[str]]]:
 def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, classnames: Optional[Sequence[str]] = None,
                 semantic_cache=None, mllm: Optional[str] = None, device: str = "cpu", progress: bool = True) -> Inspection:
     """Write the inspection of ``run`` (a run or checkpoint folder) for ``images`` under ``out``."""
-    from mugcp.inference.inference import load_run
     from mugcp.analysis.nearest_words import nearest_words, nearest_words_csv, nearest_words_markdown
+    from mugcp.inference.inference import load_run
 
     if k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {k}.")
@@ -89,7 +90,13 @@ def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, clas
 
 
 def _inspect_images(model, files, out: Path, result: Inspection, progress: bool) -> None:
-    from mugcp.analysis.amg import AMGRecorder, cocoop_conditional_sizes, display_image, mugcp_conditional_sizes, plot_map_grid
+    from mugcp.analysis.amg import (
+        AMGRecorder,
+        cocoop_conditional_sizes,
+        display_image,
+        mugcp_conditional_sizes,
+        plot_map_grid,
+    )
     from mugcp.backbones import OPENAI_MEAN, OPENAI_STD
     from mugcp.data import DatasetSplits
 
@@ -98,7 +105,7 @@ def _inspect_images(model, files, out: Path, result: Inspection, progress: bool)
     sizes: list[dict] = []
     captions: list[dict] = []
     stems: dict[str, int] = {}
-    for index, (path, candidates) in enumerate(tqdm(files, desc="inspect", unit="img", disable=not progress)):
+    for path, candidates in tqdm(files, desc="inspect", unit="img", disable=not progress):
         pil = opener.open_image(path)
         pixels = model.preprocess(pil)[None].to(model.device)
         name = _unique_stem(Path(path).stem, stems)

@@ -10,9 +10,9 @@ the transform's tensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -59,7 +59,7 @@ class ExportMetadata:
         }
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str) -> "ExportMetadata":
+    def from_props(cls, props: dict[str, str], source: str) -> ExportMetadata:
         missing = [METADATA_PREFIX + key for key in METADATA_KEYS if METADATA_PREFIX + key not in props]
         if missing:
             raise ConfigError(

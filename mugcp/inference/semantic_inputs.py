@@ -4,8 +4,9 @@ Runs whose method needs no semantics get an empty ``SemanticInputs`` (``needed``
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -78,9 +79,7 @@ class SemanticInputs:
 
     def _load_mllm(self, name: str, device: torch.device):
         from mugcp.semantics.extraction_setup import resolve_dtype
-        from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
-
-        from mugcp.semantics.mllm import MLLMError, resolve_model_name
+        from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM, MLLMError, resolve_model_name
 
         manifest = self.run_cache_manifest() or {}
         try:

@@ -24,9 +24,10 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Optional
 
 from mugcp.launch import slurm_task
 from mugcp.launch.slurm_refusals import SlurmError, undone_if_refused, unreachable_hint
@@ -135,7 +136,7 @@ class SlurmOptions:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, mapping: Optional[Mapping], where: str = "slurm") -> "SlurmOptions":
+    def from_mapping(cls, mapping: Optional[Mapping], where: str = "slurm") -> SlurmOptions:
         """From a ``slurm:`` section (keys with ``-`` or ``_``); unknown keys are named with the valid ones."""
         if mapping is None:
             return cls()
@@ -153,7 +154,7 @@ class SlurmOptions:
         except SlurmError as err:
             raise SlurmError(str(err).replace("slurm.", f"{where}.", 1)) from None
 
-    def updated_from_args(self, args: argparse.Namespace) -> "SlurmOptions":
+    def updated_from_args(self, args: argparse.Namespace) -> SlurmOptions:
         """These options with every ``--slurm-*`` flag that was given on the command line on top."""
         values = {name: getattr(self, name) for name in self.keys()}
         for name in self.keys():

@@ -16,13 +16,15 @@ from __future__ import annotations
 import fcntl
 import re
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from mugcp.launch.slurm import SlurmError, SlurmOptions, cancel_jobs, require_slurm, submit_commands
 from mugcp.launch.slurm_launch import active_jobs, follow, job_report, record_submission
+from mugcp.runs.layout import SUBMITIT_DIR
 from mugcp.semantics.cache_writer import scan_shards
 from mugcp.semantics.extraction_shards import (
     CacheIncomplete,
@@ -32,7 +34,6 @@ from mugcp.semantics.extraction_shards import (
     shards_with_missing,
 )
 from mugcp.semantics.sources import ImageSource
-from mugcp.runs.layout import SUBMITIT_DIR
 
 SLURM_DIR = ".slurm"
 _SHARD_FOLDER = re.compile(r"shard-(\d+)-of-(\d+)")

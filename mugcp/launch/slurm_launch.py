@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from mugcp.launch.slurm import (
     FINISHED,
@@ -139,8 +140,8 @@ def submit_training(cfg: dict, args: Sequence[str], output: Path, options: Slurm
     processes). A requeued job continues with ``--resume`` once the run has written its config.
     When the folder's previous job is still queued or running, that job is returned, not a new one.
     """
-    from mugcp.training.distributed import Distributed
     from mugcp.runs.run_setup import check_output_free, check_resume_folder
+    from mugcp.training.distributed import Distributed
 
     require_slurm()
     output = Path(output)

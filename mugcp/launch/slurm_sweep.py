@@ -22,14 +22,32 @@ import fcntl
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from mugcp.runs.layout import (CONFIG_FILE, FINAL_METRICS_FILE, REPORT_DIR, RESULTS_TABLE_FILE, SUBMITIT_DIR,
-                                SWEEP_CLAIMS_DIR, SWEEP_SLURM_JOBS_FILE, SWEEP_SUBMIT_LOCK_FILE, sweep_claim_file)
+from mugcp.launch.slurm import (
+    FINISHED,
+    SlurmError,
+    SlurmOptions,
+    job_states,
+    last_log_line,
+    require_slurm,
+    submit_commands,
+)
+from mugcp.runs.layout import (
+    CONFIG_FILE,
+    FINAL_METRICS_FILE,
+    REPORT_DIR,
+    RESULTS_TABLE_FILE,
+    SUBMITIT_DIR,
+    SWEEP_CLAIMS_DIR,
+    SWEEP_SLURM_JOBS_FILE,
+    SWEEP_SUBMIT_LOCK_FILE,
+    sweep_claim_file,
+)
 from mugcp.runs.run_lock import describe_holder, empty_run_folder, holder, lock_within
-from mugcp.launch.slurm import FINISHED, SlurmError, SlurmOptions, job_states, last_log_line, require_slurm, submit_commands
 from mugcp.sweeps.jobs import Job, refresh_mode
 from mugcp.utils import atomic_write_json
 

@@ -1,7 +1,8 @@
 """What every prompt learner shares: the frozen backbone, class names, logits, loss and persistence."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

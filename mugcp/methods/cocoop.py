@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from mugcp.config import ConfigError
 from mugcp.config_schema import integer, option, with_defaults
 from mugcp.methods.coop import COOP_OPTIONS
-from mugcp.methods.prompt_text import ClassPrompts, check_context_words, init_context
 from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS, DecoupledPromptLearner, take_dept
+from mugcp.methods.prompt_text import ClassPrompts, check_context_words, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from mugcp.config import ConfigError
 from mugcp.config_schema import boolean, choice, integer, number, option, text
-from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, check_context_words, init_context
 from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS, DecoupledPromptLearner, take_dept
+from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, check_context_words, init_context
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, require
 

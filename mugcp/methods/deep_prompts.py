@@ -15,16 +15,16 @@ the frozen weights stay bit-identical.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from mugcp.backbones import ClipBackbone
 from mugcp.config import ConfigError
 from mugcp.config_schema import Option, integer, option
-from mugcp.backbones import ClipBackbone
 from mugcp.methods.prompt_text import MAX_TEXT_CONTEXT, ClassPrompts, placeholder_prefix
-
 
 # The released MaPLe / IVLP / PromptSRC code initialises the context from ``ctx_init`` only up to this
 # many context tokens (its ``n_ctx <= 4`` test); beyond it the context is random and ``ctx_init`` unused.

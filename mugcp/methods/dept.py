@@ -19,7 +19,8 @@ The trained class names travel with the checkpoint (their CLIP token ids, extra 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

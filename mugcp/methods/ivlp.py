@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from mugcp.config import ConfigError
 from mugcp.config_schema import integer, number, option, text
 from mugcp.methods.base import PromptLearner
 from mugcp.methods.deep_prompts import (
-    PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init, text_context_option,
+    PromptStack,
+    check_depth,
+    encode_prompted_image,
+    encode_prompted_text,
+    text_context_init,
+    text_context_option,
 )
 from mugcp.methods.prompt_text import ClassPrompts
-from mugcp.config import ConfigError
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames, consecutive, indexed, require
 

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from mugcp.config import ConfigError
 from mugcp.config_schema import Spec, choice, number, option, with_defaults
 from mugcp.methods.coop import COOP_OPTIONS, CoOp, released_coop
-from mugcp.methods.prompt_text import check_context_words
 from mugcp.methods.dept import DEPT_FROZEN, DEPT_OPTIONS
-from mugcp.methods.prompt_text import template_text_features
+from mugcp.methods.prompt_text import check_context_words, template_text_features
 from mugcp.methods.registry import register_method
 from mugcp.methods.released import Mapping, ReleasedNames
 from mugcp.methods.templates import KGCOOP_DATASET_TEMPLATES, resolve_templates

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from mugcp.config import ConfigError
 from mugcp.config_schema import integer, number, option, text
 from mugcp.methods.deep_prompts import (
-    PromptStack, check_depth, encode_prompted_image, encode_prompted_text, text_context_init, text_context_option,
+    PromptStack,
+    check_depth,
+    encode_prompted_image,
+    encode_prompted_text,
+    text_context_init,
+    text_context_option,
 )
 from mugcp.methods.dept import DEPT_OPTIONS, DecoupledPromptLearner, take_dept
 from mugcp.methods.prompt_text import ClassPrompts

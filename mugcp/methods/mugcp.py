@@ -31,7 +31,6 @@ from mugcp.methods.mugcp_semantics import SEMANTIC_FEATURES, SEMANTIC_SOURCES
 from mugcp.methods.prompt_text import ClassPrompts, template_text_features
 from mugcp.methods.registry import register_method
 
-
 OPTIONS = {
     # prompts (DESIGN §2: J, n_c, n_s)
     "depth": option(9, integer(1), "J: prompted layers in both encoders (at most the encoder's layers)"),

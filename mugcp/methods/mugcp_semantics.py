@@ -6,8 +6,8 @@ computed once per caption (DESIGN.md §2, SCP ``caption`` features).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -77,7 +77,7 @@ class CaptionFeatures(Mapping):
         self.dim = dim
 
     @classmethod
-    def from_texts(cls, clip: ClipBackbone, source: Any, keys: Optional[Iterable[str]] = None, chunk: int = 64) -> "CaptionFeatures":
+    def from_texts(cls, clip: ClipBackbone, source: Any, keys: Optional[Iterable[str]] = None, chunk: int = 64) -> CaptionFeatures:
         """Encode ``source.text(key)`` for ``keys`` (default: all of ``source.keys()``)."""
         keys = list(source.keys() if keys is None else keys)
         features: dict[str, torch.Tensor] = {}

@@ -1,15 +1,15 @@
 """Tokenised class prompts with learnable-context slots, shared by every text-prompting method."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mugcp.config import ConfigError
 from mugcp.backbones import ClipBackbone
-
+from mugcp.config import ConfigError
 
 # CLIP's text context is 77 tokens: SOS, the context, at least one class-name token, "." and EOT must fit.
 MAX_TEXT_CONTEXT = 77 - 4

@@ -11,8 +11,9 @@ import copy
 import difflib
 import importlib
 import pkgutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from mugcp.config import ConfigError
 from mugcp.config_schema import Option, check_against
@@ -137,7 +138,6 @@ def create_model(
     The returned module's ``forward(images)`` gives logits ``(B, len(classnames))``.
     """
     from mugcp.backbones import ClipBackbone, load_clip
-
     from mugcp.data.classnames import validate_classnames
 
     spec = get_method(method)

@@ -8,9 +8,9 @@ converter (:mod:`mugcp.runs.released_checkpoint`) is generic over these declarat
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 

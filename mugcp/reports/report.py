@@ -13,10 +13,25 @@ from pathlib import Path
 from mugcp.analysis.per_class import write_per_class_report
 from mugcp.config import ConfigError
 from mugcp.reports.cost import aggregate_cost, cost_csv, cost_markdown, plot_cost
-from mugcp.runs.layout import FINAL_METRICS_FILE, COST_CSV_FILE, COST_FIGURE_FILE, RESULTS_CSV_FILE, RESULTS_FIGURE_FILE, RESULTS_TABLE_FILE
 from mugcp.reports.plots import plot, plot_fewshot, plot_transfer
 from mugcp.reports.results import GROUP_KEYS, aggregate, aggregate_transfer, find_evaluations, find_runs
-from mugcp.reports.tables import LAYOUTS, base2new_markdown, csv_text, fewshot_markdown, markdown, transfer_csv, transfer_markdown
+from mugcp.reports.tables import (
+    LAYOUTS,
+    base2new_markdown,
+    csv_text,
+    fewshot_markdown,
+    markdown,
+    transfer_csv,
+    transfer_markdown,
+)
+from mugcp.runs.layout import (
+    COST_CSV_FILE,
+    COST_FIGURE_FILE,
+    FINAL_METRICS_FILE,
+    RESULTS_CSV_FILE,
+    RESULTS_FIGURE_FILE,
+    RESULTS_TABLE_FILE,
+)
 from mugcp.utils import atomic_write_text
 
 # What a paper's layout tabulates, so a root without it is refused in one line instead of an empty table.

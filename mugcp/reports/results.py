@@ -14,7 +14,6 @@ from mugcp.config import ConfigError
 from mugcp.runs.layout import FINAL_METRICS_FILE, SUPERSEDED_FILE
 from mugcp.utils import harmonic_mean
 
-
 GROUP_KEYS = ("dataset", "method", "protocol", "shots", "backbone")
 
 

@@ -19,8 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mugcp.errors import UserError
-from mugcp.runs.layout import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CHECKPOINT_DIR, PREVIOUS_SUFFIX,
-                               TRAINER_STATE_FILE)
+from mugcp.runs.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CHECKPOINT_DIR,
+    PREVIOUS_SUFFIX,
+    TRAINER_STATE_FILE,
+)
 
 FORMAT_VERSION = 1
 

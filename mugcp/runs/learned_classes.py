@@ -10,8 +10,9 @@ without it); ``mugcp.evaluate`` refuses up front (``check_checkpoint_classes``);
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 

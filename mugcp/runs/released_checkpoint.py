@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 
 from mugcp.config import ConfigError, load_config
-from mugcp.runs.layout import ADAPTER_CONFIG_FILE
 from mugcp.methods.registry import get_method, list_methods
-from mugcp.runs.torch_files import read_weights_only
 from mugcp.methods.released import split_state
+from mugcp.runs.layout import ADAPTER_CONFIG_FILE
+from mugcp.runs.torch_files import read_weights_only
 
 
 def methods_with_released_checkpoints() -> list[str]:
@@ -63,8 +63,8 @@ def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str
     keys left out (class-name buffers, frozen CLIP weights). An existing checkpoint folder ``out`` is
     replaced only with ``overwrite``; any other existing ``out`` is refused."""
     from mugcp.backbones import load_clip, normalize_model_name
-    from mugcp.runs.checkpoint import save_checkpoint
     from mugcp.methods import create_model, resolve_options
+    from mugcp.runs.checkpoint import save_checkpoint
 
     known = methods_with_released_checkpoints()
     if method not in known:

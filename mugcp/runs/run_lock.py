@@ -53,7 +53,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock now or raise RunFolderBusy naming the holder; the folder must exist."""
         if fcntl is None or self._fd is not None:
             return self
@@ -85,7 +85,7 @@ class RunLock:
             else:
                 entry.unlink()
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

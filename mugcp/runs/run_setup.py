@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -15,10 +16,10 @@ from mugcp.backbones.weights import model_name_problem, pretrained_problem
 from mugcp.config import ConfigError
 from mugcp.config_schema import check_values
 from mugcp.data.registry import check_data_config
+from mugcp.methods import create_model, get_method, resolve_options
 from mugcp.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, LOG_FILE
 from mugcp.runs.run_lock import RunLock
 from mugcp.runs.runtime import resolve_device
-from mugcp.methods import create_model, get_method, resolve_options
 
 log = logging.getLogger("mugcp")
 
@@ -146,7 +147,7 @@ class RunFolder:
             self.lock.release()
             raise
 
-    def __enter__(self) -> "RunFolder":
+    def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, kind, err, traceback) -> bool:

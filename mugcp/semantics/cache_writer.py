@@ -14,9 +14,10 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -229,7 +230,7 @@ class CacheWriter:
         self.flush()
         self._fold()
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from mugcp.semantics.cache_manifest import CacheError, check_compatible, new_manifest, read_manifest, write_manifest
 from mugcp.semantics.cache_writer import merge_cache, read_failures, scan_shards

@@ -13,9 +13,9 @@ including the first end-of-sequence token, so T >= 1 and rows and answer tokens 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -5,9 +5,9 @@ A source is a sorted list of dataset-relative keys, an ``open(key) -> PIL RGB`` 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 

@@ -13,9 +13,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mugcp.config import ConfigError, parse_value
-from mugcp.runs.layout import (CHECKPOINT_DIR, EVALUATION_DIR_PREFIX, FINAL_METRICS_FILE, PREVIOUS_SUFFIX,
-                               TRAINER_STATE_FILE)
-from mugcp.sweeps.run_configs import check_keys, config_changes, next_version, recorded_config, resolve_run, run_versions
+from mugcp.runs.layout import (
+    CHECKPOINT_DIR,
+    EVALUATION_DIR_PREFIX,
+    FINAL_METRICS_FILE,
+    PREVIOUS_SUFFIX,
+    TRAINER_STATE_FILE,
+)
+from mugcp.sweeps.run_configs import (
+    check_keys,
+    config_changes,
+    next_version,
+    recorded_config,
+    resolve_run,
+    run_versions,
+)
 from mugcp.sweeps.sweep_file import Sweep
 
 PLACEHOLDERS = ("dataset", "method", "seed", "shots")
@@ -30,7 +42,7 @@ class Job:
     folder: Path
     module: str  # mugcp.train | mugcp.evaluate
     args: list[str]
-    depends_on: Optional["Job"] = None
+    depends_on: Optional[Job] = None
     mode: str = "new"  # new | resume | overwrite | done | changed (training); new | overwrite | done (evaluation)
     status: str = "pending"
     seconds: float = 0.0
@@ -70,7 +82,7 @@ def _fill(value, fields: dict, where: str):
         raise ConfigError(f"{where}: '{value}': {err}.") from None
     unknown = names - set(fields)
     if unknown:
-        raise ConfigError(f"{where}: '{value}' uses {{{sorted(unknown)[0]}}}; placeholders are {', '.join('{%s}' % p for p in PLACEHOLDERS)}.")
+        raise ConfigError(f"{where}: '{value}' uses {{{sorted(unknown)[0]}}}; placeholders are {', '.join('{' + p + '}' for p in PLACEHOLDERS)}.")
     return expanded.format(**fields) if names else expanded
 
 

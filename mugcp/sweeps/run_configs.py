@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from mugcp.config import DEFAULTS, ConfigError, load_config, merge, read_yaml
 from mugcp.config_schema import check_value, flatten, show_value

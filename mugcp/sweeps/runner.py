@@ -14,13 +14,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from mugcp.config import ConfigError
+from mugcp.runs.layout import (
+    CHECKPOINT_DIR,
+    FINAL_METRICS_FILE,
+    SWEEP_CLAIMS_DIR,
+    SWEEP_LOGS_DIR,
+    TRAINER_STATE_FILE,
+    sweep_claim_file,
+    sweep_log_file,
+)
 from mugcp.runs.run_lock import RunFolderBusy, RunLock, describe_holder, holder
-from mugcp.runs.layout import (CHECKPOINT_DIR, FINAL_METRICS_FILE, SWEEP_CLAIMS_DIR, SWEEP_LOGS_DIR, TRAINER_STATE_FILE,
-                                sweep_claim_file, sweep_log_file)
 from mugcp.sweeps.jobs import Job, refresh_mode
 from mugcp.sweeps.run_configs import describe_changes, mark_superseded
 

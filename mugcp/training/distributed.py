@@ -43,7 +43,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: torch.device) -> "Distributed":
+    def from_env(cls, device: torch.device) -> Distributed:
         """Join the process group torchrun describes in the environment (one process: a no-op)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:

@@ -17,13 +17,23 @@ from mugcp.config import DEFAULTS, ConfigError, dump_config, load_yaml_with_base
 from mugcp.config_schema import SCHEMA, flatten, show_value
 from mugcp.data import build_protocol
 from mugcp.runs.checkpoint import check_compatible, read_checkpoint
-from mugcp.training.evaluation import evaluate_subsets
+from mugcp.runs.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CONFUSION_DIR,
+    EVALUATION_DIR_PREFIX,
+    FINAL_METRICS_FILE,
+    PER_CLASS_DIR,
+    PREDICTIONS_DIR,
+    PREVIOUS_SUFFIX,
+    SPLITS_FILE,
+    STEP_METRICS_FILE,
+)
+from mugcp.runs.learned_classes import check_checkpoint_classes
 from mugcp.runs.run_setup import RunFolder, build_run_model, check_run_config, resolve_semantics
 from mugcp.runs.runtime import peak_memory_mb, resolve_device, resolve_precision
-from mugcp.runs.layout import (CHECKPOINT_DIR, CONFIG_FILE, CONFUSION_DIR, EVALUATION_DIR_PREFIX, FINAL_METRICS_FILE,
-                               PER_CLASS_DIR, PREDICTIONS_DIR, PREVIOUS_SUFFIX, SPLITS_FILE, STEP_METRICS_FILE)
-from mugcp.runs.learned_classes import check_checkpoint_classes
 from mugcp.runs.trained_run import apply_checkpoint_settings, run_classnames
+from mugcp.training.evaluation import evaluate_subsets
 from mugcp.utils import atomic_write_json, check_output_folder
 
 # What only a training run writes (splits.json comes before anything else, so every run folder has it).

@@ -20,18 +20,30 @@ from mugcp.analysis.curves import MetricsLog, write_curves
 from mugcp.config import dump_config
 from mugcp.data import ImageDataset, build_loader, build_protocol, build_transform, save_splits
 from mugcp.data.loader import set_loader_epoch
-from mugcp.runs.layout import (CHECKPOINT_DIR, CONFIG_FILE, FINAL_METRICS_FILE, SPLITS_FILE, STEP_METRICS_FILE,
-                               TENSORBOARD_DIR, TRAINER_STATE_FILE)
+from mugcp.errors import UserError
 from mugcp.runs.checkpoint import CheckpointError, read_checkpoint, read_trainer_state, save_checkpoint
+from mugcp.runs.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FINAL_METRICS_FILE,
+    SPLITS_FILE,
+    STEP_METRICS_FILE,
+    TENSORBOARD_DIR,
+    TRAINER_STATE_FILE,
+)
+from mugcp.runs.run_setup import (
+    RunFolder,
+    build_run_model,
+    check_resume_folder,
+    check_run_config,
+    resolve_semantics,
+    resolved_run_config,
+)
+from mugcp.runs.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
 from mugcp.training.distributed import Distributed
 from mugcp.training.evaluation import evaluate_subsets, training_cost
 from mugcp.training.optim import build_optimizer, build_scheduler, run_length
-from mugcp.runs.run_setup import (
-    RunFolder, build_run_model, check_resume_folder, check_run_config, resolve_semantics, resolved_run_config,
-)
-from mugcp.runs.runtime import autocast, peak_memory_mb, resolve_device, resolve_precision
 from mugcp.training.stopping import NeverStop, RunStopped, rng_state, set_rng_state
-from mugcp.errors import UserError
 from mugcp.utils import atomic_write_json, progress_wanted, seed_everything
 
 log = logging.getLogger("mugcp")
