@@ -7,8 +7,8 @@ import importlib
 _EXPORTS = {
     "Sweep": "sweep_file", "load_sweep": "sweep_file", "PROTOCOLS": "sweep_file", "TRANSFER_PROTOCOLS": "sweep_file",
     "Job": "jobs", "plan": "jobs", "run_name": "jobs",
-    "run_jobs": "runner", "subprocess_launcher": "runner", "SubprocessLauncher": "runner", "device_slots": "runner",
-    "describe_counts": "runner",
+    "run_jobs": "runner", "describe_counts": "runner",
+    "subprocess_launcher": "launcher", "SubprocessLauncher": "launcher", "device_slots": "launcher",
 }
 __all__ = sorted(_EXPORTS)
 
