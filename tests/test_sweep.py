@@ -152,7 +152,8 @@ def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     for seed in (1, 2):
         assert re.search(rf"\d\d:\d\d:\d\d \[{seed}/2\] start zsclip_dtd_k1_s{seed}", result.stdout)
         assert re.search(rf"\[{seed}/2\] ok zsclip_dtd_k1_s{seed} in [\d.]+s", result.stdout)
-        assert "WARNING" in (tmp_path / "runs" / "logs" / f"zsclip_dtd_k1_s{seed}.txt").read_text()  # the child's console
+        child_console = (tmp_path / "runs" / "logs" / f"zsclip_dtd_k1_s{seed}.txt").read_text()
+        assert "(RANDOM weights)" in child_console and "run folder:" in child_console
     assert "sweep done: 2 ok" in result.stdout
     accuracies = [metrics_of(tmp_path / "runs", f"zsclip_dtd_k1_s{seed}")["all"]["accuracy"] for seed in (1, 2)]
     cell = f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"

@@ -273,7 +273,7 @@ def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, smal
     assert train_main(["--output", str(trained), "method=zsclip", *data]) == 0
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text("{}")
+    (run / "metrics.json").write_text('{"checkpoint": "elsewhere"}')  # a finished evaluation's folder
     context = multiprocessing.get_context("fork")
     held, release = context.Event(), context.Event()
     owner = context.Process(target=_hold, args=(run, held, release))
@@ -282,7 +282,7 @@ def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, smal
         assert held.wait(30)
         assert holder(run)["pid"] == owner.pid
         for main, argv in ((train_main, ["--output", str(run), "--overwrite", *data]),
-                           (evaluate_main, ["--checkpoint", str(trained), "--output", str(run)])):
+                           (evaluate_main, ["--checkpoint", str(trained), "--output", str(run), "--overwrite"])):
             with pytest.raises(RunFolderBusy) as refused:
                 main(argv)
             assert str(refused.value).startswith(f"run folder {run} is in use by process {owner.pid} since ")
