@@ -107,7 +107,7 @@ BAD_CONFIGS = [
     ("optim.name=adamx", "error: optim.name='adamx' is not allowed: expected one of sgd, adam, adamw. Did you mean: adam, adamw? The default is sgd."),
     ("optim.scheduler=cosin", "error: optim.scheduler='cosin' is not allowed: expected one of released, cosine_per_step, constant. Did you mean: cosine_per_step? The default is released."),
     ("train.precision=bf16", "error: train.precision='bf16' is not allowed: expected one of auto, fp32, amp_bf16, amp_fp16. Did you mean: amp_bf16, amp_fp16? The default is auto."),
-    ("method=cop", "error: unknown method 'cop'. Did you mean: coop, tcp, kgcoop? Available: cocoop, coop, ivlp, kgcoop, maple, mugcp, prograd, promptsrc, tcp, zsclip."),
+    ("method=cop", "error: unknown method 'cop'. Did you mean: coop, tcp, kgcoop? Available: cocoop, coop, ivlp, kgcoop, maple, mma, mugcp, prograd, promptsrc, tcp, zsclip."),
     ("method.n_ctx=abc", "error: method.n_ctx='abc' is not allowed: expected an integer in [1, 73] for method 'mugcp'. The default is 2."),
     # issue 21.3: every method option has a range, and options that disagree are refused before anything runs
     ("method.n_ctx=-1", "error: method.n_ctx=-1 is not allowed: expected an integer in [1, 73] for method 'mugcp'."),
