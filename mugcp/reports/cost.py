@@ -11,10 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
-from mugcp.reports.results import GROUP_KEYS, value
+from mugcp.reports.results import GROUP_KEYS, grouped, value
 
 #: (metrics.json field, column title, digits)
 COST_FIELDS = (
@@ -27,11 +26,8 @@ COST_FIELDS = (
 
 def aggregate_cost(runs: list[dict]) -> list[dict]:
     """One row per group: the mean over its seeds of every cost field present, and ``accuracy`` (HM, else all)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for run in runs:
-        groups[tuple(run.get(k) for k in GROUP_KEYS)].append(run)
     rows = []
-    for key, members in sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0])):
+    for key, members in grouped(runs):
         row = dict(zip(GROUP_KEYS, key))
         row["seeds"] = len(members)
         for field, _, _ in COST_FIELDS:

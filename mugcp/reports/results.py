@@ -64,12 +64,17 @@ def value(metrics: dict, name: str):
     return entry
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
+def grouped(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """(the GROUP_KEYS values, the runs that share them: one per seed), in a stable order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         groups[tuple(run.get(k) for k in GROUP_KEYS)].append(run)
+    return sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0]))
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for key, members in sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0])):
+    for key, members in grouped(runs):
         row = dict(zip(GROUP_KEYS, key))
         row["seeds"] = sorted((m.get("seed") for m in members), key=lambda seed: (seed is None, seed if seed is not None else 0))
         row["pretrained"] = all(m.get("pretrained") for m in members)
