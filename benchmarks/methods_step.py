@@ -86,13 +86,16 @@ def describe_cpu() -> str:
 
 
 def method_options(name: str) -> dict:
-    from mugcp.config import load_config
+    """The options of ``configs/methods/NAME.yaml``; a variant (``coop+dept``) is its method's with the switch on."""
+    from mugcp.config import load_config, split_variant
     from mugcp.methods import get_method
 
+    name, switches = split_variant(name)
     config = get_method(name).config
     if not config:
-        return {}
+        return switches
     options = {k: v for k, v in load_config(config.removeprefix("configs/"))["method"].items() if k != "name"}
+    options.update(switches)
     if name == "mugcp":
         options["semantic_source"] = "clip"  # the demo's setting without an MLLM cache: frozen CLIP tokens as SCP input
     return options

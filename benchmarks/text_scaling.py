@@ -34,7 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.methods_step import RSS_LIMIT_EXIT, PeakRss, describe_cpu, method_options  # noqa: E402
 
-METHODS = ["coop", "cocoop", "maple", "mugcp"]
+# Every method this script can measure; the default run is the text path's four (issue 9). The baselines of
+# issue 24 (ProGrad, TCP, MMA, the DePT variants) run with --methods ... --paths bucketed --ratio-to coop.
+METHODS = ["coop", "cocoop", "maple", "mugcp", "kgcoop", "prograd", "tcp", "mma",
+           "coop+dept", "cocoop+dept", "kgcoop+dept", "maple+dept"]
+DEFAULT_METHODS = ["coop", "cocoop", "maple", "mugcp"]
 CLASSES = [50, 200, 1000]
 PATHS = ["plain", "bucketed"]
 BACKBONE = "ViT-B-16"
@@ -52,6 +56,7 @@ def build_step(method: str, classes: int, path: str, memory_mb: float | None, ba
     import torch
 
     from mugcp.backbones import load_clip
+    from mugcp.config import split_variant
     from mugcp.methods import create_model
     from mugcp.runs.run_setup import configure_text_path
 
@@ -59,7 +64,7 @@ def build_step(method: str, classes: int, path: str, memory_mb: float | None, ba
     clip = load_clip(BACKBONE, pretrained=None)
     configure_text_path(clip, path == "bucketed", "auto" if memory_mb is None else memory_mb)
     names = imagenet_classnames(classes)
-    model = create_model(method, names, backbone=clip, **method_options(method))
+    model = create_model(split_variant(method)[0], names, backbone=clip, **method_options(method))
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
@@ -71,7 +76,7 @@ def build_step(method: str, classes: int, path: str, memory_mb: float | None, ba
     def step() -> None:
         loss, _, _ = model.training_step(data)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        model.backward(loss, lambda value: value, lambda params: None)  # as the trainer (ProGrad: two passes)
         optimizer.step()
 
     return model, step
@@ -135,6 +140,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(rows: list[dict], reference: str) -> str:
+    """Each measured row's step time and peak RSS over ``reference``'s at the same C and path (one run)."""
+    index = {(r["method"], r["classes"], r["path"]): r for r in rows if r.get("median_step_s") and not r.get("extrapolated")}
+    lines = [f"| method | C | path | s/step | peak RSS (GB) | time ÷ {reference} | RSS ÷ {reference} |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        base = index.get((reference, r["classes"], r["path"]))
+        if (r["method"], r["classes"], r["path"]) not in index or base is None:
+            stopped = r.get("stopped", "not measured")
+            lines.append(f"| {r['method']} | {r['classes']} | {r['path']} | {stopped} | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['classes']} | {r['path']} | {r['median_step_s']:.2f} | {r['peak_rss_mb'] / 1024:.2f} "
+                     f"| {r['median_step_s'] / base['median_step_s']:.2f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -150,7 +170,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                             key=lambda r: r["classes"])
             if not points:
                 continue
-            colour = f"C{METHODS.index(method)}"
+            colour = f"C{METHODS.index(method) % 10}"
             for axis, key, scale in ((axes[0], "median_step_s", 1), (axes[1], "peak_rss_mb", 1024)):
                 xs, ys = [r["classes"] for r in points], [r[key] / scale for r in points]
                 axis.plot(xs, ys, style, color=colour, marker="o", label=f"{method} {path_name}")
@@ -279,7 +299,7 @@ def calibrate() -> None:
 # ----------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     parser.add_argument("--classes", nargs="+", type=int, default=CLASSES)
     parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (default 2)")
@@ -291,6 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, metavar="C", help="profile one step of --methods[0] at C classes on both paths")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--calibrate", action="store_true", help="measure the constants of mugcp/backbones/text_buckets.py")
+    parser.add_argument("--ratio-to", metavar="METHOD", help="also print each row's time and RSS over this method's (same C, path)")
     parser.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a --json file of an earlier run")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: method classes path
     args = parser.parse_args(argv)
@@ -355,6 +376,8 @@ def main(argv=None) -> int:
               f"bucketed budget {'auto' if args.memory_mb is None else f'{args.memory_mb:.0f} MiB'}")
     print(f"\n{header}\n")
     print(markdown_table(rows))
+    if args.ratio_to:
+        print(f"\n{ratio_table(rows, args.ratio_to)}")
     if args.plot.lower() != "none":
         plot(rows, args.plot, header)
         print(f"\nplot: {args.plot}")

@@ -241,6 +241,31 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# A method variant is a method with a plug-in switched on, named ``<method>+<suffix>``: ``coop+dept`` is CoOp with
+# ``method.dept: true``. Sweeps, recipes (configs/recipes/coop+dept/), run names and reports use the variant's name;
+# a run's config records the method and the switch. Suffix -> the boolean method option it turns on.
+METHOD_VARIANTS = {"dept": "dept"}
+VARIANT_SEPARATOR = "+"
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"coop+dept"`` -> ``("coop", {"dept": True})``; a plain name -> ``(name, {})``. Whether the method has the
+    option is checked with its other options (``mugcp.methods.registry``)."""
+    base, *suffixes = str(name).split(VARIANT_SEPARATOR)
+    switches = {}
+    for suffix in suffixes:
+        if suffix not in METHOD_VARIANTS:
+            known = ", ".join(f"{VARIANT_SEPARATOR}{s}" for s in METHOD_VARIANTS)
+            raise ConfigError(f"method '{name}': unknown variant '{VARIANT_SEPARATOR}{suffix}'; variants: {known}.")
+        switches[METHOD_VARIANTS[suffix]] = True
+    return base, switches
+
+
+def variant_name(method: str, options: Mapping) -> str:
+    """The name a run of ``method`` with ``options`` is reported under: ``coop+dept`` when ``dept`` is on."""
+    return method + "".join(f"{VARIANT_SEPARATOR}{suffix}" for suffix, option in METHOD_VARIANTS.items() if options.get(option))
+
+
 def parse_overrides(items: Iterable[str]) -> dict:
     tree: dict = {}
     for item in items:
@@ -254,6 +279,9 @@ def parse_overrides(items: Iterable[str]) -> dict:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = parse_value(text)
+        if keys == ["method", "name"] and isinstance(node["name"], str):
+            node["name"], switches = split_variant(node["name"])
+            node.update(switches)
     return tree
 
 

@@ -13,7 +13,7 @@ from fixtures import make_imagefolder
 from safetensors.torch import load_file
 
 from mugcp.cli import run_cli
-from mugcp.config import CONFIG_DIR, ConfigError, load_config, merge
+from mugcp.config import CONFIG_DIR, ConfigError, load_config, merge, split_variant
 from mugcp.config_schema import Option, integer, option, show_value
 from mugcp.methods import create_model, get_method, list_methods, register_method, resolve_options
 from mugcp.recipes import _resolved_file, recipe_for
@@ -178,7 +178,8 @@ def check_recipe_file(path: Path) -> None:
     variants = [(None, None)] + [(name, None) for name in data["per_dataset"]] + [(None, k) for k in data["per_shots"]]
     for dataset, shots in variants:
         recipe = recipe_for(method, protocol, dataset, shots)
-        cfg = merge(load_config(f"methods/{method}"), recipe.overrides, str(path))
+        base, _ = split_variant(method)  # coop+dept: CoOp's file, the switch from method=coop+dept
+        cfg = merge(load_config(f"methods/{base}", [f"method={method}"]), recipe.overrides, str(path))
         check_run_config(cfg)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from fixtures import make_imagefolder
 from released_reference import randomise_prompt_parameters, register_tiny_clip, released_class_embeddings, tiny_clip
 
@@ -16,6 +17,7 @@ from mugcp.config import load_config
 from mugcp.methods import create_model, get_method
 from mugcp.methods.released import split_state
 from mugcp.runs.checkpoint import read_checkpoint
+from mugcp.runs.layout import CONFIG_FILE
 from mugcp.training import train
 from mugcp.training.optim import build_optimizer, build_scheduler
 
@@ -285,7 +287,8 @@ def test_dept_released_names_of_a_whole_model_coop_file(clip):
     # 2 layers x (3152 text + 4192 visual + 1056 shared)
     ("mma", ["method.layers_from=2", "method.layers_to=3"], 16800),
     # ctx 4x48, two scale/shift pairs 4x32, the head over the 2 base classes 2x32+2
-    ("coop", ["method.dept=true", "method.n_ctx=4"], 386),
+    # the variant's name: CoOp with method.dept on
+    ("coop+dept", ["method.n_ctx=4"], 386),
 ])
 def test_a_tiny_training_run(tmp_path, method, options, trainable):
     root = make_imagefolder(tmp_path / "data", ["cat", "dog", "owl", "fox"], per_class={"train": 2, "test": 2})
@@ -299,6 +302,8 @@ def test_a_tiny_training_run(tmp_path, method, options, trainable):
     assert (metrics["method"], metrics["steps"], metrics["trainable_parameters"]) == (method, 1, trainable)
     assert 0 <= metrics["base"]["accuracy"] <= 100 and 0 <= metrics["new"]["accuracy"] <= 100
     config, tensors, _ = read_checkpoint(tmp_path / "run")
-    if method == "coop":
+    if method == "coop+dept":  # reported under the variant; recorded as the method and its switch
+        recorded = yaml.safe_load((tmp_path / "run" / CONFIG_FILE).read_text())["method"]
+        assert (recorded["name"], recorded["dept"], config["method"]) == ("coop", True, "coop")
         assert config["method_options"]["dept"] is True
         assert tensors["dept.head.weight"].shape == (2, 32) and tensors["extra.dept_classes"].shape == (2, 77)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mugcp import recipes
-from mugcp.config import ConfigError, load_config, merge
+from mugcp.config import ConfigError, load_config, merge, split_variant
 from mugcp.data.registry import DATASET_NAMES
-from mugcp.methods.registry import list_methods
+from mugcp.methods.registry import list_methods, list_variants
 from mugcp.recipes import RECIPE_PROTOCOLS, list_recipes, read_recipe_file, recipe_for
 from mugcp.runs.run_setup import check_run_config
 
@@ -34,19 +34,22 @@ def variants(method, protocol):
     return pairs
 
 
-def test_every_registered_method_has_one_recipe_per_protocol():
-    assert sorted(ALL) == sorted((m, p) for m in list_methods() for p in RECIPE_PROTOCOLS)
+def test_every_registered_method_and_variant_has_one_recipe_per_protocol():
+    assert list_variants() == ["cocoop+dept", "coop+dept", "kgcoop+dept", "maple+dept"]
+    assert sorted(ALL) == sorted((m, p) for m in list_methods() + list_variants() for p in RECIPE_PROTOCOLS)
 
 
 @pytest.mark.parametrize("method, protocol", ALL)
 def test_recipe_passes_the_schema_over_the_methods_config(method, protocol):
     for dataset, shots in variants(method, protocol):
         recipe = recipe_for(method, protocol, dataset, shots)
-        cfg = merge(load_config(f"methods/{method}"), recipe.overrides, str(recipe.path))
+        base, switches = split_variant(method)  # coop+dept: CoOp's config with method.dept on
+        cfg = merge(load_config(f"methods/{base}", [f"method={method}"]), recipe.overrides, str(recipe.path))
         if dataset:
             cfg["data"]["dataset"] = dataset
         check_run_config(cfg)  # schema values, method options (names and types), dataset name
-        assert cfg["method"]["name"] == method
+        assert cfg["method"]["name"] == base and all(cfg["method"][key] is True for key in switches)
+        assert all(recipe.overrides["method"][key] is True for key in switches)  # a variant's recipe says so itself
         if recipe.trains:
             assert recipe.eval_epoch == cfg["optim"]["epochs"]
         else:
@@ -113,6 +116,25 @@ def test_spot_values_from_the_released_scripts():
     assert recipe_for("zsclip", "base2new", "dtd", 16).overrides == {"method": {"templates": "auto"}}
 
 
+def test_dept_variants_restate_the_released_elp_configs():
+    # Koorye/DePT configs.py + configs/trainers/ExtrasLinearProbe*/: 10 epochs, lr 0.0035 (CoCoOp 0.002), batch 4
+    # (CoCoOp 1), loss weight 0.7, head at 6.5 x lr; CoOp's 16 random tokens; KgCoOp's W 2.0; MaPLe 2 tokens depth 9.
+    released = {"coop+dept": (0.0035, 4, 16, ""), "cocoop+dept": (0.002, 1, 4, "a photo of a"),
+                "kgcoop+dept": (0.0035, 4, 4, "a photo of a"), "maple+dept": (0.0035, 4, 2, "a photo of a")}
+    for method, (lr, batch, n_ctx, ctx_init) in released.items():
+        for protocol in ("base2new", "cross_dataset", "domain_generalization"):
+            recipe = recipe_for(method, protocol, "imagenet", 16)
+            flat = recipe.dotted()
+            assert (flat["optim.lr"], flat["data.batch_size"], flat["optim.epochs"], recipe.eval_epoch) == (lr, batch, 10, 10)
+            assert (flat["method.n_ctx"], flat["method.ctx_init"]) == (n_ctx, ctx_init)
+            assert (flat["method.dept"], flat["method.dept_weight"], flat["method.dept_lr_scale"]) == (True, 0.7, 6.5)
+            assert recipe.released and "Koorye/DePT:configs.py" in recipe.sources
+        few = recipe_for(method, "fewshot", "dtd", 4)
+        assert not few.released and few.dotted()["optim.epochs"] == 10 and "base-to-novel" in few.note
+    assert recipe_for("kgcoop+dept", "base2new", "dtd", 16).dotted()["method.kg_weight"] == 2.0
+    assert recipe_for("maple+dept", "base2new", "dtd", 16).dotted()["method.depth"] == 9
+
+
 def test_every_training_recipe_uses_the_released_warmup():
     for method, protocol in ALL:
         recipe = recipe_for(method, protocol)
@@ -132,7 +154,7 @@ def test_mugcp_follows_maple(protocol):
     assert mugcp.note.startswith("mugcp has no released recipes and follows maple's.")
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", list_methods() + list_variants())
 def test_domain_generalization_trains_the_cross_dataset_model(method):
     # Every released repository evaluates one ImageNet model on both transfer protocols.
     xd, dg = recipe_for(method, "cross_dataset", "imagenet", 16), recipe_for(method, "domain_generalization", "imagenet", 16)
@@ -150,7 +172,8 @@ def test_settings_the_authors_did_not_run_are_flagged():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("mapel", "base2new"), r"no recipes for method 'mapel' under .*recipes\. Did you mean: maple, mma\? Methods with recipes: cocoop, coop,"),
+    (("mapel", "base2new"), r"no recipes for method 'mapel' under .*recipes\. Did you mean: maple, maple\+dept, mma\? "
+                               r"Methods with recipes: cocoop, cocoop\+dept, coop, coop\+dept,"),
     (("maple", "base2novel"), r"no released recipes for protocol 'base2novel'\. Did you mean: base2new\?"),
     (("maple", "grid"), r"protocol 'grid'.*a 'grid' sweep takes its settings from its own config"),
 ])

@@ -141,6 +141,38 @@ def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, 
             f"{target['all']['accuracy']:.2f} |") in table
 
 
+def test_a_method_variant_sweeps_and_reports_under_its_own_name(tmp_path, shared_clip):
+    # coop+dept: CoOp's config and DePT's recipe, the switch recorded in config.yaml, a row of its own in the report.
+    data = make_coop_dataset(tmp_path, "dtd", CLASSES)
+    short = {"method.n_ctx": 2, "method.ctx_init": ""}
+    sweep = write_sweep(tmp_path / "dept.yaml", protocol="base2new", datasets=["dtd"], seeds=[1], methods=["coop", "coop+dept"],
+                        shots=[1], overrides={"data.root": str(data), **TINY, "optim.epochs": 1},
+                        method_overrides={"coop": short, "coop+dept": short})
+    jobs = plan(load_sweep(sweep), tmp_path / "runs")
+    dept = jobs[1]
+    assert (dept.name, dept.fields["method"], dept.args[:5]) == (
+        "coop+dept_dtd_k1_s1", "coop+dept", ["--config", "methods/coop", "--output", str(tmp_path / "runs" / "coop+dept_dtd_k1_s1"),
+                                             "method=coop+dept"])
+    assert dept.recipe.path.parent.name == "coop+dept" and dept.config["optim"]["lr"] == 0.0035
+    assert (dept.config["method"]["name"], dept.config["method"]["dept"], jobs[0].config["method"]["dept"]) == ("coop", True, False)
+    assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=in_process) == 0
+    assert metrics_of(tmp_path / "runs", "coop+dept_dtd_k1_s1")["method"] == "coop+dept"
+    assert metrics_of(tmp_path / "runs", "coop_dtd_k1_s1")["method"] == "coop"
+    recorded = yaml.safe_load((tmp_path / "runs" / "coop+dept_dtd_k1_s1" / "config.yaml").read_text())["method"]
+    assert (recorded["name"], recorded["dept"]) == ("coop", True)
+    table = (tmp_path / "runs" / "report" / "results.md").read_text()
+    dtd = table.split("### dtd", 1)[1]
+    assert "\n| coop (random weights) |" in dtd and "\n| coop+dept (random weights) |" in dtd
+    assert "| dtd | coop | ViT-B-32 |" in table and "| dtd | coop+dept | ViT-B-32 |" in table  # the cost table too
+
+
+def test_an_unknown_variant_names_the_known_ones(tmp_path):
+    path = write_sweep(tmp_path / "bad.yaml", datasets=["dtd"], seeds=[1], methods=["ivlp+dept"], shots=[1])
+    with pytest.raises(ConfigError, match=r"unknown method 'ivlp\+dept'\. Did you mean: .*variants \(a method with a plug-in on\): "
+                                          r"cocoop\+dept, coop\+dept, kgcoop\+dept, maple\+dept"):
+        load_sweep(path)
+
+
 def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2], methods=["zsclip"], shots=[1],
@@ -164,7 +196,7 @@ def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     ({"protocol": "base2novel", "methods": ["coop"]}, "protocol 'base2novel' is not one of base2new, fewshot, cross_dataset"),
     ({"datasets": ["dtd"], "methods": ["coop"], "seed": [1]}, "unknown sweep key(s) seed; allowed:"),
     ({"datasets": ["dtdd"], "methods": ["coop"]}, "unknown dataset 'dtdd'; known: imagenet,"),
-    ({"datasets": ["dtd"], "methods": ["coopp"]}, "unknown method 'coopp'; known:"),
+    ({"datasets": ["dtd"], "methods": ["coopp"]}, "unknown method 'coopp'. Did you mean: coop, "),
     ({"datasets": ["dtd"]}, "'methods' is missing"),
     ({"datasets": ["dtd"], "methods": ["coop"], "seeds": [1, 1]}, "'seeds' must be a non-empty list without repeats, got [1, 1]"),
     ({"protocol": "cross_dataset", "datasets": ["dtd"], "methods": ["coop"]}, "protocol cross_dataset trains on 'source'"),
@@ -197,8 +229,8 @@ def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_pat
 
 
 @pytest.mark.parametrize("name, runs, evaluations", [
-    ("base2new", 11 * 11 * 3, 0), ("fewshot", 7 * 11 * 5 * 3 + 11 * 3, 0), ("cross_dataset", 9 * 3, 9 * 3 * 10),
-    ("domain_generalization", 9 * 3, 9 * 3 * 4),
+    ("base2new", 15 * 11 * 3, 0), ("fewshot", 7 * 11 * 5 * 3 + 11 * 3, 0), ("cross_dataset", 13 * 3, 13 * 3 * 10),
+    ("domain_generalization", 13 * 3, 13 * 3 * 4),
 ])
 def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, runs, evaluations):
     (tmp_path / "datasets").mkdir()  # data.root must exist at planning (its layout is the run's to read)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugcp.backbones import ClipBackbone
+from mugcp.config import variant_name
 from mugcp.data.classnames import validate_classnames
 
 
@@ -35,6 +36,11 @@ class PromptLearner(nn.Module):
         self.dataset = dataset
         self.classnames: list[str] = []
         self._eval_text_features: Optional[torch.Tensor] = None
+
+    @property
+    def variant_name(self) -> str:
+        """The name its results are reported under: the method, or its variant (``coop+dept``) when a plug-in is on."""
+        return variant_name(self.method_name, self.options)
 
     # ----------------------------------------------------------------- class names
     def set_classnames(self, classnames: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mugcp.config import ConfigError
+from mugcp.config import METHOD_VARIANTS, VARIANT_SEPARATOR, ConfigError
 from mugcp.config_schema import Option, check_against
 
 
@@ -79,6 +79,13 @@ def _discover() -> None:
 def list_methods() -> list[str]:
     _discover()
     return sorted(_REGISTRY)
+
+
+def list_variants() -> list[str]:
+    """Every ``<method>+<suffix>`` whose method declares the option the suffix switches on (``coop+dept``...)."""
+    _discover()
+    return [f"{name}{VARIANT_SEPARATOR}{suffix}" for name in sorted(_REGISTRY)
+            for suffix, option in METHOD_VARIANTS.items() if option in _REGISTRY[name].options]
 
 
 def get_method(name: str) -> MethodSpec:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mugcp.config import ConfigError, parse_value
+from mugcp.config import VARIANT_SEPARATOR, ConfigError, parse_value, split_variant
 from mugcp.runs.layout import (
     CHECKPOINT_DIR,
     EVALUATION_DIR_PREFIX,
@@ -134,8 +134,9 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
                 for seed in sweep.seeds:
                     fields = {"dataset": dataset, "method": method, "seed": seed, "shots": shots}
                     name = run_name(method, dataset, shots, seed)
-                    config = sweep.config or f"methods/{method}"
-                    overrides = [f"method={method}"] if sweep.config else []
+                    variant = VARIANT_SEPARATOR in method  # coop+dept: CoOp's config, then method=coop+dept sets the switch
+                    config = sweep.config or f"methods/{split_variant(method)[0]}"
+                    overrides = [f"method={method}"] if sweep.config or variant else []
                     overrides += [f"data.dataset={dataset}", f"data.shots={_render(shots)}", f"train.seed={seed}"]
                     if sweep.train_protocol:
                         overrides.append(f"data.protocol={sweep.train_protocol}")

@@ -6,6 +6,7 @@ what is allowed. What each run of it executes is :mod:`mugcp.sweeps.jobs`'s busi
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,15 +159,18 @@ def _datasets(data: dict, protocol: str, where: str) -> tuple[list, list]:
 
 
 def _methods(data: dict, where: str) -> list:
-    from mugcp.methods import list_methods
+    from mugcp.methods import list_methods, list_variants
 
     methods = _as_list(data.get("methods"), "methods", where)
     if not methods:
         raise ConfigError(f"{where}: 'methods' is missing; list the methods to run (e.g. methods: [coop, mugcp]).")
     known = list_methods()
     for name in methods:
-        if name not in known:
-            raise ConfigError(f"{where}: unknown method '{name}'; known: {', '.join(known)}.")
+        if name not in known and name not in list_variants():
+            close = difflib.get_close_matches(str(name), known + list_variants(), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown method '{name}'.{hint} Methods: {', '.join(known)}; "
+                              f"variants (a method with a plug-in on): {', '.join(list_variants())}.")
     return methods
 
 

@@ -158,7 +158,7 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None,
         metrics = evaluate_subsets(model, splits, cfg, device, precision, semantic, output=output)
         metrics.update({
             "checkpoint": str(ckpt_path),
-            "method": model.method_name,
+            "method": model.variant_name,
             "backbone": model.clip.name,
             "pretrained": model.clip.pretrained is not None,
             "dataset": splits.dataset.name,

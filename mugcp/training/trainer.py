@@ -158,7 +158,7 @@ def _set_up(cfg: dict, output: Path, distributed: Distributed, folder: RunFolder
     folder.started = True
     log.info(
         "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
-        model.method_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
+        model.variant_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
     )
     image_size = data_cfg["image_size"] or model.clip.image_size
     train_set = ImageDataset(
@@ -330,7 +330,7 @@ def _final_metrics(setup: RunSetup, loop: TrainingLoop, output: Path, started: f
     loop.metrics_log.evaluation(loop.step, metrics)
     loop.metrics_log.close()
     metrics.update({
-        "method": model.method_name,
+        "method": model.variant_name,
         "backbone": model.clip.name,
         "pretrained": model.clip.pretrained is not None,
         "pretrained_source": model.clip.pretrained,
@@ -351,7 +351,7 @@ def _final_metrics(setup: RunSetup, loop: TrainingLoop, output: Path, started: f
     })
     atomic_write_json(output / FINAL_METRICS_FILE, metrics)
     # after the metrics: a figure never costs the run's numbers
-    write_curves(output, title=f"{model.method_name} on {setup.splits.dataset.name}, seed {setup.seed}")
+    write_curves(output, title=f"{model.variant_name} on {setup.splits.dataset.name}, seed {setup.seed}")
     if loop.writer is not None:
         loop.writer.close()
     log.info("metrics: %s", {k: metrics[k] for k in metrics if k in ("base", "new", "all", "hm")})
