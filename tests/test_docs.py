@@ -29,7 +29,7 @@ import pytest
 
 from mugcp.config import DEFAULTS, yaml_load
 from mugcp.config_schema import flatten
-from mugcp.methods import get_method, list_methods
+from mugcp.methods import get_method, list_methods, list_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -332,6 +332,9 @@ def test_configuration_table_lists_every_key_with_its_default():
 def test_readme_methods_table_lists_every_method_and_its_config():
     section = README.read_text(encoding="utf-8").split("\n## Methods", 1)[1].split("\n## ", 1)[0]
     rows = {cells[0].strip("`"): cells[3].strip("`") for cells in table_rows(section)[1:]}
+    variants = [row for row in rows if "+" in row]  # one row names the variants: `coop+dept`, `cocoop+dept`, ...
+    assert sorted(name.strip("` ") for name in variants[0].split(",")) == list_variants()
+    del rows[variants[0]]
     assert sorted(rows) == list_methods()
     assert {name: get_method(name).config for name in rows} == rows
 
