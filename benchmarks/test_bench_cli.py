@@ -48,12 +48,16 @@ def test_help(benchmark, command):
     module, *args = f"mugcp.{command}".split()
     argv = [sys.executable, "-m", module, *args, "--help"]
     benchmark.pedantic(lambda: run_quietly(argv), rounds=7, iterations=1, warmup_rounds=1)
-    probe = json.loads(run_quietly([sys.executable, "-c", PROBE, module, *args, "--help"]).stderr.strip().splitlines()[-1])
+    probe = json.loads(
+        run_quietly([sys.executable, "-c", PROBE, module, *args, "--help"]).stderr.strip().splitlines()[-1])
     benchmark.extra_info.update({"cpu": cpu_model(), "cpu_count": os.cpu_count(), **probe})
     assert not probe["torch"]
 
 
 def test_import_torch_for_comparison(benchmark):
-    benchmark.pedantic(lambda: run_quietly([sys.executable, "-c", "import torch"]), rounds=5, iterations=1, warmup_rounds=1)
-    probe = run_quietly([sys.executable, "-c", "import re, torch; print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))"])
-    benchmark.extra_info.update({"cpu": cpu_model(), "cpu_count": os.cpu_count(), "peak_rss_mb": int(probe.stdout.strip()) / 1024})
+    benchmark.pedantic(lambda: run_quietly([sys.executable, "-c", "import torch"]), rounds=5, iterations=1,
+                       warmup_rounds=1)
+    probe = run_quietly([sys.executable, "-c", "import re, torch; print(re.search(r'VmHWM:\\s+(\\d+) kB', "
+                                               "open('/proc/self/status').read()).group(1))"])
+    benchmark.extra_info.update({"cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                                 "peak_rss_mb": int(probe.stdout.strip()) / 1024})

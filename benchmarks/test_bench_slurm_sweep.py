@@ -39,14 +39,15 @@ def tiny_sweep(tmp_path_factory):
     site = base / "site"
     (site / "models").mkdir(parents=True)
     (site / "models" / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CONFIG))
-    (site / "sitecustomize.py").write_text("import pathlib, open_clip\nopen_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
+    (site / "sitecustomize.py").write_text("import pathlib, open_clip\n"
+                                           "open_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
     data = make_coop_dataset(base, "dtd", ["red_fox", "blue_whale", "snow_owl", "sand_cat"])
     sweep = base / "grid.yaml"
     sweep.write_text(yaml.safe_dump({
         "datasets": ["dtd"], "seeds": [1, 2], "methods": ["zsclip", "coop"], "shots": [1],
-        "overrides": {"data.root": str(data), "model.pretrained": "none", "model.backbone": TINY_CLIP, "data.batch_size": 4,
-                      "data.eval_batch_size": 8, "data.max_eval_per_class": 1, "data.protocol": "all", "optim.epochs": 2,
-                      "optim.warmup_epochs": 0, "train.tensorboard": False},
+        "overrides": {"data.root": str(data), "model.pretrained": "none", "model.backbone": TINY_CLIP,
+                      "data.batch_size": 4, "data.eval_batch_size": 8, "data.max_eval_per_class": 1,
+                      "data.protocol": "all", "optim.epochs": 2, "optim.warmup_epochs": 0, "train.tensorboard": False},
         "method_overrides": {"coop": {"method.n_ctx": 2}}}))
     return base, sweep, {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
 
@@ -56,15 +57,17 @@ def _bench_sweep(benchmark, tiny_sweep, label: str, flags: list[str]) -> None:
     roots = iter(base / f"{label}-{index}" for index in range(100))
 
     def setup():
-        return ([sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(next(roots)), "--no-progress", *flags],), {}
+        return ([sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(next(roots)), "--no-progress",
+                 *flags],), {}
 
     def run(command):
         # os.environ now: the cluster fixture sets SLURM_CONF once its node is up
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **env), cwd=ROOT, timeout=900)
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **env), cwd=ROOT,
+                              timeout=900)
         assert done.returncode == 0, done.stdout + done.stderr
 
-    benchmark.extra_info.update({"sweep": "2 methods (zsclip, coop) x 1 dataset x 2 seeds, tiny CLIP, CPU", "launcher": label,
-                                 "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]})
+    benchmark.extra_info.update({"sweep": "2 methods (zsclip, coop) x 1 dataset x 2 seeds, tiny CLIP, CPU",
+                                 "launcher": label, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]})
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
 
 
@@ -81,4 +84,5 @@ def test_tiny_sweep_on_slurm(benchmark, tiny_sweep, cluster):
 
 
 def test_tiny_sweep_on_slurm_one_at_a_time(benchmark, tiny_sweep, cluster):
-    _bench_sweep(benchmark, tiny_sweep, "slurm-parallelism1", ["--launcher", "slurm", "--wait", "--slurm-array-parallelism", "1"])
+    _bench_sweep(benchmark, tiny_sweep, "slurm-parallelism1",
+                 ["--launcher", "slurm", "--wait", "--slurm-array-parallelism", "1"])

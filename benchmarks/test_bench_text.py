@@ -31,7 +31,8 @@ def clip(device):
 @pytest.mark.parametrize("classes", [50, 200])
 def test_per_image_prompts_over_imagenet_names(run_benchmark, clip, device, classes, backward, path):
     prompts = ClassPrompts(clip, imagenet_classnames(classes), N_CTX).to(device)
-    context = torch.randn(BATCH, N_CTX, clip.text_width, device=device, generator=torch.Generator(device).manual_seed(1))
+    context = torch.randn(BATCH, N_CTX, clip.text_width, device=device,
+                          generator=torch.Generator(device).manual_seed(1))
     context.requires_grad_(backward)
     bucketed = path == "bucketed"
 
@@ -49,8 +50,8 @@ def test_per_image_prompts_over_imagenet_names(run_benchmark, clip, device, clas
         return features
 
     try:
-        run_benchmark(run, rounds=3, work={"sequences": BATCH * classes}, backbone=BACKBONE, batch=BATCH, classes=classes,
-                      path=path, backward=backward)
+        run_benchmark(run, rounds=3, work={"sequences": BATCH * classes}, backbone=BACKBONE, batch=BATCH,
+                      classes=classes, path=path, backward=backward)
     finally:
         clip.text_bucketing = True
 

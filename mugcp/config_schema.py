@@ -37,7 +37,8 @@ class Spec:
     ``kind``: ``int`` | ``number`` | ``bool`` | ``str`` | ``list`` | ``choice`` | ``any``.
     ``low``/``high`` bound numbers (``*_open`` makes the bound exclusive); ``choices`` lists the
     values of a ``choice`` (and of a list's items for ``list``); ``nullable`` admits ``null``,
-    ``also`` a few literal words (``auto``); ``training_only`` marks keys that change training and nothing an evaluation does.
+    ``also`` a few literal words (``auto``); ``training_only`` marks keys that change training and nothing an
+    evaluation does.
     """
 
     kind: str
@@ -67,7 +68,8 @@ class Spec:
                 return False
             if self.choices:
                 return len(value) > 0 and all(isinstance(v, str) and v in self.choices for v in value)
-            return all(Spec(self.item_kind or "any", self.low, self.high, self.low_open, self.high_open).accepts(v) for v in value)
+            return all(Spec(self.item_kind or "any", self.low, self.high, self.low_open, self.high_open).accepts(v)
+                       for v in value)
         if not _has_kind(value, self.kind):
             return False
         if self.kind in ("int", "number"):
@@ -100,7 +102,8 @@ class Spec:
 
     def _bounds(self) -> str:
         if self.low is not None and self.high is not None:
-            return f" in {'(' if self.low_open else '['}{show_value(self.low)}, {show_value(self.high)}{')' if self.high_open else ']'}"
+            return (f" in {'(' if self.low_open else '['}{show_value(self.low)}, "
+                    f"{show_value(self.high)}{')' if self.high_open else ']'}")
         if self.low is not None:
             return f" {'>' if self.low_open else '>='} {show_value(self.low)}"
         if self.high is not None:
@@ -212,14 +215,16 @@ SCHEMA: dict[str, Spec] = {
     "data.num_workers": integer(0),
     "data.augment": boolean(training_only=True),
     "data.on_bad_image": choice("error", "skip"),
-    "data.max_image_pixels": integer(1, nullable=True, null_means="PIL's Image.MAX_IMAGE_PIXELS, 89,478,485 by default"),
+    "data.max_image_pixels": integer(1, nullable=True,
+                                     null_means="PIL's Image.MAX_IMAGE_PIXELS, 89,478,485 by default"),
     "data.image_size": integer(1, nullable=True, null_means="the backbone's"),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.val_seed": integer(0),
     "data.fewshot_short_classes": choice("keep", "pad", training_only=True),
     # Not training_only: evaluate may set it to none where the training machine's file is absent.
     "data.fewshot_file": text(nullable=True, null_means="none"),
-    "semantic.source": choice(*SEMANTIC_SOURCES, nullable=True, null_means="the method takes no semantic input; runs record this"),
+    "semantic.source": choice(*SEMANTIC_SOURCES, nullable=True,
+                              null_means="the method takes no semantic input; runs record this"),
     "semantic.cache": text(nullable=True, null_means="no cache"),
     "optim.name": choice(*OPTIMIZERS, training_only=True),
     "optim.lr": number(0, low_open=True, training_only=True),

@@ -46,20 +46,29 @@ from mugcp.launch.slurm import add_slurm_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="sweep YAML file, or a published protocol: base2new, cross_dataset, domain_generalization, fewshot")
+    parser = argparse.ArgumentParser(prog="python -m mugcp.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML file, or a published protocol: base2new, cross_dataset, "
+                                      "domain_generalization, fewshot")
     parser.add_argument("--root", help="folder of the sweep's runs (default: runs/sweeps/<sweep file name>)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands, run nothing (every config is still checked)")
-    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per training run, with its resolved config")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs and their commands, run nothing (every config is still checked)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --dry-run: one JSON object per training run, with its resolved config")
     parser.add_argument("--rerun-changed", action="store_true",
-                        help="rerun finished runs whose config differs from the sweep's now into fresh folders (<name>_v2)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once: one GPU each with CUDA, else the CPU threads split [1]")
+                        help="rerun finished runs whose config differs from the sweep's now into fresh folders "
+                             "(<name>_v2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once: one GPU each with CUDA, else the CPU threads split [1]")
     parser.add_argument("--no-progress", action="store_true", help="no overall progress bar")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local: run here [default]; slurm: submit the unfinished runs as one job array and return")
-    parser.add_argument("--wait", action="store_true", help="with --launcher slurm: follow the jobs until they end, then report")
-    parser.add_argument("--status", action="store_true", help="each run's Slurm job id, state and last log line; the report once all are done")
-    add_slurm_arguments(parser, only=["partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account", "array_parallelism", "setup"])
+    parser.add_argument("--wait", action="store_true",
+                        help="with --launcher slurm: follow the jobs until they end, then report")
+    parser.add_argument("--status", action="store_true",
+                        help="each run's Slurm job id, state and last log line; the report once all are done")
+    add_slurm_arguments(parser, only=["partition", "time", "gpus_per_run", "cpus_per_run", "mem", "account",
+                                      "array_parallelism", "setup"])
     return parser
 
 
@@ -89,15 +98,17 @@ def _announce(sweep, jobs: list, root: Path, console) -> None:
     runs = sum(job.module == "mugcp.train" for job in jobs)
     print(f"sweep {sweep.path} ({sweep.protocol}): {runs} training runs"
           + (f" + {len(jobs) - runs} evaluations" if len(jobs) > runs else "") + f" under {root}"
-          + ("" if sweep.recipes and sweep.protocol != "grid" else " (no released recipes: the method configs as they are)"), file=console)
+          + ("" if sweep.recipes and sweep.protocol != "grid"
+             else " (no released recipes: the method configs as they are)"), file=console)
     for note in recipe_notes(jobs, sweep.protocol):
         print(f"recipe: {note}", file=console)
     changed = [job for job in jobs if job.mode == "changed"]
     for job in changed:
         print(f"changed: {job.name} finished with another config: {describe_changes(job.changes)}", file=sys.stderr)
     if changed:
-        print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor overwritten. "
-              "Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the settings they ran with.", file=sys.stderr)
+        print(f"{len(changed)} finished run(s) differ from what this sweep runs now; they are neither reused nor "
+              "overwritten. Pass --rerun-changed to rerun them into fresh folders (<name>_v2), or restore the "
+              "settings they ran with.", file=sys.stderr)
 
 
 def _dry_run(jobs: list, as_json: bool) -> int:
@@ -108,7 +119,8 @@ def _dry_run(jobs: list, as_json: bool) -> int:
         for job in jobs:
             if job.module == "mugcp.train":
                 print(to_json(dict(describe_job(job), evaluations=[
-                    {"dataset": ev.fields["dataset"], "folder": str(ev.folder), "mode": ev.mode, "command": ev.command()}
+                    {"dataset": ev.fields["dataset"], "folder": str(ev.folder), "mode": ev.mode,
+                     "command": ev.command()}
                     for ev in jobs if ev.depends_on is job])))
         return 0
     for index, job in enumerate(jobs, 1):
@@ -124,11 +136,12 @@ def _run_here(sweep, jobs: list, root: Path, args: argparse.Namespace, launcher:
     from mugcp.sweeps import describe_counts, run_jobs
 
     try:
-        counts = run_jobs(jobs, root, args.jobs, launcher=launcher, progress=not args.no_progress, queued_elsewhere=queued_on_slurm)
+        counts = run_jobs(jobs, root, args.jobs, launcher=launcher, progress=not args.no_progress,
+                          queued_elsewhere=queued_on_slurm)
     except KeyboardInterrupt as stop:
         counts = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else {}
-        print(f"interrupted ({describe_counts(counts)}); rerun the same command to continue: finished runs are skipped, "
-              "interrupted ones resume from their last checkpoint.", file=sys.stderr)
+        print(f"interrupted ({describe_counts(counts)}); rerun the same command to continue: finished runs are "
+              "skipped, interrupted ones resume from their last checkpoint.", file=sys.stderr)
         return 130
     print(f"sweep done: {describe_counts(counts)}")
     if any((job.folder / FINAL_METRICS_FILE).is_file() for job in jobs):
@@ -138,7 +151,8 @@ def _run_here(sweep, jobs: list, root: Path, args: argparse.Namespace, launcher:
             print(f"no report: {err}", file=sys.stderr)
     if counts.get("elsewhere"):
         print(f"{counts['elsewhere']} job(s) are running in another process (another sweep, or a run started by hand); "
-              "they were left to it. Rerun the same command once they end to include them in the report.", file=sys.stderr)
+              "they were left to it. Rerun the same command once they end to include them in the report.",
+              file=sys.stderr)
     failed = counts.get("failed", 0) + counts.get("blocked", 0)
     if failed:
         print(f"{failed} job(s) did not finish; their logs are under {root / SWEEP_LOGS_DIR}. "

@@ -30,7 +30,8 @@ from mugcp.runs.layout import CONFIG_FILE, FINAL_METRICS_FILE, SUBMITIT_DIR
 from mugcp.utils import check_output_folder
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
-SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account", "setup"]
+SLURM_FLAGS = ["partition", "time", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_run", "mem", "account",
+               "setup"]
 
 
 def default_output(cfg: dict) -> Path:
@@ -39,14 +40,16 @@ def default_output(cfg: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mugcp.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     config_arguments(parser)
     parser.add_argument("--output", help="run folder (default: runs/<method>_<dataset>_seed<k>_<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--reevaluate", action="store_true",
                         help="with --resume on a finished run: evaluate its checkpoint again (replaces metrics.json)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the run's config.yaml) and exit; creates nothing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the run's config.yaml) and exit; creates nothing")
     add_launcher_arguments(parser, SLURM_FLAGS, wait_help="with --launcher slurm: follow the job until it ends")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -71,8 +74,9 @@ def main(argv=None) -> int:
     if args.resume:
         check_resume_folder(Path(args.output))
         if (Path(args.output) / FINAL_METRICS_FILE).is_file() and not args.reevaluate:
-            print(f"{args.output} is a finished run ({FINAL_METRICS_FILE}): nothing to resume, nothing changed. To evaluate "
-                  f"its checkpoint again: python -m mugcp.train --output {args.output} --resume --reevaluate")
+            print(f"{args.output} is a finished run ({FINAL_METRICS_FILE}): nothing to resume, nothing changed. "
+                  f"To evaluate its checkpoint again: python -m mugcp.train --output {args.output} --resume "
+                  "--reevaluate")
             return 0
         if not args.config:
             config = Path(args.output) / CONFIG_FILE  # continue the run as it was configured, not the demo
@@ -99,10 +103,12 @@ def main(argv=None) -> int:
 
 
 def describe_metrics(metrics: dict) -> str:
-    summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
+    summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all")
+                        if name in metrics)
     if "hm" in metrics:
         summary += f", HM {metrics['hm']:.2f}"
-    summary += "".join(f", {name} not evaluated (class-specific prompts, see the log)" for name in metrics.get("not_evaluated", {}))
+    summary += "".join(f", {name} not evaluated (class-specific prompts, see the log)"
+                       for name in metrics.get("not_evaluated", {}))
     return f"done in {metrics['wall_time_s']:.0f} s: {summary}" + ("" if metrics["pretrained"] else " (RANDOM weights)")
 
 
@@ -118,7 +124,8 @@ def submit_to_slurm(args, argv, parser, cfg: dict, output: Path) -> int:
     print(job.describe(), flush=True)
     if not args.wait:
         return 0
-    states = follow({job.job_id: job.folder}, on_change=lambda now: print(f"job {job.job_id}: {now[job.job_id]}", flush=True))
+    states = follow({job.job_id: job.folder},
+                    on_change=lambda now: print(f"job {job.job_id}: {now[job.job_id]}", flush=True))
     metrics_file = output / FINAL_METRICS_FILE
     if states[job.job_id] != "done" or not metrics_file.is_file():
         print(job_report(job.job_id, output, states[job.job_id], output / SUBMITIT_DIR), file=sys.stderr)

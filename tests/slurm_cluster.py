@@ -57,7 +57,8 @@ class SlurmCluster:
 
 def unavailable_reason() -> str | None:
     """Why the cluster cannot start here (None: it should)."""
-    missing = [name for name in DAEMONS + CLIENTS + ("munge",) if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    missing = [name for name in DAEMONS + CLIENTS + ("munge",)
+               if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
     if missing:
         return f"Slurm/munge not installed ({', '.join(missing)} not found): apt-get install slurm-wlm munge"
     return None
@@ -156,11 +157,13 @@ def _wait_for(check, what: str, processes: dict, root: Path, timeout: float = ST
     while time.monotonic() < deadline:
         for name, proc in processes.items():
             if proc.poll() is not None:
-                raise ClusterUnavailable(f"{name} exited with {proc.returncode} while waiting for {what}: {_tail(root, name)}")
+                raise ClusterUnavailable(f"{name} exited with {proc.returncode} while waiting for {what}: "
+                                         f"{_tail(root, name)}")
         if check():
             return
         time.sleep(0.2)
-    raise ClusterUnavailable(f"timed out after {timeout:.0f} s waiting for {what}: {_tail(root, 'slurmd')} {_tail(root, 'slurmctld')}")
+    raise ClusterUnavailable(f"timed out after {timeout:.0f} s waiting for {what}: "
+                             f"{_tail(root, 'slurmd')} {_tail(root, 'slurmctld')}")
 
 
 def _tail(root: Path, daemon: str) -> str:
@@ -216,7 +219,8 @@ def running_cluster(root: Path, partition: str = "debug"):
     cpus, memory_mb = _node_size()
     conf = _write_conf(root, node, partition, cpus, memory_mb, munge_socket)
 
-    saved = {name: value for name, value in os.environ.items() if name.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_"))}
+    saved = {name: value for name, value in os.environ.items()
+             if name.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_"))}
     env = {name: value for name, value in os.environ.items() if name not in saved}
     env["SLURM_CONF"] = str(conf)
     processes: dict[str, subprocess.Popen] = {}
@@ -231,12 +235,14 @@ def running_cluster(root: Path, partition: str = "debug"):
         processes["slurmd"] = _spawn("slurmd", ["-D", "-f", str(conf), "-N", node], root, env)
 
         def node_idle() -> bool:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True,
+                                 timeout=10).stdout
             return out.strip() == "idle"
 
         _wait_for(node_idle, "the node to come up idle", processes, root)
         version = subprocess.run(["sinfo", "--version"], env=env, capture_output=True, text=True).stdout.strip()
-        cluster = SlurmCluster(root, conf, node, partition, cpus, memory_mb, version, time.monotonic() - started, processes)
+        cluster = SlurmCluster(root, conf, node, partition, cpus, memory_mb, version, time.monotonic() - started,
+                               processes)
         for name in saved:
             del os.environ[name]
         os.environ["SLURM_CONF"] = str(conf)

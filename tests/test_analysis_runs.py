@@ -18,7 +18,8 @@ from mugcp.analysis.curves import CURVES_SIZE, read_metrics
 from mugcp.config import load_config
 from mugcp.training import train
 
-TINY_MUGCP = ["method=mugcp", "method.depth=2", "method.amg_dim=16", "method.amg_heads=2", "method.pool_dim=16", "method.pool_heads=2"]
+TINY_MUGCP = ["method=mugcp", "method.depth=2", "method.amg_dim=16", "method.amg_heads=2", "method.pool_dim=16",
+              "method.pool_heads=2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,10 @@ def data_root(tmp_path_factory):
 def mugcp_run(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs") / "mugcp"
     cfg = load_config(None, [
-        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=2", "data.batch_size=2", "data.eval_batch_size=8",
-        *TINY_MUGCP, f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=2", "optim.lr=0.01",
-        "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false", "data.compare_zeroshot=true",
+        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=2", "data.batch_size=2",
+        "data.eval_batch_size=8", *TINY_MUGCP, f"model.backbone={register_tiny_clip()}", "model.pretrained=none",
+        "optim.epochs=2", "optim.lr=0.01", "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false",
+        "data.compare_zeroshot=true",
     ])
     return out, train(cfg, out)
 
@@ -83,7 +85,8 @@ def test_training_writes_predictions_per_class_confusion_and_curves(mugcp_run, d
     records = read_metrics(run / "metrics.jsonl")
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == list(range(1, metrics["steps"] + 1))
-    assert {r["subset"]: r["accuracy"] for r in records if r["kind"] == "eval"} == {s: metrics[s]["accuracy"] for s in ("base", "new")}
+    assert ({r["subset"]: r["accuracy"] for r in records if r["kind"] == "eval"}
+            == {s: metrics[s]["accuracy"] for s in ("base", "new")})
     assert f"epoch 2 step 4/4 loss {train_records[-1]['loss']:.4f}" in (run / "log.txt").read_text()
     assert_png(run / "curves.png", CURVES_SIZE)
 
@@ -93,12 +96,14 @@ def test_evaluate_compares_with_zero_shot_on_request(mugcp_run, tmp_path):
 
     run, _ = mugcp_run
     out = tmp_path / "eval"
-    assert main(["--checkpoint", str(run), "--output", str(out), "--compare-zeroshot", "data.eval_subsets=[new]", "train.progress=false"]) == 0
+    assert main(["--checkpoint", str(run), "--output", str(out), "--compare-zeroshot", "data.eval_subsets=[new]",
+                 "train.progress=false"]) == 0
     per_class = read_csv(out / "per_class" / "new.csv")
     trained = {r["class"]: r for r in read_csv(run / "per_class" / "new.csv")}
     assert [r["class"] for r in per_class] == list(trained)
     for row in per_class:  # the same model and images as the training run's own evaluation
-        assert (row["accuracy"], row["zeroshot_accuracy"]) == (trained[row["class"]]["accuracy"], trained[row["class"]]["zeroshot_accuracy"])
+        assert (row["accuracy"], row["zeroshot_accuracy"]) == (trained[row["class"]]["accuracy"],
+                                                               trained[row["class"]]["zeroshot_accuracy"])
     assert len(read_csv(out / "predictions" / "new.csv")) == 6
     assert json.loads((out / "metrics.json").read_text())["new"]["zeroshot_accuracy"] >= 0
 
@@ -130,9 +135,11 @@ def test_inspect_of_a_missing_run_is_one_line(tmp_path, capsys):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "mugcp.inspect", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
+    result = subprocess.run([sys.executable, "-m", "mugcp.inspect", str(tmp_path / "nothing"),
+                             "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert (result.returncode == 2 and result.stderr.startswith("error: ")
+            and len(result.stderr.strip().splitlines()) == 1)
 
 
 def test_inspect_shows_the_caption_each_image_was_given(tmp_path, data_root):
@@ -144,17 +151,20 @@ def test_inspect_shows_the_caption_each_image_was_given(tmp_path, data_root):
 
     write_semantic_cache(tmp_path / "train_cache", data_root)
     cfg = load_config(None, [
-        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=1", "data.batch_size=2", "data.max_eval_per_class=1",
-        *TINY_MUGCP, "method.semantic_features=caption", "semantic.source=mllm", f"semantic.cache={tmp_path / 'train_cache'}",
-        f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1", "train.progress=false", "train.tensorboard=false",
+        "data.dataset=imagefolder", f"data.root={data_root}", "data.shots=1", "data.batch_size=2",
+        "data.max_eval_per_class=1", *TINY_MUGCP, "method.semantic_features=caption", "semantic.source=mllm",
+        f"semantic.cache={tmp_path / 'train_cache'}", f"model.backbone={register_tiny_clip()}", "model.pretrained=none",
+        "optim.epochs=1", "train.progress=false", "train.tensorboard=false",
     ])
     train(cfg, tmp_path / "run")
     write_image(tmp_path / "photos" / "x.png", 0, 0, size=(40, 30))
     write_image(tmp_path / "photos" / "deep" / "y.png", 2, 1, size=(30, 40))
-    write_cache(tmp_path / "cache", {"x.png": ("a bright striped thing", torch.zeros(2, 24)), "deep/y.png": ("a round | thing", torch.zeros(3, 24))},
+    write_cache(tmp_path / "cache", {"x.png": ("a bright striped thing", torch.zeros(2, 24)),
+                                     "deep/y.png": ("a round | thing", torch.zeros(3, 24))},
                 manifest_extra={"mllm": "test-mllm", "prompt": "describe"})
     out = tmp_path / "inspect"
-    assert main([str(tmp_path / "run"), str(tmp_path / "photos"), "--out", str(out), "--semantic-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert main([str(tmp_path / "run"), str(tmp_path / "photos"), "--out", str(out), "--semantic-cache",
+                 str(tmp_path / "cache"), "--no-progress"]) == 0
     captions = (out / "captions.md").read_text()
     assert f"| {tmp_path / 'photos' / 'x.png'} | mllm | a bright striped thing |" in captions
     assert f"| {tmp_path / 'photos' / 'deep' / 'y.png'} | mllm | a round / thing |" in captions

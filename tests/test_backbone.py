@@ -175,7 +175,8 @@ def test_weights_of_another_architecture_are_refused(vit_b32, tmp_path):
 
     path = tmp_path / "b32.safetensors"
     save_file({k: v.contiguous() for k, v in vit_b32.model.state_dict().items()}, str(path))
-    with pytest.raises(PretrainedLoadError, match=r"b32\.safetensors do not fit model 'ViT-B-16'.*shape mismatches.*visual\.conv1\.weight"):
+    with pytest.raises(PretrainedLoadError,
+                       match=r"b32\.safetensors do not fit model 'ViT-B-16'.*shape mismatches.*visual\.conv1\.weight"):
         load_clip("ViT-B-16", pretrained=str(path))
 
 
@@ -283,7 +284,8 @@ def test_quick_gelu_auto_warns_on_a_plain_state_dict_and_follows_names(vit_b32, 
     assert _activation(loaded) == "GELU"
     assert "does not say which activation" in caplog.text and "need model.quick_gelu=true" in caplog.text
     assert _activation(load_clip("ViT-B-32-quickgelu", pretrained=None)) == "QuickGELU"
-    with pytest.raises(PretrainedLoadError, match=r"model.quick_gelu=false, but model 'ViT-B-32-quickgelu' is defined with QuickGELU"):
+    with pytest.raises(PretrainedLoadError,
+                       match=r"model.quick_gelu=false, but model 'ViT-B-32-quickgelu' is defined with QuickGELU"):
         load_clip("ViT-B-32-quickgelu", pretrained=None, quick_gelu=False)
     with pytest.raises(ValueError, match=r"model.quick_gelu must be auto, true or false, got 'maybe'"):
         quick_gelu_setting("maybe")

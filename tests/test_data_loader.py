@@ -25,7 +25,8 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def folder_dataset(tmp_path_factory):
-    root = make_imagefolder(tmp_path_factory.mktemp("loader"), ["a", "b", "c"], per_class={"train": 4, "val": 1, "test": 2}, splits=("train", "val", "test"))
+    root = make_imagefolder(tmp_path_factory.mktemp("loader"), ["a", "b", "c"],
+                            per_class={"train": 4, "val": 1, "test": 2}, splits=("train", "val", "test"))
     return build_dataset({"dataset": "imagefolder", "root": root})
 
 
@@ -83,7 +84,8 @@ def test_normalised_tensor_matches_torchvision():
 
 def test_train_without_augment_equals_eval():
     image = gradient_image()
-    assert torch.equal(build_transform(SIZE, train=True, augment=False)(image), build_transform(SIZE, train=False)(image))
+    assert torch.equal(build_transform(SIZE, train=True, augment=False)(image),
+                       build_transform(SIZE, train=False)(image))
 
 
 # ---- ImageDataset and collate ----------------------------------------------------------------
@@ -137,7 +139,8 @@ def test_unknown_bad_image_policy(broken_dataset):
 
 def test_semantic_features_are_padded_with_a_mask(folder_dataset):
     items = folder_dataset.test[:3]
-    features = {item.key: torch.full((length, 5), float(length), dtype=torch.float16) for item, length in zip(items, (2, 4, 1))}
+    features = {item.key: torch.full((length, 5), float(length), dtype=torch.float16)
+                for item, length in zip(items, (2, 4, 1))}
     data = ImageDataset(items, folder_dataset, build_transform(SIZE, train=False), semantic=features)
     batch = collate([data[i] for i in range(3)])
     assert batch["semantic"].shape == (3, 4, 5) and batch["semantic"].dtype == torch.float32
@@ -220,4 +223,5 @@ def test_train_drops_last_partial_batch_eval_keeps_order(folder_dataset):
     assert len(train) == 2 and [len(b["keys"]) for b in train] == [5, 5]  # 12 images, last 2 dropped
     data = ImageDataset(folder_dataset.test, folder_dataset, build_transform(SIZE, train=False))
     batches = list(build_loader(data, batch_size=4, train=False, seed=0))
-    assert [b["keys"] for b in batches] == [[i.key for i in folder_dataset.test[:4]], [i.key for i in folder_dataset.test[4:]]]
+    assert [b["keys"] for b in batches] == [[i.key for i in folder_dataset.test[:4]],
+                                            [i.key for i in folder_dataset.test[4:]]]

@@ -55,7 +55,8 @@ def test_few_shot_is_the_same_in_a_fresh_interpreter():
     # Across runs: another process, with another hash seed, must pick the same items.
     code = (
         "from mugcp.data import Datum, few_shot\n"
-        "items = [Datum(f'c{l}/{i:03d}.jpg', l, f'class{l}') for l, n in {0: 20, 1: 20, 2: 20, 3: 2}.items() for i in range(n)]\n"
+        "items = [Datum(f'c{l}/{i:03d}.jpg', l, f'class{l}') for l, n in {0: 20, 1: 20, 2: 20, 3: 2}.items() "
+        "for i in range(n)]\n"
         "print(','.join(item.key for item in few_shot(items, 4, seed=3)))\n"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO))

@@ -18,7 +18,8 @@ def run_training(tmp_path, name, root, processes):
             "optim.lr=0.05", "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false"]
     launcher = [sys.executable, "-m", "mugcp.train"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "mugcp.train"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                    "-m", "mugcp.train"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(launcher + args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,7 +28,8 @@ def run_training(tmp_path, name, root, processes):
 
 @pytest.mark.slow
 def test_two_processes_learn_what_one_process_learns(tmp_path):
-    root = make_imagefolder(tmp_path, ["red fox", "blue whale", "snow owl", "sand cat"], per_class={"train": 4, "test": 1})
+    root = make_imagefolder(tmp_path, ["red fox", "blue whale", "snow owl", "sand cat"],
+                            per_class={"train": 4, "test": 1})
     single = run_training(tmp_path, "one", root, processes=1)
     double = run_training(tmp_path, "two", root, processes=2)
     assert not torch.equal(single, torch.zeros_like(single))

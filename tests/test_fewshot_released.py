@@ -1,4 +1,5 @@
-"""Few-shot subsets equal the released code's: Dassl's draw restated here, and CoOp's split_fewshot pickles read safely."""
+"""Few-shot subsets equal the released code's: Dassl's draw restated here, and CoOp's split_fewshot pickles read
+safely."""
 from __future__ import annotations
 
 import logging
@@ -105,7 +106,8 @@ def chosen(items, step):
 def test_the_released_file_is_used_when_present(pets_root, dassl_module, caplog):
     dataset = build_protocol(pets_cfg(pets_root, shots=2, fewshot_file="none"), seed=1).dataset
     train, val = chosen(dataset.train, 3)[::-1], chosen(dataset.val, 2)  # not what our draw would give
-    path = write_released(pets_root / "oxford_pets" / "split_fewshot" / "shot_2-seed_1.pkl", {"train": train, "val": val})
+    path = write_released(pets_root / "oxford_pets" / "split_fewshot" / "shot_2-seed_1.pkl",
+                          {"train": train, "val": val})
     with caplog.at_level(logging.INFO, logger="mugcp"):
         splits = build_protocol(pets_cfg(pets_root, shots=2), seed=1)
     assert splits.train == train and splits.val == val
@@ -123,7 +125,8 @@ def drawn_for(root, shots, seed):
 def test_base_classes_come_from_the_released_subset(pets_root, dassl_module):
     dataset = build_protocol(pets_cfg(pets_root, shots=2, fewshot_file="none"), seed=1).dataset
     train = chosen(dataset.train, 3)
-    path = write_released(pets_root / "elsewhere.pkl", {"train": train, "val": chosen(dataset.val, 2)}, prefix="C:\\data\\oxford_pets")
+    path = write_released(pets_root / "elsewhere.pkl", {"train": train, "val": chosen(dataset.val, 2)},
+                          prefix="C:\\data\\oxford_pets")
     splits = build_protocol(dict(pets_cfg(pets_root, shots=2, fewshot_file=str(path)), train_classes="base"), seed=1)
     base = [item for item in train if item.label < 3]
     assert [item.key for item in splits.train] == [item.key for item in base]
@@ -175,7 +178,8 @@ def test_a_malicious_pickle_is_refused_without_running(pets_root, tmp_path, dass
         data = {"train": [Datum_("/x/oxford_pets/images/a.jpg"), RunsACommand(marker)]}
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
-    with pytest.raises(FewShotFileError, match=r"refused as a few-shot file: it refers to (posix|os|builtins)\.(system|eval)"):
+    with pytest.raises(FewShotFileError,
+                       match=r"refused as a few-shot file: it refers to (posix|os|builtins)\.(system|eval)"):
         build_protocol(pets_cfg(pets_root, shots=2, fewshot_file=str(path)), seed=1)
     assert not marker.exists()
 

@@ -21,9 +21,9 @@ CLASSES = ["red fox", "blue whale", "snow owl", "sand cat"]
 
 def tiny_config(root, *extra):
     return load_config(None, [
-        "data.dataset=imagefolder", f"data.root={root}", "data.shots=1", "data.batch_size=2", "method=coop", "method.n_ctx=2",
-        f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1", "train.progress=false",
-        "train.tensorboard=false", *extra,
+        "data.dataset=imagefolder", f"data.root={root}", "data.shots=1", "data.batch_size=2", "method=coop",
+        "method.n_ctx=2", f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1",
+        "train.progress=false", "train.tensorboard=false", *extra,
     ])
 
 
@@ -56,7 +56,8 @@ def cli(main, argv, capsys):
 
 def snapshot(folder: Path) -> dict:
     """Every file under ``folder`` (but the lock) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 # ---------------------------------------------------------------- 1. evaluate never writes into a training run
@@ -68,9 +69,9 @@ def test_evaluate_refuses_another_runs_folder_and_changes_nothing_there(run_copy
     before = snapshot(other)
     code, err = cli(main, ["--checkpoint", str(run_copy), "--output", str(other), "data.max_eval_per_class=1"], capsys)
     assert code == 2
-    assert err == (f"error: --output {other} holds a training run (checkpoint, splits.json, metrics.jsonl, metrics.json); "
-                   "evaluate never writes into a run's folder. Leave out --output (the evaluation goes to "
-                   "RUN/eval_<dataset>_<time>/) or choose a new folder.")
+    assert err == (f"error: --output {other} holds a training run (checkpoint, splits.json, metrics.jsonl, "
+                   "metrics.json); evaluate never writes into a run's folder. Leave out --output (the evaluation "
+                   "goes to RUN/eval_<dataset>_<time>/) or choose a new folder.")
     assert snapshot(other) == before
 
 
@@ -147,8 +148,9 @@ def nothing_loads(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("something was loaded before the output path was checked")
 
-    for module, name in ((run_setup, "load_clip"), (trainer, "build_protocol"), (evaluate_checkpoint, "read_checkpoint"),
-                         (inference, "load_run"), (inspection, "inspect_run"), (reports, "write_report")):
+    for module, name in ((run_setup, "load_clip"), (trainer, "build_protocol"),
+                         (evaluate_checkpoint, "read_checkpoint"), (inference, "load_run"),
+                         (inspection, "inspect_run"), (reports, "write_report")):
         monkeypatch.setattr(module, name, forbidden)
 
 
@@ -195,8 +197,9 @@ def test_a_sweep_reevaluates_a_stale_transfer_evaluation_with_overwrite(tmp_path
 
     data = make_coop_dataset(tmp_path, "dtd", ["red_fox", "blue_whale"])
     sweep_file = tmp_path / "transfer.yaml"
-    sweep_file.write_text(yaml.safe_dump({"protocol": "cross_dataset", "source": "dtd", "targets": ["eurosat"], "seeds": [1],
-                                          "methods": ["coop"], "shots": [1], "overrides": {"data.root": str(data)}}))
+    sweep_file.write_text(yaml.safe_dump({"protocol": "cross_dataset", "source": "dtd", "targets": ["eurosat"],
+                                          "seeds": [1], "methods": ["coop"], "shots": [1],
+                                          "overrides": {"data.root": str(data)}}))
     root = tmp_path / "runs"
     (root / "coop_dtd_k1_s1" / "checkpoint").mkdir(parents=True)
     (root / "coop_dtd_k1_s1" / "checkpoint" / "trainer_state.pt").write_bytes(b"")
@@ -212,7 +215,8 @@ def test_a_sweep_reevaluates_a_stale_transfer_evaluation_with_overwrite(tmp_path
 def write_fewshot_sweep(path, **overrides):
     import yaml
 
-    fields = {"protocol": "fewshot", "datasets": ["dtd"], "methods": ["coop"], "shots": overrides.pop("shots", [1]), "seeds": [1]}
+    fields = {"protocol": "fewshot", "datasets": ["dtd"], "methods": ["coop"], "shots": overrides.pop("shots", [1]),
+              "seeds": [1]}
     path.write_text(yaml.safe_dump({**fields, "overrides": overrides}, sort_keys=False))
     return path
 
@@ -221,10 +225,11 @@ def write_fewshot_sweep(path, **overrides):
     ({"data.root": "{tmp}/nope"}, "overrides: data.root='{tmp}/nope' does not exist. Point it at the dataset's folder; "
                                   "python -m mugcp.data check --dataset dtd --root ROOT checks a layout."),
     ({"data.root": "{tmp}", "data.fewshot_file": "{tmp}/nope.pkl"},
-     "overrides: data.fewshot_file='{tmp}/nope.pkl': no such file. Point it at a released split_fewshot/shot_<K>-seed_<S>.pkl, "
-     "or set it to auto or none."),
+     "overrides: data.fewshot_file='{tmp}/nope.pkl': no such file. Point it at a released "
+     "split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none."),
     ({"data.root": "{tmp}", "shots": [0]},
-     "'shots' lists 0, but data.shots=0 is not allowed: expected an integer >= 1, or null (every training image). The default is 16."),
+     "'shots' lists 0, but data.shots=0 is not allowed: expected an integer >= 1, or null (every training image). "
+     "The default is 16."),
 ])
 def test_a_sweeps_bad_path_or_shots_is_one_line_at_dry_run_naming_the_sweep_file(overrides, line, tmp_path, capsys):
     from mugcp.sweep import main
@@ -241,7 +246,8 @@ def test_a_default_root_auto_fewshot_file_and_an_empty_root_pass_the_dry_run(tmp
     from mugcp.sweep import main
 
     (tmp_path / "empty").mkdir()
-    for overrides in ({}, {"data.fewshot_file": "auto"}, {"data.root": str(tmp_path / "empty"), "data.fewshot_file": "none"}):
+    for overrides in ({}, {"data.fewshot_file": "auto"},
+                      {"data.root": str(tmp_path / "empty"), "data.fewshot_file": "none"}):
         sweep = write_fewshot_sweep(tmp_path / "sweep.yaml", **overrides)
         assert cli(main, [str(sweep), "--root", str(tmp_path / "runs"), "--dry-run"], capsys)[0] == 0
 
@@ -251,8 +257,8 @@ def test_print_config_refuses_a_missing_fewshot_file(tmp_path, capsys):
 
     code, err = cli(main, ["--config", "methods/coop", "data.dataset=dtd", f"data.root={tmp_path}",
                            f"data.fewshot_file={tmp_path / 'nope.pkl'}", "--print-config"], capsys)
-    assert (code, err) == (2, f"error: data.fewshot_file='{tmp_path / 'nope.pkl'}': no such file. Point it at a released "
-                              "split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none.")
+    assert (code, err) == (2, f"error: data.fewshot_file='{tmp_path / 'nope.pkl'}': no such file. Point it at a "
+                              "released split_fewshot/shot_<K>-seed_<S>.pkl, or set it to auto or none.")
 
 
 # ---------------------------------------------------------------- 10. resume, signals, help, warnings
@@ -270,7 +276,8 @@ def test_resume_on_a_finished_run_says_so_and_reevaluates_only_when_asked(run_co
     records = read_metrics(run_copy / "metrics.jsonl")
     assert main(["--output", str(run_copy), "--resume", "--reevaluate"]) == 0
     again = read_metrics(run_copy / "metrics.jsonl")
-    assert [r["kind"] for r in again] == [r["kind"] for r in records] == ["train", "eval", "eval"]  # replaced, not doubled
+    # replaced, not doubled
+    assert [r["kind"] for r in again] == [r["kind"] for r in records] == ["train", "eval", "eval"]
     assert again == records  # the same checkpoint on the same images: the same accuracies
     assert "resumed from" in (run_copy / "log.txt").read_text()
 
@@ -286,8 +293,10 @@ def test_ctrl_c_saves_the_step_in_flight_as_sigterm_does(signum, code, tmp_path,
     from mugcp.train import main
 
     config = tmp_path / "config.yaml"
-    data_root = make_imagefolder(tmp_path, CLASSES, per_class={"train": 2, "val": 1, "test": 1}, splits=("train", "val", "test"))
-    dump_config(tiny_config(data_root, "data.shots=2", "data.batch_size=1"), config)  # 2 base classes x 2 images: 4 steps
+    data_root = make_imagefolder(tmp_path, CLASSES, per_class={"train": 2, "val": 1, "test": 1},
+                                 splits=("train", "val", "test"))
+    # 2 base classes x 2 images: 4 steps
+    dump_config(tiny_config(data_root, "data.shots=2", "data.batch_size=1"), config)
     real_step, calls = CoOp.training_step, []
 
     def step_then_signal(self, batch):
@@ -303,8 +312,8 @@ def test_ctrl_c_saves_the_step_in_flight_as_sigterm_does(signum, code, tmp_path,
     state = read_trainer_state(out / "checkpoint")
     assert (state["step"], state["epoch"], state["batch"]) == (2, 0, 2)
     assert err.splitlines()[-1] == (
-        f"run stopped by {signum} after step 2 of 4 (epoch 1, batch 2). The checkpoint of step 2 (epoch 1, batch 2) is kept in "
-        f"{out / 'checkpoint'}; continue with python -m mugcp.train --output {out} --resume. "
+        f"run stopped by {signum} after step 2 of 4 (epoch 1, batch 2). The checkpoint of step 2 (epoch 1, batch 2) "
+        f"is kept in {out / 'checkpoint'}; continue with python -m mugcp.train --output {out} --resume. "
         f"The log, with the traceback, is {out / 'log.txt'}.")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 

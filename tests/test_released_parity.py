@@ -108,7 +108,8 @@ def test_kgcoop_logits_and_loss_match_released(clip, images):
     labels = torch.tensor([0, 3, 1])
     with torch.no_grad():
         logits = released_coop_logits(clip.model, clip.tokenizer, images, CLASSES, model.ctx, "a photo of a")
-        handcrafted = released_template_features(clip.model, clip.tokenizer, ["a photo of a {}, a type of texture."], CLASSES)
+        handcrafted = released_template_features(clip.model, clip.tokenizer, ["a photo of a {}, a type of texture."],
+                                                 CLASSES)
         prompts_text = _coop_text_features(clip, model.ctx, "a photo of a")
         score = 1.0 - F.cosine_similarity(prompts_text, handcrafted, dim=1, eps=1e-7).mean()
         expected_loss = F.cross_entropy(logits, labels) + 8.0 * score
@@ -148,7 +149,8 @@ def test_prograd_init_logits_and_losses_match_released(clip, images):
 
 @pytest.mark.parametrize("dataset, layer", [("stanford_cars", 2), ("imagenet", 1)])
 def test_tcp_logits_and_loss_match_released(clip, images, dataset, layer):
-    """Cars: "X X X X {}, a type of car" (no period); ImageNet: "a photo of a {}.", "a photo of a" in the context slots."""
+    """Cars: "X X X X {}, a type of car" (no period); ImageNet: "a photo of a {}.", "a photo of a" in the context
+    slots."""
     from mugcp.methods.templates import TCP_HANDCRAFTED_TEMPLATES, TCP_PROMPT_TEMPLATES
 
     labels = torch.tensor([2, 0, 3])
@@ -174,7 +176,8 @@ def _coop_text_features(clip, ctx, prefix_text):
     from released_reference import released_class_embeddings, released_text_encoder
 
     tokens, prefix, suffix = released_class_embeddings(clip.model, clip.tokenizer, prefix_text, ctx.shape[0], CLASSES)
-    text = released_text_encoder(clip.model, torch.cat([prefix, ctx.expand(len(CLASSES), -1, -1), suffix], dim=1), tokens)
+    text = released_text_encoder(clip.model, torch.cat([prefix, ctx.expand(len(CLASSES), -1, -1), suffix], dim=1),
+                                 tokens)
     return text / text.norm(dim=-1, keepdim=True)
 
 
@@ -201,7 +204,8 @@ def test_maple_matches_released(clip, images):
     vision = [couple(prompt) for couple, prompt in zip(model.coupling, text_layers)]
     with torch.no_grad():
         expected, _, _ = released_deep_logits(
-            clip.model, clip.tokenizer, images, CLASSES, text_layers[0], text_layers[1:], vision[0], vision[1:], "a photo of a"
+            clip.model, clip.tokenizer, images, CLASSES, text_layers[0], text_layers[1:], vision[0], vision[1:],
+            "a photo of a"
         )
         dropped_words, _, _ = released_deep_logits(  # the old construction, "X X {class}.", is really different
             clip.model, clip.tokenizer, images, CLASSES, text_layers[0], text_layers[1:], vision[0], vision[1:], "X X"
@@ -218,13 +222,15 @@ def test_promptsrc_logits_and_losses_match_released(clip, images):
         logits, image, text = _ivlp_statement(clip, model, images)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        fixed = released_template_features(clip.model, clip.tokenizer, IMAGENET_60_TEMPLATES, CLASSES, normalize_each=False)
+        fixed = released_template_features(clip.model, clip.tokenizer, IMAGENET_60_TEMPLATES, CLASSES,
+                                           normalize_each=False)
         zero_shot_image = released_image_encoder(clip.model, images)
         zero_shot_image = zero_shot_image / zero_shot_image.norm(dim=-1, keepdim=True)
         zero_shot_logits = clip.model.logit_scale.exp() * zero_shot_image @ fixed.t()
         text_l1 = F.l1_loss(text, fixed) * 25
         image_l1 = F.l1_loss(image, zero_shot_image) * 10
-        logit_kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zero_shot_logits, 1), reduction="sum", log_target=True) / logits.numel()
+        logit_kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zero_shot_logits, 1), reduction="sum",
+                            log_target=True) / logits.numel()
         expected_loss = F.cross_entropy(logits, labels) + logit_kl + text_l1 + image_l1
     torch.testing.assert_close(ours(model, images), logits, **TOL)
     model.train()
@@ -239,7 +245,8 @@ def test_promptsrc_gaussian_aggregation_matches_released(clip):
     """The released GPA: epoch e's state weighted by the N(mean, std²) density at e, normalised over all epochs."""
     epochs, mean, std = 4, 2.5, 1.3
     model = build(clip, "promptsrc", text_depth=2, vision_depth=2, gpa_mean=mean, gpa_std=std)
-    density = [(1 / (std * math.sqrt(2 * math.pi))) * math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
+    density = [(1 / (std * math.sqrt(2 * math.pi))) * math.exp(-0.5 * ((e - mean) / std) ** 2)
+               for e in range(1, epochs + 1)]
     weights = [d / sum(density) for d in density]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -255,7 +262,8 @@ def test_promptsrc_gaussian_aggregation_matches_released(clip):
 def test_mugcp_first_vision_prompts_enter_before_ln_pre_like_maple(clip, images):
     """MuGCP has no released code; its layer-0 vision prompts are placed as MaPLe's: the context rows
     of layer 0's input are ln_pre(F_0(ctx_0)), not F_0(ctx_0)."""
-    model = build(clip, "mugcp", depth=2, semantic_source="none", n_semantic=2, amg_dim=16, amg_heads=2, pool_dim=16, pool_heads=2)
+    model = build(clip, "mugcp", depth=2, semantic_source="none", n_semantic=2, amg_dim=16, amg_heads=2, pool_dim=16,
+                  pool_heads=2)
     seen = []
     first_block = clip.model.visual.transformer.resblocks[0]
     original = clip.block
@@ -274,5 +282,6 @@ def test_mugcp_first_vision_prompts_enter_before_ln_pre_like_maple(clip, images)
     context_rows = seen[0][:, patches : patches + model.n_ctx]
     with torch.no_grad():
         coupled = model.coupling[0](model.text_context[0])
-        torch.testing.assert_close(context_rows, clip.model.visual.ln_pre(coupled).expand_as(context_rows), atol=1e-5, rtol=0)
+        torch.testing.assert_close(context_rows, clip.model.visual.ln_pre(coupled).expand_as(context_rows), atol=1e-5,
+                                   rtol=0)
     assert not torch.allclose(context_rows, coupled.expand_as(context_rows), atol=1e-2)

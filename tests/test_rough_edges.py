@@ -22,8 +22,10 @@ def test_data_help_exits_0_with_the_commands(capsys):
 
 @pytest.mark.parametrize("dataset, start", [
     ("imagefolder", "imagefolder: data.root {} is a file, not a folder. Expected layout: ROOT/train/"),
-    ("dtd", "dataset 'dtd': data.root {} is a file, not a folder. Expected layout: ROOT/dtd/split_zhou_DescribableTextures.json"),
-    ("fashion_mnist", "fashion_mnist: data.root {} is a file, not a folder. Expected layout: ROOT/train-images-idx3-ubyte"),
+    ("dtd", "dataset 'dtd': data.root {} is a file, not a folder. Expected layout: "
+            "ROOT/dtd/split_zhou_DescribableTextures.json"),
+    ("fashion_mnist", "fashion_mnist: data.root {} is a file, not a folder. Expected layout: "
+                      "ROOT/train-images-idx3-ubyte"),
 ])
 def test_a_file_given_as_the_dataset_folder_is_called_a_file(tmp_path, dataset, start):
     readme = tmp_path / "README.md"

@@ -105,7 +105,8 @@ def test_a_complete_folder_that_fails_to_load_says_why_without_the_folder_hint(t
         (tmp_path / name).write_text("{}")
 
     def broken(*args, **kwargs):
-        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)\nmore detail")
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)\n"
+                          "more detail")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", broken)
     with pytest.raises(MLLMError) as info:
@@ -120,7 +121,8 @@ def test_a_failed_tasks_log_is_summarised_by_its_error_line_not_its_hint():
     log = ["loading", "error: could not load the MLLM '/m' (config): ImportError: cannot import name 'X'",
            "--mllm takes a Hugging Face image-text-to-text model ...", "Offline loading needs a local directory ..."]
     assert telling_line(log) == log[1]
-    traceback = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: bad shape", "srun: error: task 0 exited"]
+    traceback = ["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: bad shape",
+                 "srun: error: task 0 exited"]
     assert telling_line(traceback) == "ValueError: bad shape"
     assert telling_line(["epoch 1/2", "epoch 2/2"]) == "epoch 2/2"
 

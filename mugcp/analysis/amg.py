@@ -62,7 +62,8 @@ def semantic_attention(record: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def patch_grid(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``(..., N_v)`` maps into the CLS share ``(...)`` and patch maps ``(..., g, g)`` (CLS first, then patches row by row)."""
+    """Split ``(..., N_v)`` maps into the CLS share ``(...)`` and patch maps ``(..., g, g)`` (CLS first, then patches
+    row by row)."""
     patches = maps.shape[-1] - 1
     side = math.isqrt(patches)
     if side * side != patches:
@@ -100,7 +101,8 @@ def plot_map_grid(image: np.ndarray, maps: torch.Tensor, path: str | Path, title
             ax = axes[row, token + 1]
             ax.imshow(image)
             heat = grid[row, token].numpy()
-            ax.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
+            ax.imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                      interpolation="bilinear")
             ax.set_title(f"S{token}: max {heat.max():.3f}, CLS {float(cls_share[row, token]):.2f}", fontsize=6)
         for ax in axes[row]:
             ax.set_xticks([])
@@ -114,8 +116,10 @@ GATES_SIZE = (1000, 380)
 
 
 def gate_values(model) -> dict[str, torch.Tensor]:
-    """MPF gates after the sigmoid, ``(J, n_s)`` each: how much of S^j enters the text prompts and of VCP^j the vision prompts."""
-    return {"text": torch.sigmoid(model.text_gates.detach().float().cpu()), "vision": torch.sigmoid(model.vision_gates.detach().float().cpu())}
+    """MPF gates after the sigmoid, ``(J, n_s)`` each: how much of S^j enters the text prompts and of VCP^j the
+    vision prompts."""
+    return {"text": torch.sigmoid(model.text_gates.detach().float().cpu()),
+            "vision": torch.sigmoid(model.vision_gates.detach().float().cpu())}
 
 
 def plot_gates(gates: dict[str, torch.Tensor], path: str | Path, size: tuple[int, int] = GATES_SIZE) -> Path:
@@ -154,11 +158,13 @@ def mugcp_conditional_sizes(model, recorder: AMGRecorder) -> list[dict]:
             text_conditional = gates["text"][layer][None, :, None] * record["semantic"]
             vision_conditional = gates["vision"][layer][None, :, None] * record["visual_prompts"]
             for image in range(record["semantic"].shape[0]):
-                for side, shared, conditional in (("text", context, text_conditional[image]), ("vision", coupled, vision_conditional[image])):
+                for side, shared, conditional in (("text", context, text_conditional[image]),
+                                                  ("vision", coupled, vision_conditional[image])):
                     shared_norm = float(shared.norm(dim=-1).mean())
                     conditional_norm = float(conditional.norm(dim=-1).mean())
                     rows.append({"image": image, "layer": layer, "prompts": side, "shared_norm": shared_norm,
-                                 "conditional_norm": conditional_norm, "ratio": conditional_norm / shared_norm if shared_norm else float("nan")})
+                                 "conditional_norm": conditional_norm,
+                                 "ratio": conditional_norm / shared_norm if shared_norm else float("nan")})
     return rows
 
 
@@ -170,5 +176,7 @@ def cocoop_conditional_sizes(model, images: torch.Tensor) -> list[dict]:
         features = F.normalize(model.clip.encode_image(images), dim=-1)
         shift = model.meta_net(features).float().cpu()
         shared_norm = float(model.ctx.detach().float().cpu().norm(dim=-1).mean())
-    return [{"image": i, "layer": 0, "prompts": "text", "shared_norm": shared_norm, "conditional_norm": float(shift[i].norm()),
-             "ratio": float(shift[i].norm()) / shared_norm if shared_norm else float("nan")} for i in range(shift.shape[0])]
+    return [{"image": i, "layer": 0, "prompts": "text", "shared_norm": shared_norm,
+             "conditional_norm": float(shift[i].norm()),
+             "ratio": float(shift[i].norm()) / shared_norm if shared_norm else float("nan")}
+            for i in range(shift.shape[0])]

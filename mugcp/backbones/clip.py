@@ -62,7 +62,8 @@ class ClipBackbone(nn.Module):
                     "prompt learning supports open_clip CLIP ViT models such as ViT-B-32, ViT-B-16, ViT-L-14."
                 )
         if getattr(model, "text_pool_type", "argmax") != "argmax":
-            raise TypeError(f"model '{name}' pools text with '{model.text_pool_type}'; only EOT (argmax) pooling is supported.")
+            raise TypeError(f"model '{name}' pools text with '{model.text_pool_type}'; only EOT (argmax) pooling "
+                            "is supported.")
         if not hasattr(model.visual, "class_embedding") or not hasattr(model.visual, "conv1"):
             raise TypeError(f"model '{name}' has no ViT image tower; ResNet towers cannot take prompt tokens.")
         self.model = model

@@ -49,14 +49,16 @@ def model_name_problem(name: str) -> Optional[str]:
 
 
 def pretrained_problem(name: str, pretrained: Optional[str]) -> Optional[str]:
-    """What is wrong with ``pretrained`` for model ``name``, found without loading anything; None when it can be tried."""
+    """What is wrong with ``pretrained`` for model ``name``, found without loading anything; None when it can be
+    tried."""
     source = None if pretrained in (None, "", "none", "None", False) else str(pretrained)
     if source is None or source == "auto":
         return None
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            return f"pretrained folder {path} has no config.json; pass a Hugging Face CLIP folder, a weights file, or an open_clip tag."
+            return (f"pretrained folder {path} has no config.json; pass a Hugging Face CLIP folder, a weights file, "
+                    "or an open_clip tag.")
         return None
     if path.is_file():
         return None
@@ -67,7 +69,8 @@ def pretrained_problem(name: str, pretrained: Optional[str]) -> Optional[str]:
     name = normalize_model_name(name)
     if not get_pretrained_cfg(name, source):
         tags = list_pretrained_tags_by_model(name)
-        return f"'{source}' is not an open_clip pretrained tag for model '{name}'. Known tags: {', '.join(tags) or 'none'}."
+        return (f"'{source}' is not an open_clip pretrained tag for model '{name}'. "
+                f"Known tags: {', '.join(tags) or 'none'}.")
     return None
 
 
@@ -189,7 +192,8 @@ def _read_hf_clip_dir(path: Path) -> tuple[dict, bool]:
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "clip":
         raise PretrainedLoadError(
-            f"{path}/config.json has model_type '{config.get('model_type')}', expected 'clip' (a Hugging Face CLIPModel folder)."
+            f"{path}/config.json has model_type '{config.get('model_type')}', expected 'clip' "
+            "(a Hugging Face CLIPModel folder)."
         )
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
@@ -202,7 +206,8 @@ def _read_hf_clip_dir(path: Path) -> tuple[dict, bool]:
     try:
         converted = _hf_clip_to_open_clip(state, config)
     except KeyError as err:
-        raise PretrainedLoadError(f"{path}: Hugging Face CLIP weights lack {err}; is this a CLIPModel checkpoint?") from None
+        raise PretrainedLoadError(f"{path}: Hugging Face CLIP weights lack {err}; "
+                                  "is this a CLIPModel checkpoint?") from None
     quick_gelu = config.get("text_config", {}).get("hidden_act", "quick_gelu") == "quick_gelu"
     return converted, quick_gelu
 
@@ -345,7 +350,8 @@ def build_open_clip_model(name: str, pretrained: Optional[str], quick_gelu: Opti
     # open_clip itself only warns when a tag trained with QuickGELU (every 'openai' tag) meets a GELU config.
     from open_clip.pretrained import get_pretrained_cfg
 
-    use = choose_quick_gelu(name, quick_gelu, bool(get_pretrained_cfg(name, tag).get("quick_gelu", False)), f"open_clip tag '{tag}'")
+    use = choose_quick_gelu(name, quick_gelu, bool(get_pretrained_cfg(name, tag).get("quick_gelu", False)),
+                            f"open_clip tag '{tag}'")
     try:
         model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=use)
     except Exception as err:

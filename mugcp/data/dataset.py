@@ -48,7 +48,8 @@ def _open_header(path) -> tuple[Image.Image, Optional[int]]:
             Image.MAX_IMAGE_PIXELS = pil_limit
 
 
-def open_image_file(path: str | os.PathLike, max_pixels: Optional[int] = None, key: Optional[str] = None) -> Image.Image:
+def open_image_file(path: str | os.PathLike, max_pixels: Optional[int] = None,
+                    key: Optional[str] = None) -> Image.Image:
     """The image file at ``path`` as RGB: what every reader of image files (datasets, data check, predict) calls.
 
     Anything unreadable raises ``BadImageError`` naming ``key`` (default: the path) and the file, with
@@ -64,7 +65,8 @@ def open_image_file(path: str | os.PathLike, max_pixels: Optional[int] = None, k
             limit = pil_limit if max_pixels is None else int(max_pixels)
             if limit is not None and image.width * image.height > limit:
                 reason = (f"{image.width} x {image.height} = {image.width * image.height:,} pixels, over the limit of "
-                          f"{limit:,} (data.max_image_pixels, a guard against decompression bombs; raise it if the image is genuine)")
+                          f"{limit:,} (data.max_image_pixels, a guard against decompression bombs; raise it if the "
+                          "image is genuine)")
             else:
                 image.load()
                 return image.convert("RGB")
@@ -79,8 +81,8 @@ def open_image_file(path: str | os.PathLike, max_pixels: Optional[int] = None, k
     except (OSError, ValueError, SyntaxError) as err:
         reason = str(err) or type(err).__name__
     error = BadImageError(
-        f"cannot read image '{key if key is not None else path}' ({path}): {reason}. Replace or remove the file, or set "
-        f"data.on_bad_image=skip to drop unreadable images."
+        f"cannot read image '{key if key is not None else path}' ({path}): {reason}. Replace or remove the file, "
+        f"or set data.on_bad_image=skip to drop unreadable images."
     )
     error.reason = reason
     raise error

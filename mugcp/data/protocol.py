@@ -40,7 +40,8 @@ def _group_by_label(items: Iterable[Datum]) -> dict[int, list[Datum]]:
     return groups
 
 
-def few_shot_with_rng(items: Sequence[Datum], shots: int | None, rng: random.Random, short_classes: str = "keep") -> list[Datum]:
+def few_shot_with_rng(items: Sequence[Datum], shots: int | None, rng: random.Random,
+                      short_classes: str = "keep") -> list[Datum]:
     if short_classes not in SHORT_CLASS_RULES:
         raise DatasetError(f"data.fewshot_short_classes must be keep or pad, got '{short_classes}'.")
     if shots is None or shots <= 0:

@@ -67,7 +67,8 @@ def collect_images(arguments: Sequence[str]) -> list[ImageFile]:
         if path.is_dir():
             files = find_images(path, IMAGE_EXTENSIONS)
             if not files:
-                raise ConfigError(f"{argument}: no image files in this folder (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+                raise ConfigError(f"{argument}: no image files in this folder "
+                                  f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
             found += [ImageFile(str(p), p.relative_to(path).as_posix()) for p in files]
         elif path.exists():
             found.append(ImageFile(str(path)))
@@ -87,7 +88,8 @@ class Row:
     error: Optional[str] = None
 
 
-def result_rows(files: Sequence[ImageFile], predictions: Sequence[Prediction], skipped: Sequence[tuple[str, str]]) -> list[Row]:
+def result_rows(files: Sequence[ImageFile], predictions: Sequence[Prediction],
+                skipped: Sequence[tuple[str, str]]) -> list[Row]:
     """Every image once, in the order ``files`` lists them."""
     order = {f.path: index for index, f in enumerate(files)}
     rows = [Row(p.path, prediction=p) for p in predictions] + [Row(path, error=reason) for path, reason in skipped]
@@ -97,7 +99,8 @@ def result_rows(files: Sequence[ImageFile], predictions: Sequence[Prediction], s
 def rows_csv(rows: Sequence[Row], top_k: int) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, top_k + 1) for column in ("class", "prob")), "error"])
+    writer.writerow(["path", *(f"{column}_{rank}" for rank in range(1, top_k + 1) for column in ("class", "prob")),
+                     "error"])
     for row in rows:
         p = row.prediction
         cells = [row.path]
@@ -111,7 +114,8 @@ def rows_jsonl(rows: Sequence[Row]) -> str:
     lines = []
     for row in rows:
         p = row.prediction
-        lines.append(json.dumps({"path": row.path, "classes": p.classes if p else [], "probs": p.probs if p else [], "error": row.error}))
+        lines.append(json.dumps({"path": row.path, "classes": p.classes if p else [], "probs": p.probs if p else [],
+                                 "error": row.error}))
     return "".join(line + "\n" for line in lines)
 
 
@@ -120,7 +124,8 @@ def no_image_classified(skipped: Sequence[tuple[str, str]], out: Optional[Path])
     if len(skipped) == 1:
         return NoImageClassifiedError(f"no image classified: {path} is unreadable ({reason}).")
     listed = f"{out} lists each with its reason" if out is not None else "--out FILE.csv lists each with its reason"
-    return NoImageClassifiedError(f"no image classified: all {len(skipped)} are unreadable, e.g. {path} ({reason}); {listed}.")
+    return NoImageClassifiedError(f"no image classified: all {len(skipped)} are unreadable, e.g. {path} ({reason}); "
+                                  f"{listed}.")
 
 
 def table(predictions: Sequence[Prediction]) -> str:
@@ -157,22 +162,26 @@ def predict_files(model, preprocess, files: Sequence[ImageFile], top_k: int, bat
                 unreadable.append(f.path)
                 skipped.append((f.path, bad_image_reason(err)))
         if len(unreadable) < len(missing):
-            raise ConfigError(semantics.missing_keys_message([f.path for f in missing if f.path not in unreadable], len(files)))
+            raise ConfigError(semantics.missing_keys_message([f.path for f in missing if f.path not in unreadable],
+                                                             len(files)))
         unreadable_set = set(unreadable)
         items = [item for item in items if item.key not in unreadable_set]
-    loader = build_loader(ImageDataset(items, dataset, preprocess, on_bad_image="skip"), batch_size, train=False, seed=0)
+    loader = build_loader(ImageDataset(items, dataset, preprocess, on_bad_image="skip"), batch_size, train=False,
+                          seed=0)
     predictions: list[Prediction] = []
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
     loader_log = logging.getLogger("mugcp.data.loader")
     level = loader_log.level
-    loader_log.setLevel(logging.ERROR)  # its per-image warning suggests a training option; the summary names them instead
+    # its per-image warning suggests a training option; the summary names them instead
+    loader_log.setLevel(logging.ERROR)
     with bar:
         for batch in loader:
             for key in batch["skipped_keys"]:
                 skipped.append((key, _reason(dataset, key)))
             if batch["keys"]:
                 keys = batch["keys"]
-                results = model.classify(batch["images"], [by_path[k].candidates for k in keys], lambda: [open_image(k) for k in keys], top_k)
+                results = model.classify(batch["images"], [by_path[k].candidates for k in keys],
+                                         lambda: [open_image(k) for k in keys], top_k)
                 for result, key in zip(results, keys):
                     result.path = key
                 predictions.extend(results)

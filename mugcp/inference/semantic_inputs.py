@@ -34,7 +34,8 @@ class SemanticInputs:
             if cache is not None or mllm is not None:
                 raise ConfigError(
                     f"checkpoint {run.checkpoint} ({run.method}, semantic source "
-                    f"{options.get('semantic_source', 'none')!r}) takes no MLLM semantics; drop --semantic-cache / --mllm."
+                    f"{options.get('semantic_source', 'none')!r}) takes no MLLM semantics; "
+                    "drop --semantic-cache / --mllm."
                 )
             return
         if cache is not None and mllm is not None:
@@ -45,8 +46,9 @@ class SemanticInputs:
             self.cache = cache if isinstance(cache, SemanticCache) else SemanticCache(cache)
             if self.kind == "hidden" and self.cache.dim != self.dim:
                 raise ConfigError(
-                    f"semantic cache {cache} holds {self.cache.dim}-d hidden states but checkpoint {run.checkpoint} was "
-                    f"trained on {self.dim}-d ones; use a cache made with the run's MLLM ({self.run_mllm() or 'see its config.yaml'})."
+                    f"semantic cache {cache} holds {self.cache.dim}-d hidden states but checkpoint {run.checkpoint} "
+                    f"was trained on {self.dim}-d ones; use a cache made with the run's MLLM "
+                    f"({self.run_mllm() or 'see its config.yaml'})."
                 )
         elif mllm is not None:
             self.mllm = self._load_mllm(mllm, device or torch.device("cpu"))
@@ -69,11 +71,13 @@ class SemanticInputs:
         mllm = self.run_mllm() or "MODEL"
         if python:
             fix = ("pass semantic_cache=DIR (made by `python -m mugcp.extract --mllm "
-                   f"{mllm} --images IMAGE_DIR --out DIR`) or mllm='{mllm}' to mugcp.load_run, then call model.predict(...) "
-                   "with image paths (cache keys) or PIL images (MLLM), or call model(images, semantic=..., semantic_mask=...).")
+                   f"{mllm} --images IMAGE_DIR --out DIR`) or mllm='{mllm}' to mugcp.load_run, then call "
+                   "model.predict(...) with image paths (cache keys) or PIL images (MLLM), or call "
+                   "model(images, semantic=..., semantic_mask=...).")
         else:
-            fix = (f"pass --semantic-cache DIR, made first with `python -m mugcp.extract --mllm {mllm} --images IMAGE_DIR "
-                   f"--out DIR` (its keys are paths relative to IMAGE_DIR), or --mllm {mllm} to run the MLLM on these images now.")
+            fix = (f"pass --semantic-cache DIR, made first with `python -m mugcp.extract --mllm {mllm} "
+                   "--images IMAGE_DIR --out DIR` (its keys are paths relative to IMAGE_DIR), or --mllm "
+                   f"{mllm} to run the MLLM on these images now.")
         return (f"checkpoint {self.run.checkpoint} is MuGCP trained on MLLM answers (semantic_source=mllm, "
                 f"semantic_features={self.kind}), so every image needs its MLLM answer: {fix}")
 
@@ -84,8 +88,9 @@ class SemanticInputs:
         manifest = self.run_cache_manifest() or {}
         try:
             # Ask what the run's cache asked, so answers look like the ones the prompts were trained on.
-            mllm = MLLM(resolve_model_name(name), prompt=manifest.get("prompt", DEFAULT_PROMPT), layer=manifest.get("layer", -1),
-                        max_new_tokens=manifest.get("max_new_tokens", 64), dtype=resolve_dtype("auto", device), device=device)
+            mllm = MLLM(resolve_model_name(name), prompt=manifest.get("prompt", DEFAULT_PROMPT),
+                        layer=manifest.get("layer", -1), max_new_tokens=manifest.get("max_new_tokens", 64),
+                        dtype=resolve_dtype("auto", device), device=device)
         except MLLMError as err:
             raise ConfigError(str(err)) from None
         if self.kind == "hidden" and mllm.hidden_dim != self.dim:
@@ -103,8 +108,8 @@ class SemanticInputs:
         """Answers for a batch; ``keys[i]`` lists cache-key candidates of image i, ``images()`` opens the PIL images."""
         if self.cache is not None:
             if any(candidates == [""] for candidates in keys):
-                raise ConfigError("images without a name cannot be looked up in the semantic cache: pass image paths, or "
-                                  "keys=[the cache key of each image] to model.predict.")
+                raise ConfigError("images without a name cannot be looked up in the semantic cache: pass image "
+                                  "paths, or keys=[the cache key of each image] to model.predict.")
             found = [self.cache_key(candidates) for candidates in keys]
             missing = [candidates[0] for candidates, key in zip(keys, found) if key is None]
             if missing:

@@ -49,7 +49,9 @@ def mutual_attention_reference(
     return oa, ob
 
 
-def mutual_attention_weights(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mutual_attention_weights(
+    a: torch.Tensor, b: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two attention matrices of the reference path, for inspection (neither backend materialises them):
     ``(softmax(A, dim=-1), softmax(A, dim=-2))``, each (Bt, H, Na, Nb)."""
     scale = a.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -81,8 +81,8 @@ class ExtractionJobs:
         for index, (job, state) in sorted(self.left_alone.items()):
             lines.append(f"left alone: shard {index} of {self.shards} (job {job}, {state}) from an earlier submission")
         if self.merge_job:
-            lines.append(f"the merge runs as job {self.merge_job} once they have ended; it fails naming the missing images "
-                         f"if a shard did not finish (rerun this command to redo only those)")
+            lines.append(f"the merge runs as job {self.merge_job} once they have ended; it fails naming the missing "
+                         f"images if a shard did not finish (rerun this command to redo only those)")
         if self.jobs:
             followed = [*self.jobs, *([self.merge_job] if self.merge_job else [])]
             arrays = sorted({job.split("_")[0] for job in followed}, key=int)
@@ -112,12 +112,15 @@ def submit_extraction(source: ImageSource, args: Sequence[str], out: Path, shard
             if count != shards:
                 raise SlurmError(
                     f"shard {index} of an earlier --shards {count} submission is still {state} (job {job}); the shares "
-                    f"of --shards {shards} would overlap it. Rerun with --shards {count}, or scancel {job.split('_')[0]}.")
+                    f"of --shards {shards} would overlap it. Rerun with --shards {count}, or scancel "
+                    f"{job.split('_')[0]}.")
             jobs.left_alone[index] = (job, state)
         stored = scan_shards(out) if out.is_dir() else {}
-        to_submit = [index for index in shards_with_missing(source.keys, stored, shards) if index not in jobs.left_alone]
+        to_submit = [index for index in shards_with_missing(source.keys, stored, shards)
+                     if index not in jobs.left_alone]
         if to_submit:
-            commands = [[python, "-m", "mugcp.extract", *args, "--shard", str(index), "--shards", str(shards)] for index in to_submit]
+            commands = [[python, "-m", "mugcp.extract", *args, "--shard", str(index), "--shards", str(shards)]
+                        for index in to_submit]
             folders = [shard_folder(out, index, shards) for index in to_submit]
             # A requeued task simply runs again: it skips what its earlier run stored.
             ids = submit_commands(commands, folders, options, name=f"mugcp-extract-{out.name}",
@@ -132,7 +135,8 @@ def submit_extraction(source: ImageSource, args: Sequence[str], out: Path, shard
     return jobs
 
 
-def finish_extraction(jobs: ExtractionJobs, source: ImageSource, on_change: Optional[Callable[[dict], None]] = None) -> Completeness:
+def finish_extraction(jobs: ExtractionJobs, source: ImageSource,
+                      on_change: Optional[Callable[[dict], None]] = None) -> Completeness:
     """Follow the shard jobs until they have ended, then merge here; ``CacheIncomplete`` names what is missing
     and how each unfinished job ended."""
     states = follow(jobs.jobs, on_change=on_change)
@@ -148,9 +152,11 @@ def finish_extraction(jobs: ExtractionJobs, source: ImageSource, on_change: Opti
     return jobs.completeness
 
 
-def _submit_merge(args: Sequence[str], out: Path, shards: int, options: SlurmOptions, after: list[str], python: str) -> str:
+def _submit_merge(args: Sequence[str], out: Path, shards: int, options: SlurmOptions, after: list[str],
+                  python: str) -> str:
     folder = out / SLURM_DIR / "merge"
-    cancel_jobs([job for job, _ in active_jobs([folder]).values()])  # an earlier merge would index a cache still being written
+    # an earlier merge would index a cache still being written
+    cancel_jobs([job for job, _ in active_jobs([folder]).values()])
     arrays = sorted({job.split("_")[0] for job in after})
     # The merge reads shard headers and writes the index: one CPU, no GPU, whatever the shards asked for.
     merge_options = replace(options, gpus_per_run=0, cpus_per_run=1, array_parallelism=None)

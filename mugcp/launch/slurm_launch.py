@@ -59,7 +59,8 @@ def _action_for(parser: argparse.ArgumentParser, option: str) -> Optional[argpar
 def task_arguments(argv: Sequence[str], parser: argparse.ArgumentParser, drop: Sequence[str] = ()) -> list[str]:
     """``argv`` without the launcher's options (``--launcher``, ``--wait``, ``--slurm-*``) and the options
     whose destinations are in ``drop``: the command line each Slurm task runs."""
-    dests = set(LAUNCHER_DESTS) | set(drop) | {action.dest for action in parser._actions if action.dest.startswith("slurm_")}
+    dests = set(LAUNCHER_DESTS) | set(drop) | {action.dest for action in parser._actions
+                                               if action.dest.startswith("slurm_")}
     kept, position = [], 0
     while position < len(argv):
         token = argv[position]
@@ -133,7 +134,8 @@ class TrainingJob:
 
 def submit_training(cfg: dict, args: Sequence[str], output: Path, options: SlurmOptions, resume: bool = False,
                     overwrite: bool = False, python: str = sys.executable) -> TrainingJob:
-    """Submit ``python -m mugcp.train ARGS --output OUTPUT`` (ARGS without --output and --overwrite) as one data-parallel job: ``options.nodes`` ×
+    """Submit ``python -m mugcp.train ARGS --output OUTPUT`` (ARGS without --output and --overwrite) as one
+    data-parallel job: ``options.nodes`` ×
     (``gpus_per_node``, or ``tasks_per_node`` CPU processes), each with torchrun's environment.
 
     Everything a task would refuse is checked here first (the folder, the global batch over the
@@ -165,6 +167,7 @@ def submit_training(cfg: dict, args: Sequence[str], output: Path, options: Slurm
     return TrainingJob(job_id, output, world_size)
 
 
-def follow(jobs: dict[str, Path], on_change: Optional[Callable[[dict], None]] = None, poll_s: float = 2.0) -> dict[str, str]:
+def follow(jobs: dict[str, Path], on_change: Optional[Callable[[dict], None]] = None,
+           poll_s: float = 2.0) -> dict[str, str]:
     """Wait until every job has ended; ``on_change`` sees each new set of states."""
     return wait_for_jobs(jobs, poll_s=poll_s, on_change=on_change)

@@ -32,8 +32,10 @@ from mugcp.methods.base import PromptLearner
 from mugcp.methods.released import Mapping
 
 DEPT_OPTIONS = {
-    "dept": option(False, boolean(), "DePT: train a channel-adjusted linear head on the base classes beside the prompts"),
-    "dept_weight": option(0.7, number(0.0, 1.0), "the head's share of the loss and of base-class logits (released 0.7)"),
+    "dept": option(False, boolean(),
+                   "DePT: train a channel-adjusted linear head on the base classes beside the prompts"),
+    "dept_weight": option(0.7, number(0.0, 1.0),
+                          "the head's share of the loss and of base-class logits (released 0.7)"),
     "dept_lr_scale": option(6.5, number(0.0), "the head's learning rate over the prompts' (released 6.5)"),
     "dept_fusion": option(True, boolean(), "fuse the head's logits into the classes it was trained on at test time"),
 }

@@ -34,7 +34,8 @@ def released_ivlp(state: dict) -> Mapping:
     require(state, ["prompt_learner.ctx"])
     mapping = Mapping()
     ctx = mapping.take(state, "prompt_learner.ctx", "text_prompts.layers.0")
-    text = consecutive(indexed(state, r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow"), 1, "text VPT_shallow prompts")
+    text = consecutive(indexed(state, r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow"), 1,
+                       "text VPT_shallow prompts")
     for layer, key in enumerate(text, start=1):
         mapping.take(state, key, f"text_prompts.layers.{layer}")
     mapping.options = {"n_ctx_text": ctx.shape[0], "text_depth": 1 + len(text), "vision_depth": 0}
@@ -45,7 +46,8 @@ def released_ivlp(state: dict) -> Mapping:
             mapping.take(state, key, f"vision_prompts.layers.{layer}")
         mapping.options.update({"n_ctx_vision": first.shape[0], "vision_depth": 1 + len(vision)})
     elif vision:
-        raise ConfigError("has deep vision prompts (image_encoder.transformer.resblocks.N.VPT_shallow) but no first-layer image_encoder.VPT")
+        raise ConfigError("has deep vision prompts (image_encoder.transformer.resblocks.N.VPT_shallow) but no "
+                          "first-layer image_encoder.VPT")
     return mapping
 
 
@@ -68,13 +70,16 @@ class IVLP(PromptLearner):
         check_depth(clip, options["text_depth"], "text", "text_depth")
         check_depth(clip, options["vision_depth"], "vision", "vision_depth")
         n_text = options["n_ctx_text"] if options["text_depth"] else 0
-        first, self.prompt_prefix = text_context_init(clip, n_text, options["ctx_init"], options["init_std"]) if n_text else (None, "")
+        first, self.prompt_prefix = (text_context_init(clip, n_text, options["ctx_init"], options["init_std"])
+                                     if n_text else (None, ""))
         self.text_prompts = PromptStack(options["text_depth"], n_text, clip.text_width, first, options["init_std"])
-        self.vision_prompts = PromptStack(options["vision_depth"], options["n_ctx_vision"], clip.vision_width, std=options["init_std"])
+        self.vision_prompts = PromptStack(options["vision_depth"], options["n_ctx_vision"], clip.vision_width,
+                                          std=options["init_std"])
         self.set_classnames(classnames)
 
     def build_class_inputs(self) -> None:
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.text_prompts.n_ctx if len(self.text_prompts) else 0, prefix=self.prompt_prefix)
+        self.prompts = ClassPrompts(self.clip, self.classnames,
+                                    self.text_prompts.n_ctx if len(self.text_prompts) else 0, prefix=self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def compute_text_features(self) -> torch.Tensor:

@@ -27,7 +27,8 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 def _check_heads(dim: int, heads: int, option: str) -> None:
     if heads < 1 or dim % heads:
-        raise ConfigError(f"method option '{option}' ({dim}) must be a positive multiple of the number of heads ({heads}).")
+        raise ConfigError(f"method option '{option}' ({dim}) must be a positive multiple of the number of heads "
+                          f"({heads}).")
 
 
 class AttentionPooling(nn.Module):
@@ -39,7 +40,8 @@ class AttentionPooling(nn.Module):
     softmax, so whatever they hold cannot change the output.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, n_queries: int, dim: int, heads: int, normalize_input: bool = True, std: float = 0.02):
+    def __init__(self, in_dim: int, out_dim: int, n_queries: int, dim: int, heads: int, normalize_input: bool = True,
+                 std: float = 0.02):
         super().__init__()
         _check_heads(dim, heads, "pool_dim")
         self.in_dim = in_dim
@@ -128,7 +130,8 @@ class MutualGuidance(nn.Module):
         queries_semantic = _split_heads(self.affinity_semantic(semantic_normed), self.heads)
         values_visual = _split_heads(self.value_visual(visual_values), self.heads)
         to_visual, to_semantic = kernels.mutual_attention(
-            queries_visual, queries_semantic, values_visual, _split_heads(self.value_semantic(semantic_values), self.heads),
+            queries_visual, queries_semantic, values_visual,
+            _split_heads(self.value_semantic(semantic_values), self.heads),
             backend=backend,
         )
         to_visual, gathered = _merge_heads(to_visual), _merge_heads(to_semantic)  # gathered is U
@@ -138,6 +141,7 @@ class MutualGuidance(nn.Module):
         if self.update_semantic:
             next_semantic = semantic + torch.tanh(self.gate_semantic) * self.out_semantic(gathered)
         if self.recorder is not None:
-            self.recorder(affinity_visual=queries_visual, affinity_semantic=queries_semantic, values_visual=values_visual,
-                          gathered_heads=to_semantic, semantic=semantic, visual_prompts=visual_prompts)
+            self.recorder(affinity_visual=queries_visual, affinity_semantic=queries_semantic,
+                          values_visual=values_visual, gathered_heads=to_semantic, semantic=semantic,
+                          visual_prompts=visual_prompts)
         return new_visual, visual_prompts, next_semantic

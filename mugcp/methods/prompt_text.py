@@ -36,7 +36,8 @@ def check_context_words(options: dict) -> None:
         )
 
 
-def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02, rows: int = 1) -> tuple[torch.Tensor, str]:
+def init_context(clip: ClipBackbone, n_ctx: int, init: str = "", std: float = 0.02,
+                 rows: int = 1) -> tuple[torch.Tensor, str]:
     """CoOp's context initialisation, as its released code does it: ``(vectors (rows, n, width), prompt prefix)``.
 
     With ``init`` text (``"a photo of a"``) the context count becomes the number of *words* of the text
@@ -73,7 +74,8 @@ class ClassPrompts(nn.Module):
     ``ClipBackbone.encode_text(self.tokens, embeddings=...)``.
     """
 
-    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end", prefix: Optional[str] = None):
+    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], n_ctx: int, position: str = "end",
+                 prefix: Optional[str] = None):
         super().__init__()
         if position not in ("end", "middle", "front"):
             raise ConfigError(f"class token position must be end, middle or front, got '{position}'")
@@ -82,11 +84,13 @@ class ClassPrompts(nn.Module):
         prefix = placeholder_prefix(n_ctx) if prefix is None else prefix
         prefix_tokens = int(clip.tokenize([prefix])[0].argmax()) - 1 if prefix else 0
         if prefix_tokens < n_ctx:
-            raise ConfigError(f"the prompt prefix '{prefix}' has {prefix_tokens} tokens, fewer than the {n_ctx} context slots it must hold.")
+            raise ConfigError(f"the prompt prefix '{prefix}' has {prefix_tokens} tokens, fewer than the {n_ctx} "
+                              "context slots it must hold.")
         if position != "end" and prefix_tokens != n_ctx:
             raise ConfigError(
                 f"class token position '{position}' needs exactly n_ctx={n_ctx} context tokens before the class name, "
-                f"but the prompt prefix '{prefix}' has {prefix_tokens} tokens; use class_token_position=end or a prefix of one-token words."
+                f"but the prompt prefix '{prefix}' has {prefix_tokens} tokens; use class_token_position=end or a "
+                "prefix of one-token words."
             )
         self.prefix_text = prefix
         names = [name.replace("_", " ") for name in classnames]
@@ -134,7 +138,8 @@ class ClassPrompts(nn.Module):
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows, dim=0)
 
-    def assemble_per_image(self, ctx: torch.Tensor, rows: Optional[torch.Tensor] = None, length: Optional[int] = None) -> torch.Tensor:
+    def assemble_per_image(self, ctx: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                           length: Optional[int] = None) -> torch.Tensor:
         """Per-image context ``(B, n_ctx, D)`` → embeddings ``(B·C', L', D)``, ordered ``[b·C' + c]``:
         every class (``C' = C``) at the full length by default, or the classes ``rows`` cut to ``length``."""
         prefix, suffix = self.prefix, self.suffix
@@ -150,7 +155,8 @@ class ClassPrompts(nn.Module):
         return out.view(batch * classes, length, width)
 
 
-def template_text_features(clip: ClipBackbone, templates: Sequence[str], classnames: Sequence[str], normalize_each: bool = True) -> torch.Tensor:
+def template_text_features(clip: ClipBackbone, templates: Sequence[str], classnames: Sequence[str],
+                           normalize_each: bool = True) -> torch.Tensor:
     """Frozen, normalised class features ``(C, E)`` averaged over ``templates`` (``"a photo of a {}."``...).
 
     ``normalize_each`` normalises every template's features before averaging (CLIP's ensembling);

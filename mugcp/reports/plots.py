@@ -32,7 +32,8 @@ def plot_fewshot(rows: list[dict], path: Path) -> None:
     every_k = fewshot_ks(rows)
     panels = ["Average", *datasets] if len(datasets) > 1 else datasets
     columns = min(4, len(panels))
-    fig, axes = plt.subplots((len(panels) + columns - 1) // columns, columns, figsize=(3.2 * columns, 2.6 * ((len(panels) + columns - 1) // columns)), squeeze=False)
+    fig, axes = plt.subplots((len(panels) + columns - 1) // columns, columns,
+                             figsize=(3.2 * columns, 2.6 * ((len(panels) + columns - 1) // columns)), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for method in methods:
             mine = [r for r in rows if r["method"] == method and (panel == "Average" or r["dataset"] == panel)]
@@ -58,7 +59,8 @@ def plot_transfer(rows: list[dict], path: Path) -> None:
     for i, row in enumerate(rows):
         xs = [t + i * width for t in range(len(targets))]
         stats = [row["targets"].get(t, (0.0, 0.0, 0)) for t in targets]
-        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=f"{row['method']} ({row['source']})")
+        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3,
+               label=f"{row['method']} ({row['source']})")
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(targets))], targets, fontsize=8, rotation=30)
     ax.set_ylabel("accuracy %")
     ax.set_title("accuracy on the target datasets, mean ± std over seeds")

@@ -56,8 +56,9 @@ def write_report(folders, out, layout: str = "groups") -> str:
     if layout in LAYOUT_NEEDS and not any(all(m in row for m in LAYOUT_NEEDS[layout][0]) for row in rows):
         protocols = sorted({str(r.get("protocol")) for r in runs})
         fits = sorted({PROTOCOL_LAYOUT[p] for p in protocols if p in PROTOCOL_LAYOUT} - {layout}) + ["groups"]
-        raise ConfigError(f"--layout {layout}: none of the {len(runs)} runs under {', '.join(folders)} has {LAYOUT_NEEDS[layout][1]}; "
-                          f"their protocols: {', '.join(protocols)}. Use --layout {' or '.join(fits)}.")
+        raise ConfigError(f"--layout {layout}: none of the {len(runs)} runs under {', '.join(folders)} has "
+                          f"{LAYOUT_NEEDS[layout][1]}; their protocols: {', '.join(protocols)}. "
+                          f"Use --layout {' or '.join(fits)}.")
     out = Path(out)
     groups = f"{len(runs)} runs in {len(rows)} groups"
     if layout in ("cross_dataset", "domain_generalization"):

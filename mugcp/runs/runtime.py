@@ -21,7 +21,8 @@ def resolve_device(choice: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"train.device={choice!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={choice} but CUDA is not available on this machine; use train.device=cpu or auto.")
+        raise ConfigError(f"train.device={choice} but CUDA is not available on this machine; use train.device=cpu "
+                          "or auto.")
     return device
 
 

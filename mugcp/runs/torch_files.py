@@ -35,7 +35,8 @@ def _stand_in(name: str) -> type:
     def init(self, *args, **kwargs):
         self.args = args
 
-    return type(qualname, (), {"__module__": module, "__qualname__": qualname, "__init__": init, "__setstate__": lambda self, state: None})
+    return type(qualname, (), {"__module__": module, "__qualname__": qualname, "__init__": init,
+                               "__setstate__": lambda self, state: None})
 
 
 def _pickle_ops(handle):
@@ -69,13 +70,13 @@ def unsafe_globals(path: Path, expected: str) -> list[str]:
         try:
             return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception as err:
-            raise ConfigError(f"{path} is not a torch checkpoint: a zip archive, but not one torch.save wrote ({type(err).__name__}); "
-                              f"expected {expected}.") from None
+            raise ConfigError(f"{path} is not a torch checkpoint: a zip archive, but not one torch.save wrote "
+                              f"({type(err).__name__}); expected {expected}.") from None
     try:
         found = legacy_globals(path)
     except Exception:  # pickletools' errors on arbitrary bytes: ValueError, EOFError, UnicodeDecodeError...
-        raise ConfigError(f"{path} is not a torch checkpoint (neither a zip archive nor the older format torch.save writes); "
-                          f"expected {expected}.") from None
+        raise ConfigError(f"{path} is not a torch checkpoint (neither a zip archive nor the older format torch.save "
+                          f"writes); expected {expected}.") from None
     return sorted(found - _allowed_globals())
 
 
@@ -85,8 +86,8 @@ def read_weights_only(path: Path, expected: str):
     unsafe = unsafe_globals(path, expected)
     system = [name for name in unsafe if name.split(".", 1)[0] in SYSTEM_MODULES]
     if system:
-        raise ConfigError(f"{path} refers to {', '.join(system)} (the operating system or interpreter); a checkpoint holds "
-                          "tensors and plain values only. Refused: nothing in the file was run.")
+        raise ConfigError(f"{path} refers to {', '.join(system)} (the operating system or interpreter); a checkpoint "
+                          "holds tensors and plain values only. Refused: nothing in the file was run.")
     if unsafe:
         log.debug("reading %d non-tensor object types as inert stand-ins: %s", len(unsafe), ", ".join(unsafe))
     try:
@@ -94,5 +95,6 @@ def read_weights_only(path: Path, expected: str):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
         # torch's text would suggest weights_only=False, i.e. running the file's code: say what we know instead.
-        raise ConfigError(f"{path}: cannot read it weights-only ({type(err).__name__}): the file is cut short or damaged, or holds "
-                          f"objects no checkpoint needs. Nothing in it was run; expected {expected}.") from None
+        raise ConfigError(f"{path}: cannot read it weights-only ({type(err).__name__}): the file is cut short or "
+                          "damaged, or holds objects no checkpoint needs. Nothing in it was run; "
+                          f"expected {expected}.") from None

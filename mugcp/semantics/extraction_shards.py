@@ -56,8 +56,8 @@ def extract_shard(source: ImageSource, settings: ExtractionSettings, index: int,
     """Extract the missing images of shard ``index`` of ``count``; writes shards, not the index."""
     check_shard(index, count)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ExtractionError("--shard runs as one process; under torchrun leave --shard out (the ranks share the work), "
-                              "or start one process per shard.")
+        raise ExtractionError("--shard runs as one process; under torchrun leave --shard out (the ranks share the "
+                              "work), or start one process per shard.")
     if settings.batch_size < 1:
         raise ExtractionError(f"--batch-size must be at least 1, got {settings.batch_size}.")
     started = time.perf_counter()
@@ -106,7 +106,8 @@ class Completeness:
         return not self.missing
 
     def describe(self, out: os.PathLike, rerun: str = "") -> str:
-        unreadable = f"; {len(self.unreadable)} unreadable (listed under 'failed' in manifest.json)" if self.unreadable else ""
+        unreadable = (f"; {len(self.unreadable)} unreadable (listed under 'failed' in manifest.json)"
+                      if self.unreadable else "")
         if self.complete:
             return f"{out} is complete: {self.stored} of {self.requested} images stored{unreadable}."
         lines = [f"{out} is incomplete: {len(self.missing)} of {self.requested} images are missing{unreadable}."]
@@ -144,6 +145,7 @@ def merge_checked(out: os.PathLike, source: ImageSource, shards: int = 1) -> tup
     what of ``source`` it holds. Run it once every shard has ended."""
     manifest = read_manifest(out)
     if manifest is None:
-        raise CacheIncomplete(f"{out}: no manifest.json: no shard has written anything yet, so there is nothing to merge.")
+        raise CacheIncomplete(f"{out}: no manifest.json: no shard has written anything yet, so there is nothing "
+                              "to merge.")
     manifest = merge_cache(out, {"dataset": merged_dataset(manifest, source.description)})
     return manifest, check_complete(out, source.keys, shards)

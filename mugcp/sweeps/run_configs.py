@@ -48,7 +48,8 @@ def resolve_run(config: str, overrides: Sequence[str], origins: Sequence[tuple[s
 
     def origin_of(key: str) -> str:
         for name, part in reversed(origins):
-            if any(key == set_key or key.startswith(f"{set_key}.") or (key == "method.name" and set_key == "method") for set_key in part):
+            if any(key == set_key or key.startswith(f"{set_key}.") or (key == "method.name" and set_key == "method")
+                   for set_key in part):
                 return name
         return f"config {config}"
 
