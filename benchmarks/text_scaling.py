@@ -118,7 +118,8 @@ def extrapolate(rows: list[dict], row: dict) -> None:
 
 # ----------------------------------------------------------------- report
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | C | path | s/step | peak RSS (GB) | time ratio (plain ÷ bucketed) | RSS ratio (bucketed ÷ plain) |",
+    lines = ["| method | C | path | s/step | peak RSS (GB) | time ratio (plain ÷ bucketed) "
+             "| RSS ratio (bucketed ÷ plain) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     index = {(r["method"], r["classes"], r["path"]): r for r in rows}
 
@@ -166,7 +167,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in sorted({r["method"] for r in rows}, key=METHODS.index):
         for path_name, style in (("plain", "--"), ("bucketed", "-")):
-            points = sorted((r for r in rows if r["method"] == method and r["path"] == path_name and r.get("median_step_s")),
+            points = sorted((r for r in rows
+                             if r["method"] == method and r["path"] == path_name and r.get("median_step_s")),
                             key=lambda r: r["classes"])
             if not points:
                 continue
@@ -217,8 +219,8 @@ def profile(method: str, classes: int, memory_mb: float | None, rows: int, paths
     from torch.utils.flop_counter import FlopCounterMode
 
     peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak (2048², best of 5): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads; {describe_cpu()}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"fp32 matmul peak (2048², best of 5): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads; "
+          f"{describe_cpu()}; load average {os.getloadavg()[0]:.1f}")
     for path in paths:
         model, step = build_step(method, classes, path, memory_mb)
         step()
@@ -280,19 +282,24 @@ def calibrate() -> None:
         print(f"{count:4d} sequences × {length}: {1e3 * times[-1]:.1f} ms forward+backward")
     per_token = (times[-1] - times[-2]) / ((sizes[-1] - sizes[-2]) * length)
     fixed = times[-1] - per_token * sizes[-1] * length
-    print(f"fit: {1e3 * fixed:.1f} ms per pass + {1e3 * per_token:.3f} ms per token -> GROUP_OVERHEAD_TOKENS ≈ {fixed / per_token:.0f}")
+    print(f"fit: {1e3 * fixed:.1f} ms per pass + {1e3 * per_token:.3f} ms per token -> GROUP_OVERHEAD_TOKENS ≈ "
+          f"{fixed / per_token:.0f}")
     count = 128
     tokens = torch.zeros(count, clip.context_length, dtype=torch.long)
     tokens[:, length - 1] = 1
     embeddings = torch.randn(count, length, width, requires_grad=True)
     kept = {}
-    graph = peak_memory_bytes(lambda: kept.setdefault("out", encode_group(clip, tokens, None, embeddings, torch.arange(count), length, 1)),
+    graph = peak_memory_bytes(lambda: kept.setdefault("out", encode_group(clip, tokens, None, embeddings,
+                                                                          torch.arange(count), length, 1)),
                               torch.device("cpu"))
     unit = count * length * width * embeddings.element_size()
-    print(f"forward with graph: peak {graph / unit / layers:.1f} widths per token per layer (GRAPH_WIDTHS_PER_TOKEN_LAYER)")
+    print(f"forward with graph: peak {graph / unit / layers:.1f} widths per token per layer "
+          "(GRAPH_WIDTHS_PER_TOKEN_LAYER)")
     kept.clear()
     with torch.no_grad():
-        forward = peak_memory_bytes(lambda: encode_group(clip, tokens, None, embeddings, torch.arange(count), length, 1), torch.device("cpu"))
+        forward = peak_memory_bytes(lambda: encode_group(clip, tokens, None, embeddings, torch.arange(count),
+                                                         length, 1),
+                                    torch.device("cpu"))
     print(f"forward without graph: peak {forward / unit:.1f} widths per token (FORWARD_WIDTHS_PER_TOKEN)")
 
 
@@ -304,15 +311,22 @@ def main(argv=None) -> int:
     parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (default 2)")
     parser.add_argument("--memory-mb", type=float, help="train.text_memory_mb of the bucketed path (default: auto)")
-    parser.add_argument("--max-rss-gb", type=float, default=20.0, help="stop a configuration whose RSS passes this (default 20)")
-    parser.add_argument("--timeout-s", type=float, default=1800, help="stop a configuration after this long (default 1800)")
+    parser.add_argument("--max-rss-gb", type=float, default=20.0,
+                        help="stop a configuration whose RSS passes this (default 20)")
+    parser.add_argument("--timeout-s", type=float, default=1800,
+                        help="stop a configuration after this long (default 1800)")
     parser.add_argument("--json", help="write all numbers to this file")
-    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "text_scaling.png"), help="PNG to draw ('none' to skip)")
-    parser.add_argument("--profile", type=int, metavar="C", help="profile one step of --methods[0] at C classes on both paths")
+    parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "text_scaling.png"),
+                        help="PNG to draw ('none' to skip)")
+    parser.add_argument("--profile", type=int, metavar="C",
+                        help="profile one step of --methods[0] at C classes on both paths")
     parser.add_argument("--profile-rows", type=int, default=25)
-    parser.add_argument("--calibrate", action="store_true", help="measure the constants of mugcp/backbones/text_buckets.py")
-    parser.add_argument("--ratio-to", metavar="METHOD", help="also print each row's time and RSS over this method's (same C, path)")
-    parser.add_argument("--replot", metavar="JSON", help="redraw the table and plot from a --json file of an earlier run")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure the constants of mugcp/backbones/text_buckets.py")
+    parser.add_argument("--ratio-to", metavar="METHOD",
+                        help="also print each row's time and RSS over this method's (same C, path)")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="redraw the table and plot from a --json file of an earlier run")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: method classes path
     args = parser.parse_args(argv)
 
@@ -349,9 +363,11 @@ def main(argv=None) -> int:
                 extrapolate(rows, predicted)
                 if predicted.get("extrapolated") and predicted["peak_rss_mb"] > args.max_rss_gb * 1024:
                     # Never start what would pass the limit on a shared machine: report the extrapolation.
-                    row.update(predicted, stopped=f"predicted {predicted['peak_rss_mb'] / 1024:.1f} GB > {args.max_rss_gb:.0f} GB: not run")
+                    row.update(predicted, stopped=f"predicted {predicted['peak_rss_mb'] / 1024:.1f} GB > "
+                                                  f"{args.max_rss_gb:.0f} GB: not run")
                     rows.append(row)
-                    print(f"{method} C={classes} {path}: {row['stopped']} (extrapolated {row['median_step_s']:.1f} s/step)", file=sys.stderr, flush=True)
+                    print(f"{method} C={classes} {path}: {row['stopped']} "
+                          f"(extrapolated {row['median_step_s']:.1f} s/step)", file=sys.stderr, flush=True)
                     continue
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout_s)
@@ -368,12 +384,14 @@ def main(argv=None) -> int:
                 if row.get("stopped"):
                     extrapolate(rows, row)
                 rows.append(row)
-                shown = f"{row['median_step_s']:.2f} s/step, {row['peak_rss_mb'] / 1024:.2f} GB" if row.get("median_step_s") else row["stopped"]
-                print(f"{method} C={classes} {path}: {shown}{' (extrapolated)' if row.get('extrapolated') else ''}", file=sys.stderr, flush=True)
+                shown = (f"{row['median_step_s']:.2f} s/step, {row['peak_rss_mb'] / 1024:.2f} GB"
+                         if row.get("median_step_s") else row["stopped"])
+                print(f"{method} C={classes} {path}: {shown}{' (extrapolated)' if row.get('extrapolated') else ''}",
+                      file=sys.stderr, flush=True)
     load_end = os.getloadavg()
-    header = (f"{BACKBONE} (random weights), fp32, B={BATCH}, ImageNet class names, median of {args.steps} steps after a warm-up, "
-              f"fresh process per row; {describe_cpu()}; load average {load_start[0]:.1f} -> {load_end[0]:.1f}; "
-              f"bucketed budget {'auto' if args.memory_mb is None else f'{args.memory_mb:.0f} MiB'}")
+    header = (f"{BACKBONE} (random weights), fp32, B={BATCH}, ImageNet class names, median of {args.steps} steps after "
+              f"a warm-up, fresh process per row; {describe_cpu()}; load average {load_start[0]:.1f} -> "
+              f"{load_end[0]:.1f}; bucketed budget {'auto' if args.memory_mb is None else f'{args.memory_mb:.0f} MiB'}")
     print(f"\n{header}\n")
     print(markdown_table(rows))
     if args.ratio_to:

@@ -28,8 +28,10 @@ from mugcp.inference.class_arguments import add_class_arguments, read_classes
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images (searched recursively)")
+    parser = argparse.ArgumentParser(prog="python -m mugcp.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files and folders of images (searched recursively)")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="run folder (or its checkpoint/ folder)")
     model.add_argument("--onnx", metavar="FILE",
@@ -39,8 +41,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write predictions to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass [32]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
-    parser.add_argument("--semantic-cache", metavar="DIR", help="MuGCP: a semantic cache holding these images (python -m mugcp.extract --images)")
-    parser.add_argument("--mllm", metavar="PATH_OR_ID", help="MuGCP: run this MLLM on the images now (its answers are not stored)")
+    parser.add_argument("--semantic-cache", metavar="DIR",
+                        help="MuGCP: a semantic cache holding these images (python -m mugcp.extract --images)")
+    parser.add_argument("--mllm", metavar="PATH_OR_ID",
+                        help="MuGCP: run this MLLM on the images now (its answers are not stored)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     # Everything below imports no torch until load_run: --onnx runs with onnxruntime alone.
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in OUTPUT_FORMATS:
-        raise ConfigError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_FORMATS)} (it picks the format).")
+        raise ConfigError(f"--out {out}: the file name must end in {' or '.join(OUTPUT_FORMATS)} "
+                          "(it picks the format).")
     if out is not None:
         check_output_file(out, "--out")  # before the images and the run are loaded
     classnames = read_classes(args)
@@ -104,7 +109,8 @@ def predict_checkpoint(args, classnames, files):
         raise ConfigError(model.semantics.missing_message())
     predictions, skipped = predict_files(model, preprocess, files, args.top_k, args.batch_size,
                                          progress=not args.no_progress)
-    return predictions, skipped, model.classnames, "" if model.learner.clip.pretrained is not None else " (RANDOM weights)"
+    return (predictions, skipped, model.classnames,
+            "" if model.learner.clip.pretrained is not None else " (RANDOM weights)")
 
 
 def predict_onnx(args, classnames, files):
@@ -123,7 +129,8 @@ def predict_onnx(args, classnames, files):
     if classnames is not None and classnames != classifier.classnames:
         shown = ", ".join(classifier.classnames[:5]) + (", ..." if len(classifier.classnames) > 5 else "")
         raise ConfigError(f"--onnx {args.onnx} was exported for its {len(classifier.classnames)} classes ({shown}); "
-                          "other classes need another export: python -m mugcp.export RUN --classes ... --out FILE.onnx.")
+                          "other classes need another export: python -m mugcp.export RUN --classes ... "
+                          "--out FILE.onnx.")
     predictions, skipped = classifier.predict_files(files, args.top_k, args.batch_size)
     return predictions, skipped, classifier.classnames
 

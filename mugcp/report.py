@@ -18,7 +18,8 @@ from mugcp.utils import check_output_folder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mugcp.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="folders searched recursively for runs (metrics.json)")
     parser.add_argument("--out", default=REPORT_DIR, help=f"output folder (default: {REPORT_DIR}/)")
     parser.add_argument("--layout", default="groups", choices=LAYOUTS, help="table layout (default: groups)")

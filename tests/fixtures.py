@@ -49,12 +49,14 @@ def write_corrupt_image(path: Path) -> Path:
 
 
 def write_bomb_image(path: Path, size: tuple[int, int] = (14000, 14000)) -> Path:
-    """A PNG of a few dozen bytes whose header claims ``size`` (a decompression bomb); nothing that big is ever allocated."""
+    """A PNG of a few dozen bytes whose header claims ``size`` (a decompression bomb); nothing that big is ever
+    allocated."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.new("L", (1, 1)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
-    # IHDR is the first chunk: length (4 bytes at 8), type (12), width and height (16, 20), ..., CRC (29) over type + data.
+    # IHDR is the first chunk: length (4 bytes at 8), type (12), width and height (16, 20), ..., CRC (29) over
+    # type + data.
     struct.pack_into(">II", data, 16, *size)
     struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
     path.write_bytes(bytes(data))
@@ -163,7 +165,8 @@ def make_coop_dataset(
             sub = "val" if split == "test" else "train"
             for label in range(len(classes)):
                 for index in range(count):
-                    write_image(folder / spec.image_dir / sub / wnid(label) / f"{wnid(label)}_{index}.JPEG", label, index)
+                    write_image(folder / spec.image_dir / sub / wnid(label) / f"{wnid(label)}_{index}.JPEG", label,
+                                index)
     else:
         _write_classnames_txt(folder, classes)
         labels = range(len(classes)) if present is None or spec.layout == IMAGENET_V2 else present
@@ -197,7 +200,8 @@ def make_manifest(
             for index in range(count):
                 relpath = f"images/{split}/{name}_{index}.png"
                 write_image(base / relpath, label, index)
-                rows.append({"path": relpath, "label": label, "classname": name if with_classnames else "", "split": split})
+                rows.append({"path": relpath, "label": label, "classname": name if with_classnames else "",
+                             "split": split})
     columns = ["path", "label", "classname", "split"] if with_classnames else ["path", "label", "split"]
 
     if fmt == "csv":
@@ -214,7 +218,8 @@ def make_manifest(
     if fmt == "json_splits":
         path = base / "manifest.json"
         data = {
-            split: [[r["path"], r["label"]] + ([r["classname"]] if with_classnames else []) for r in rows if r["split"] == split]
+            split: [[r["path"], r["label"]] + ([r["classname"]] if with_classnames else []) for r in rows
+                    if r["split"] == split]
             for split in splits
         }
         path.write_text(json.dumps(data), encoding="utf-8")
@@ -229,7 +234,8 @@ def make_manifest(
                         writer.writerow([r["path"], r["label"]] + ([r["classname"]] if with_classnames else []))
             else:
                 (base / f"{split}.json").write_text(
-                    json.dumps([[r["path"], r["label"]] + ([r["classname"]] if with_classnames else []) for r in selected]),
+                    json.dumps([[r["path"], r["label"]] + ([r["classname"]] if with_classnames else [])
+                                for r in selected]),
                     encoding="utf-8",
                 )
         return base

@@ -125,7 +125,8 @@ def released_coop_logits(model, tokenizer, images, classnames, ctx, prompt_prefi
         for i, name_len in enumerate(released_name_lengths(tokenizer, classnames)):
             name, rest = suffix[i : i + 1, :name_len], suffix[i : i + 1, name_len:]
             if position == "middle":
-                rows.append(torch.cat([prefix[i : i + 1], ctx[i : i + 1, :half], name, ctx[i : i + 1, half:], rest], dim=1))
+                rows.append(torch.cat([prefix[i : i + 1], ctx[i : i + 1, :half], name, ctx[i : i + 1, half:], rest],
+                                      dim=1))
             else:
                 rows.append(torch.cat([prefix[i : i + 1], name, ctx[i : i + 1], rest], dim=1))
         prompts = torch.cat(rows)
@@ -147,7 +148,8 @@ def released_cocoop_logits(model, tokenizer, images, classnames, ctx, linear1, l
     return torch.stack(rows)
 
 
-def released_deep_logits(model, tokenizer, images, classnames, ctx, deeper_text, vision_first, deeper_vision, prompt_prefix):
+def released_deep_logits(model, tokenizer, images, classnames, ctx, deeper_text, vision_first, deeper_vision,
+                         prompt_prefix):
     """IVLP / PromptSRC / MaPLe ``CustomCLIP``: layer-0 text context in the class prompts, deeper text
     prompts after SOS, the first vision prompts before ``ln_pre``, deeper vision prompts at the end."""
     tokens, prefix, suffix = released_class_embeddings(model, tokenizer, prompt_prefix, ctx.shape[0], classnames)
@@ -185,8 +187,8 @@ def released_prograd_losses(student_logits, teacher_logits, labels, temperature=
     return F.cross_entropy(student_logits, labels), kl
 
 
-def released_tcp_text_features(model, tokenizer, classnames, ctx, linear1, linear2, prompt_template, handcrafted_template,
-                               layer):
+def released_tcp_text_features(model, tokenizer, classnames, ctx, linear1, linear2, prompt_template,
+                               handcrafted_template, layer):
     """TCP ``PromptLearner`` + ``TextEncoder``: tokens 1..4 of the learnable template are ``ctx``; the hand-crafted
     features go through linear1–QuickGELU–linear2 into 4 tokens per class that replace positions 1..4 of the input of
     block ``layer``. Returns (normalised learned features, normalised hand-crafted features)."""

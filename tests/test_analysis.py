@@ -56,7 +56,8 @@ def brute_force_nearest(vector, embeddings, k):
 
 @pytest.mark.parametrize("method, options, expected", [
     ("maple", {"depth": 2, "n_ctx": 2}, [("text_prompts.layers.0", 0), ("text_prompts.layers.1", 1)]),
-    ("mugcp", {"depth": 3, "n_ctx": 2, "semantic_source": "none", "amg_dim": 16, "amg_heads": 2, "pool_dim": 16, "pool_heads": 2},
+    ("mugcp", {"depth": 3, "n_ctx": 2, "semantic_source": "none", "amg_dim": 16, "amg_heads": 2, "pool_dim": 16,
+               "pool_heads": 2},
      [("text_context", 0), ("text_context", 1), ("text_context", 2), ("semantic_tokens", 0)]),
     ("coop", {"n_ctx": 3, "class_specific": True}, [("ctx", 0)] * 4),
 ])
@@ -98,8 +99,8 @@ def test_chunked_search_equals_one_pass(clip):
 # ------------------------------------------------------------------ AMG maps, gates, conditional sizes
 def tiny_mugcp(clip, **extra):
     torch.manual_seed(0)
-    model = create_model("mugcp", CLASSES, backbone=clip, depth=3, n_ctx=2, semantic_source="none", amg_dim=16, amg_heads=2,
-                         pool_dim=16, pool_heads=2, **extra)
+    model = create_model("mugcp", CLASSES, backbone=clip, depth=3, n_ctx=2, semantic_source="none", amg_dim=16,
+                         amg_heads=2, pool_dim=16, pool_heads=2, **extra)
     randomise_prompt_parameters(model, scale=0.3)
     return model.eval()
 
@@ -192,10 +193,12 @@ def test_prediction_files_agree_with_the_logits_and_the_confusion(tmp_path):
     assert len(rows) == 40
     for i, row in enumerate(rows):
         order = sorted(range(6), key=lambda c: -float(probs[i, c]))[:5]
-        assert row["key"] == f"img{i}.png" and int(row["label"]) == int(labels[i]) and row["label_name"] == f"class {int(labels[i])}"
+        assert (row["key"] == f"img{i}.png" and int(row["label"]) == int(labels[i])
+                and row["label_name"] == f"class {int(labels[i])}")
         assert int(row["predicted"]) == order[0] and row["correct"] == str(int(order[0] == int(labels[i])))
         assert [row[f"top_{r}"] for r in range(1, 6)] == [f"class {c}" for c in order]
-        assert [float(row[f"prob_{r}"]) for r in range(1, 6)] == pytest.approx([float(probs[i, c]) for c in order], abs=1e-6)
+        assert [float(row[f"prob_{r}"]) for r in range(1, 6)] == pytest.approx([float(probs[i, c]) for c in order],
+                                                                               abs=1e-6)
     per_class = list(csv.DictReader(open(written["per_class"])))
     confusion = result.confusion()
     assert int(confusion.sum()) == 40
@@ -262,7 +265,8 @@ def test_metrics_log_resumes_without_replayed_steps_and_tolerates_a_torn_line(tm
     resumed.evaluation(4, {"base": {"accuracy": 61.5}, "hm": 50.0})
     resumed.close()
     records = read_metrics(path)
-    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("train", 4),
+                                                         ("eval", 4)]
     assert records[-1] == {"kind": "eval", "step": 4, "subset": "base", "accuracy": 61.5}
     assert_png(plot_curves(records, tmp_path / "curves.png"), CURVES_SIZE)
 
@@ -292,7 +296,8 @@ def test_per_class_means_across_seeds_sorted_by_gain(tmp_path, capsys):
     expected = []
     for index in range(3):
         values = [per_seed[s][index] for s in (1, 2, 3)]
-        expected.append((f"c{index}", statistics.fmean(values), statistics.stdev(values), statistics.fmean(values) - zero_shot[index]))
+        expected.append((f"c{index}", statistics.fmean(values), statistics.stdev(values),
+                         statistics.fmean(values) - zero_shot[index]))
     expected.sort(key=lambda e: -e[3])
     assert [r["class"] for r in rows] == [e[0] for e in expected] == ["c1", "c0", "c2"]
     for row, (_, mean, std, gain) in zip(rows, expected):
@@ -310,6 +315,7 @@ def test_per_class_means_across_seeds_sorted_by_gain(tmp_path, capsys):
 def test_runs_without_per_class_files_add_no_per_class_report(tmp_path):
     folder = tmp_path / "runs" / "a"
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"method": "coop", "dataset": "dtd", "seed": 1, "base": {"accuracy": 1.0}}))
+    (folder / "metrics.json").write_text(json.dumps({"method": "coop", "dataset": "dtd", "seed": 1,
+                                                     "base": {"accuracy": 1.0}}))
     assert write_per_class_report([{"method": "coop", "dataset": "dtd", "_path": str(folder)}], tmp_path / "out") == []
     assert aggregate_per_class([{"_path": str(folder)}]) == []

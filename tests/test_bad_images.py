@@ -21,8 +21,8 @@ from mugcp.evaluate import main as evaluate_main
 from mugcp.predict import main as predict_main
 from mugcp.training import train
 
-BOMB_REASON = ("14000 x 14000 = 196,000,000 pixels, over the limit of 89,478,485 (data.max_image_pixels, a guard against "
-               "decompression bombs; raise it if the image is genuine)")
+BOMB_REASON = ("14000 x 14000 = 196,000,000 pixels, over the limit of 89,478,485 (data.max_image_pixels, a guard "
+               "against decompression bombs; raise it if the image is genuine)")
 
 
 def cli(main, argv, capsys):
@@ -37,8 +37,8 @@ def test_a_bomb_is_a_named_unreadable_image_not_pils_error(tmp_path):
     assert bomb.stat().st_size < 100
     with pytest.raises(BadImageError) as info:
         open_image_file(bomb)
-    assert str(info.value) == (f"cannot read image '{bomb}' ({bomb}): {BOMB_REASON}. Replace or remove the file, or set "
-                               "data.on_bad_image=skip to drop unreadable images.")
+    assert str(info.value) == (f"cannot read image '{bomb}' ({bomb}): {BOMB_REASON}. Replace or remove the file, or "
+                               "set data.on_bad_image=skip to drop unreadable images.")
     assert info.value.reason == BOMB_REASON and isinstance(info.value, UserError)
     with pytest.raises(BadImageError, match=r"cannot read image 'test/x\.png'"):
         build_dataset({"dataset": "imagefolder", "root": str(make_imagefolder(tmp_path))}).open_image("test/x.png")
@@ -51,7 +51,8 @@ def test_the_limit_is_one_number_checked_on_the_header(tmp_path, monkeypatch):
         open_image_file(image, max_pixels=279)
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(BadImageError, match="over the limit of 100 "):  # None: PIL's limit, read when the image is opened
+    # None: PIL's limit, read when the image is opened
+    with pytest.raises(BadImageError, match="over the limit of 100 "):
         open_image_file(image)
     assert Image.MAX_IMAGE_PIXELS == 100  # set aside only while the header is read
     with warnings.catch_warnings():
@@ -66,8 +67,8 @@ def test_the_config_key_defaults_to_pils_limit_and_is_checked():
     assert DEFAULTS["data"]["max_image_pixels"] is None
     check_value("data.max_image_pixels", 200_000_000)
     for bad in (0, "large", 1.5):
-        with pytest.raises(ConfigError, match=r"data\.max_image_pixels=.* is not allowed: expected an integer >= 1, or null "
-                                              r"\(PIL's Image\.MAX_IMAGE_PIXELS, 89,478,485 by default\)"):
+        with pytest.raises(ConfigError, match=r"data\.max_image_pixels=.* is not allowed: expected an integer >= 1, "
+                                              r"or null \(PIL's Image\.MAX_IMAGE_PIXELS, 89,478,485 by default\)"):
             check_value("data.max_image_pixels", bad)
 
 
@@ -81,11 +82,14 @@ def test_data_check_lists_a_bomb_as_unreadable(tmp_path, capsys):
     assert err.strip().startswith(f"error: imagefolder at {root}: 1 unreadable of 9 images.")
 
     # --max-image-pixels applies the run's limit: the 20 x 14 images pass at 280 pixels, not at 279
-    status, out, _ = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 280], capsys)
+    status, out, _ = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 280],
+                         capsys)
     assert status == 2 and out.count("unreadable: ") == 1
-    status, out, _ = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 279], capsys)
+    status, out, _ = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 279],
+                         capsys)
     assert status == 2 and out.count("unreadable: ") == 9 and "20 x 14 = 280 pixels, over the limit of 279" in out
-    status, _, err = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 0], capsys)
+    status, _, err = cli(data_main, ["check", "--dataset", "imagefolder", "--root", root, "--max-image-pixels", 0],
+                         capsys)
     assert status == 2 and err.strip() == "error: --max-image-pixels must be at least 1, got 0."
 
 
@@ -101,7 +105,8 @@ def bomb_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bomb_run(tmp_path_factory, bomb_data, shared_clip):
     out = tmp_path_factory.mktemp("run") / "run"
-    metrics = train(small_config(bomb_data, "data.on_bad_image=skip", "data.max_image_pixels=1000", "optim.epochs=1"), out)
+    metrics = train(small_config(bomb_data, "data.on_bad_image=skip", "data.max_image_pixels=1000", "optim.epochs=1"),
+                    out)
     return out, metrics
 
 
@@ -115,26 +120,31 @@ def test_training_skips_and_counts_oversized_test_images(bomb_run):
 
 def test_resume_and_evaluate_read_the_same_images(tmp_path, bomb_run, bomb_data, shared_clip, capsys):
     out, trained = bomb_run
-    resumed = train(small_config(bomb_data, "data.on_bad_image=skip", "data.max_image_pixels=1000", "optim.epochs=1"), out, resume=True)
+    resumed = train(small_config(bomb_data, "data.on_bad_image=skip", "data.max_image_pixels=1000", "optim.epochs=1"),
+                    out, resume=True)
     def results(metrics, subset):  # what was evaluated, not how long it took
         return {key: value for key, value in metrics[subset].items() if key not in ("eval_time_s", "images_per_s")}
 
     assert all(results(resumed, subset) == results(trained, subset) for subset in ("base", "new"))
     capsys.readouterr()
 
-    # The run's limit and policy carry over to evaluate; null brings back PIL's limit, under which only the bomb is refused.
-    status, _, err = cli(evaluate_main, ["--checkpoint", out, "--output", tmp_path / "e1", "data.eval_subsets=[new]"], capsys)
+    # The run's limit and policy carry over to evaluate; null brings back PIL's limit, under which only the bomb is
+    # refused.
+    status, _, err = cli(evaluate_main, ["--checkpoint", out, "--output", tmp_path / "e1", "data.eval_subsets=[new]"],
+                         capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["new"]["skipped"] == 1
-    status, _, err = cli(evaluate_main, ["--checkpoint", out, "--output", tmp_path / "e2", "data.max_image_pixels=null"], capsys)
+    status, _, err = cli(evaluate_main,
+                         ["--checkpoint", out, "--output", tmp_path / "e2", "data.max_image_pixels=null"], capsys)
     assert status == 0, err
     metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert metrics["new"]["skipped"] == 0 and metrics["base"]["skipped"] == 1
 
-    status, _, err = cli(evaluate_main, ["--checkpoint", out, "--output", tmp_path / "e3", "data.on_bad_image=error"], capsys)
+    status, _, err = cli(evaluate_main, ["--checkpoint", out, "--output", tmp_path / "e3", "data.on_bad_image=error"],
+                         capsys)
     assert status == 2 and "Traceback" not in err
-    assert (f"cannot read image 'test/blue whale/bomb.png' ({bomb_data / 'test' / 'blue whale' / 'bomb.png'}): 14000 x 14000 = "
-            "196,000,000 pixels, over the limit of 1,000 (data.max_image_pixels") in err
+    assert (f"cannot read image 'test/blue whale/bomb.png' ({bomb_data / 'test' / 'blue whale' / 'bomb.png'}): "
+            "14000 x 14000 = 196,000,000 pixels, over the limit of 1,000 (data.max_image_pixels") in err
 
 
 def test_predict_names_and_skips_a_bomb(tmp_path, bomb_run, bomb_data, capsys):

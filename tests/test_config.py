@@ -11,7 +11,8 @@ def test_defaults_without_file():
 
 
 def test_overrides_are_yaml_typed():
-    tree = parse_overrides(["optim.lr=1e-3", "data.shots=4", "train.progress=false", "data.eval_subsets=[new]", "method=maple"])
+    tree = parse_overrides(["optim.lr=1e-3", "data.shots=4", "train.progress=false", "data.eval_subsets=[new]",
+                            "method=maple"])
     assert tree == {"optim": {"lr": 1e-3}, "data": {"shots": 4, "eval_subsets": ["new"]}, "train": {"progress": False},
                     "method": {"name": "maple"}}
 

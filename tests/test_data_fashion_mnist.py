@@ -11,7 +11,8 @@ from fixtures import fashion_mnist_arrays, make_fashion_mnist
 from mugcp.data import FASHION_MNIST_CLASSNAMES, BadImageError, DatasetError, build_dataset, build_protocol
 from mugcp.data.fashion_mnist import DEFAULT_ROOT
 
-REAL_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+REAL_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+              "t10k-labels-idx1-ubyte.gz"]
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -22,7 +23,8 @@ def test_reads_generated_idx_files(tmp_path, gz):
     assert FASHION_MNIST_CLASSNAMES[0] == "T-shirt/top" and FASHION_MNIST_CLASSNAMES[9] == "Ankle boot"
     assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (40, 10, 20)
     assert Counter(item.label for item in dataset.val) == {label: 1 for label in range(10)}
-    assert {item.key for item in dataset.train} | {item.key for item in dataset.val} == {f"train/{i:05d}" for i in range(50)}
+    assert ({item.key for item in dataset.train} | {item.key for item in dataset.val}
+            == {f"train/{i:05d}" for i in range(50)})
     assert [item.key for item in dataset.test][:3] == ["test/00000", "test/00001", "test/00002"]
     assert all(item.label == int(item.key[-5:]) % 10 for item in dataset.test)
     images, _ = fashion_mnist_arrays(20, seed=2)

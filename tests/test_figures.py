@@ -55,8 +55,9 @@ def test_names_no_installed_font_can_draw_are_warned_about_once(drawn, tmp_path,
         assert warnings == [] and drawn[0].axes[0].get_yticklabels()[0].get_fontfamily()[1] in fonts_with(CJK)
     else:
         assert warnings == [f"no installed font has the glyphs of 1 character(s) in the class names (e.g. '{CJK}'); "
-                            "figures draw them as boxes. Install a font that has them (e.g. fonts-noto-cjk for Chinese, "
-                            "Japanese, Korean) and delete matplotlib's font cache (~/.cache/matplotlib) to see them."]
+                            "figures draw them as boxes. Install a font that has them (e.g. fonts-noto-cjk for "
+                            "Chinese, Japanese, Korean) and delete matplotlib's font cache (~/.cache/matplotlib) to "
+                            "see them."]
 
 
 def test_per_class_error_bars_stay_within_0_and_100_and_the_legend_covers_no_marker(drawn, tmp_path):
@@ -96,8 +97,8 @@ def test_inspect_draws_no_progress_bars_into_a_redirected_log(tmp_path, monkeypa
 
     data = make_imagefolder(tmp_path / "data", ["red fox", "snow owl"], per_class={"train": 2, "test": 1})
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={data}", "data.shots=1", "data.batch_size=2",
-                             *TINY_MUGCP, f"model.backbone={register_tiny_clip()}", "model.pretrained=none", "optim.epochs=1",
-                             "train.progress=false", "train.tensorboard=false"])
+                             *TINY_MUGCP, f"model.backbone={register_tiny_clip()}", "model.pretrained=none",
+                             "optim.epochs=1", "train.progress=false", "train.tensorboard=false"])
     train(cfg, tmp_path / "run")
     log = tmp_path / "inspect.log"
     with open(log, "w") as redirected:  # as `python -m mugcp.inspect ... 2> inspect.log`

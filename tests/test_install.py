@@ -32,7 +32,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(python of a fresh venv holding only the wheel, a working folder outside the checkout)."""
     base = tmp_path_factory.mktemp("install")
     wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)],
                    check=True, capture_output=True, text=True, timeout=300, cwd=base)
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -40,7 +41,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     wheel = next(wheels.glob("mugcp-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
     # This environment's packages, after the venv's own (a plain path line: the editable install's hooks stay off).
     (site / "zz_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -64,7 +66,8 @@ def test_the_wheel_is_imported_and_kernels_is_hugging_faces(installed):
                           "configs": str(CONFIG_DIR), "hf": hasattr(kernels, "get_kernel")}))
     """))
     assert probe.returncode == 0, probe.stderr
-    where = {key: value if isinstance(value, bool) else Path(value) for key, value in json.loads(probe.stdout.strip().splitlines()[-1]).items()}
+    where = {key: value if isinstance(value, bool) else Path(value)
+             for key, value in json.loads(probe.stdout.strip().splitlines()[-1]).items()}
     site = Path(sysconfig.get_paths()["purelib"])  # this environment's packages
     assert where["hf"] and where["kernels"] == site / "kernels" / "__init__.py"
     installed_package = where["mugcp"].parent
@@ -92,8 +95,8 @@ def test_print_config_is_the_shipped_demo(installed):
     python, work = installed
     done = run(python, work, "-m", "mugcp.train", "--print-config")
     assert done.returncode == 0, done.stderr
-    checkout = subprocess.run([sys.executable, "-m", "mugcp.train", "--print-config"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+    checkout = subprocess.run([sys.executable, "-m", "mugcp.train", "--print-config"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
     assert checkout.returncode == 0, checkout.stderr
     assert done.stdout == checkout.stdout  # the wheel's demo is the checkout's configs/demo.yaml
     assert "dataset: fashion_mnist" in done.stdout and "name: mugcp" in done.stdout
@@ -107,14 +110,16 @@ def test_sweep_files_and_recipes_resolve_from_the_wheel(installed):
     command = ["-m", "mugcp.sweep", "base2new", "--dry-run", "--json", "--root", "runs"]
     env = dict(os.environ, DATA=str(work))
     from_wheel = subprocess.run([str(python), *command], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    from_checkout = subprocess.run([sys.executable, *command], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    from_checkout = subprocess.run([sys.executable, *command], cwd=work, env=env, capture_output=True, text=True,
+                                   timeout=300)
     assert from_wheel.returncode == 0, from_wheel.stderr
     plans = [[json.loads(line) for line in done.stdout.splitlines()] for done in (from_wheel, from_checkout)]
     for plan, configs in zip(plans, (Path(python).parent.parent, ROOT / "configs")):
         for run_plan in plan:  # each recipe is read from the configs of the installation that ran
             recipe = Path(run_plan["recipe"].pop("path"))
             assert recipe.parts[-3] == "recipes" and (recipe.is_relative_to(configs) or configs == ROOT / "configs")
-    assert plans[0] == plans[1] and len(plans[0]) == len(load_sweep(ROOT / 'configs' / 'sweeps' / 'base2new.yaml').methods) * 11 * 3
+    assert (plans[0] == plans[1]
+            and len(plans[0]) == len(load_sweep(ROOT / 'configs' / 'sweeps' / 'base2new.yaml').methods) * 11 * 3)
     assert {run_plan["config"]["optim"]["lr"] for run_plan in plans[0] if run_plan["method"] == "maple"} == {0.0035}
 
 
@@ -142,8 +147,8 @@ def test_extraction_from_the_wheel_loads_the_mllm(installed, tmp_path):
     python, work = installed
     mllm = build_tiny_mllm(tmp_path / "mllm")
     images = make_imagefolder(tmp_path / "data", ["cat"], per_class=2, splits=("train",))
-    done = run(python, work, "-m", "mugcp.extract", "--mllm", str(mllm), "--images", str(images), "--out", str(tmp_path / "cache"),
-               "--device", "cpu", "--max-new-tokens", "3", "--no-progress")
+    done = run(python, work, "-m", "mugcp.extract", "--mllm", str(mllm), "--images", str(images), "--out",
+               str(tmp_path / "cache"), "--device", "cpu", "--max-new-tokens", "3", "--no-progress")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["mllm"] == str(mllm.resolve())
@@ -151,7 +156,8 @@ def test_extraction_from_the_wheel_loads_the_mllm(installed, tmp_path):
 
 def test_from_the_checkout_root_kernels_is_hugging_faces_and_ours_is_mugcp_kernels():
     """python -m and pytest put the checkout root on sys.path: nothing there may be importable as ``kernels``."""
-    done = subprocess.run([sys.executable, "-c", "import kernels, mugcp.kernels; print(kernels.__file__); print(mugcp.kernels.__file__)"],
+    done = subprocess.run([sys.executable, "-c",
+                           "import kernels, mugcp.kernels; print(kernels.__file__); print(mugcp.kernels.__file__)"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     theirs, ours = map(Path, done.stdout.split())

@@ -20,7 +20,8 @@ from mugcp.methods.promptsrc import gaussian_epoch_weights
 BASELINES = ["cocoop", "ivlp", "maple", "kgcoop", "promptsrc", "prograd", "tcp"]
 CLASSES = ["red fox", "blue whale", "snow owl"]
 OTHER_CLASSES = ["sand cat", "tree frog", "barn swallow", "sea urchin"]
-SAMPLED_CLIP_TENSORS = ("token_embedding.weight", "positional_embedding", "class_embedding", "resblocks.0.attn.in_proj_weight",
+SAMPLED_CLIP_TENSORS = ("token_embedding.weight", "positional_embedding", "class_embedding",
+                        "resblocks.0.attn.in_proj_weight",
                         "resblocks.11.mlp.c_proj.weight", "text_projection", "visual.proj", "logit_scale")
 # Small prompt depths keep the tests fast without changing any code path.
 FAST = {
@@ -42,7 +43,8 @@ def clip(vit_b32):
 @pytest.fixture(scope="module")
 def clip_snapshot(clip):
     """Every CLIP tensor copied once, with its version counter (bumped by any in-place write)."""
-    return {name: (tensor.detach().clone(), tensor._version) for name, tensor in clip.state_dict(keep_vars=True).items()}
+    return {name: (tensor.detach().clone(), tensor._version)
+            for name, tensor in clip.state_dict(keep_vars=True).items()}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,8 @@ def test_training_step_updates_only_prompt_parameters(clip, clip_snapshot, image
     assert torch.isfinite(loss) and "ce" in terms
     optimizer.zero_grad()
     loss.backward()
-    no_gradient = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    no_gradient = [n for n, p in model.named_parameters()
+                   if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not no_gradient, f"parameters without gradient: {no_gradient}"
     optimizer.step()
 
@@ -148,7 +151,8 @@ def test_config_files_hold_published_settings():
     assert (maple["method"]["n_ctx"], maple["method"]["depth"], maple["method"]["ctx_init"]) == (2, 9, "a photo of a")
     assert (cocoop["data"]["batch_size"], cocoop["optim"]["epochs"], cocoop["method"]["n_ctx"]) == (1, 10, 4)
     assert coop["method"]["n_ctx"] == 16
-    assert (promptsrc["optim"]["lr"], promptsrc["optim"]["epochs"], promptsrc["method"]["text_depth"]) == (0.0025, 20, 9)
+    assert (promptsrc["optim"]["lr"], promptsrc["optim"]["epochs"],
+            promptsrc["method"]["text_depth"]) == (0.0025, 20, 9)
     assert (promptsrc["method"]["text_loss_weight"], promptsrc["method"]["image_loss_weight"]) == (25.0, 10.0)
     assert kgcoop["method"]["kg_weight"] == 8.0
     assert load("zsclip")["method"] == {"name": "zsclip", "templates": "auto"}
@@ -268,7 +272,8 @@ def test_kgcoop_term_is_the_released_cosine_distance(clip, image):
     expected = 1.0 - float(F.cosine_similarity(learned, handcrafted, dim=1).mean())  # the released score
     assert terms["kg"] > 1e-4
     assert terms["kg"] == pytest.approx(expected, rel=1e-4)
-    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), labels)) + 8.0 * expected, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits.detach(), labels)) + 8.0 * expected,
+                                                 rel=1e-4)
 
     model.options["kg_distance"] = "squared_l2"  # the paper's ||w - w_clip||^2: twice 1 - cos on unit vectors
     squared = sum(float(((learned[c] - handcrafted[c]) ** 2).sum()) for c in range(len(CLASSES))) / len(CLASSES)

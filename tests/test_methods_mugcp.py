@@ -126,14 +126,16 @@ def test_text_sequences_in_chunks_give_the_same_logits(clip, one_image):
     whole = build(clip)
     chunked = build(clip, max_text_sequences=2)  # one image: 2 + 1 classes per text-encoder call
     image, (features, mask) = one_image
-    torch.testing.assert_close(eval_logits(chunked, image, features, mask), eval_logits(whole, image, features, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_logits(chunked, image, features, mask), eval_logits(whole, image, features, mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------- training
 def test_training_step_updates_only_trainable_parameters(clip, clip_snapshot, images, semantic, monkeypatch):
     image_passes = []
     original = clip.encode_image
-    monkeypatch.setattr(clip, "encode_image", lambda *a, **k: image_passes.append(k.get("deep_prompts") is None) or original(*a, **k))
+    monkeypatch.setattr(clip, "encode_image",
+                        lambda *a, **k: image_passes.append(k.get("deep_prompts") is None) or original(*a, **k))
     model = build(clip, amg_gate_init=0.5)  # open AMG gates: see the next test for the closed start
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -148,7 +150,8 @@ def test_training_step_updates_only_trainable_parameters(clip, clip_snapshot, im
     no_gradient = [name for name, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
     assert not no_gradient, f"parameters without gradient: {no_gradient}"
     optimizer.step()
-    unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[name])]
+    unchanged = [name for name, p in model.named_parameters()
+                 if p.requires_grad and torch.equal(p.detach(), before[name])]
     assert not unchanged, f"trainable parameters not updated: {unchanged}"
     assert_clip_unchanged(clip, clip_snapshot)
 
@@ -184,7 +187,8 @@ def test_every_semantic_source_trains(clip, one_image, options):
         semantic = (features, torch.tensor([[True] * 2 + [False] * 3]))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     scp = model.pooling if options["semantic_source"] != "none" else model.semantic_tokens
-    before = [p.detach().clone() for p in scp.parameters()] if isinstance(scp, torch.nn.Module) else [scp.detach().clone()]
+    before = ([p.detach().clone() for p in scp.parameters()] if isinstance(scp, torch.nn.Module)
+              else [scp.detach().clone()])
     model.train()
     loss, logits, _ = model.training_step(batch_for(model, images, semantic))
     assert torch.isfinite(loss) and logits.shape == (1, len(CLASSES))
@@ -199,7 +203,8 @@ def test_consistency_terms_use_one_frozen_image_pass(clip, one_image, monkeypatc
     images, semantic = one_image
     image_passes = []
     original = clip.encode_image
-    monkeypatch.setattr(clip, "encode_image", lambda *a, **k: image_passes.append(k.get("deep_prompts") is None) or original(*a, **k))
+    monkeypatch.setattr(clip, "encode_image",
+                        lambda *a, **k: image_passes.append(k.get("deep_prompts") is None) or original(*a, **k))
     weights = {"text_consistency_weight": 25.0, "image_consistency_weight": 10.0, "logit_consistency_weight": 1.0}
     model = build(clip, **weights)
     model.train()
@@ -267,7 +272,8 @@ def test_padding_does_not_change_the_model_logits(clip, one_image):
     image, (features, mask) = one_image
     padded = torch.cat([features, torch.randn(1, 3, 512) * 100], dim=1)
     padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], dim=1)
-    torch.testing.assert_close(eval_logits(model, image, padded, padded_mask), eval_logits(model, image, features, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_logits(model, image, padded, padded_mask),
+                               eval_logits(model, image, features, mask), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------- persistence
@@ -299,7 +305,8 @@ def test_checkpoint_round_trip_and_other_classnames(clip, one_image, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_give_the_reference_logits_and_gradients(clip, one_image):
     if not kernels.backend.interpreter_enabled():
-        pytest.skip("the model runs on the CPU here, so its Triton kernels need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+        pytest.skip("the model runs on the CPU here, so its Triton kernels need TRITON_INTERPRET=1 "
+                    "(tests/conftest.py sets it)")
     # Open gates so that every kernel input carries a gradient.
     images, semantic = one_image
     tiny = {"depth": 1, "amg_gate_init": 0.3, "prompt_gate_init": 0.4}
@@ -318,7 +325,8 @@ def test_triton_kernels_give_the_reference_logits_and_gradients(clip, one_image)
     torch.testing.assert_close(tri_logits, ref_logits, rtol=1e-4, atol=1e-4)
     for name, grad in ref_grads.items():
         scale = float(grad.abs().max())
-        torch.testing.assert_close(tri_grads[name], grad, rtol=1e-3, atol=1e-4 * scale + 1e-9, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(tri_grads[name], grad, rtol=1e-3, atol=1e-4 * scale + 1e-9,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ----------------------------------------------------------------- semantic inputs and errors
@@ -387,5 +395,7 @@ def test_config_file_carries_every_default():
     cfg = load_config(spec.config)
     assert resolve_options("mugcp", cfg["method"]) == spec.defaults
     assert {k for k in cfg["method"] if k != "name"} == set(spec.defaults)
-    assert (cfg["optim"]["name"], cfg["optim"]["lr"], cfg["optim"]["epochs"], cfg["data"]["batch_size"]) == ("sgd", 0.0035, 5, 4)
-    assert (spec.defaults["depth"], spec.defaults["n_ctx"], spec.defaults["n_semantic"], spec.defaults["amg_heads"]) == (9, 2, 4, 8)
+    assert (cfg["optim"]["name"], cfg["optim"]["lr"], cfg["optim"]["epochs"],
+            cfg["data"]["batch_size"]) == ("sgd", 0.0035, 5, 4)
+    assert (spec.defaults["depth"], spec.defaults["n_ctx"], spec.defaults["n_semantic"],
+            spec.defaults["amg_heads"]) == (9, 2, 4, 8)

@@ -32,7 +32,8 @@ def test_first_block_runs_as_written():
 def test_trained_run_block_runs_as_written(tmp_path, vit_b32, monkeypatch, capsys):
     monkeypatch.setattr(run_setup, "load_clip", lambda *args, **kwargs: vit_b32)
     root = make_imagefolder(tmp_path / "data", CLASSES, per_class={"train": 4, "test": 2})
-    train(small_config(root, "optim.epochs=1", "optim.max_steps=1", "data.max_eval_per_class=1"), tmp_path / "runs" / "coop_demo")
+    train(small_config(root, "optim.epochs=1", "optim.max_steps=1", "data.max_eval_per_class=1"),
+          tmp_path / "runs" / "coop_demo")
     write_image(tmp_path / "photos" / "cat.jpg", 1, 0, size=(40, 30))
     write_image(tmp_path / "photos" / "dog.png", 2, 1, size=(25, 35))
     monkeypatch.chdir(tmp_path)

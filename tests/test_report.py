@@ -53,21 +53,22 @@ def write_metrics(folder, **fields):
 def test_base2new_layout_has_a_block_per_dataset_and_the_average(tmp_path):
     for seed, (b, n) in enumerate([(80.0, 60.0), (82.0, 62.0)], 1):
         write_run(tmp_path / "runs" / f"dtd{seed}", seed, b, n)
-    write_metrics(tmp_path / "runs" / "pets1", method="coop", dataset="oxford_pets", protocol="base2new", shots=16, seed=1,
-                  base={"accuracy": 90.0}, new={"accuracy": 70.0}, hm=78.75)
+    write_metrics(tmp_path / "runs" / "pets1", method="coop", dataset="oxford_pets", protocol="base2new", shots=16,
+                  seed=1, base={"accuracy": 90.0}, new={"accuracy": 70.0}, hm=78.75)
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "base2new"]) == 0
     table = (tmp_path / "report" / "results.md").read_text()
     average = table.split("### Average over 2 datasets\n")[1].split("###")[0]
     # mean of the per-dataset means (81, 90) and (61, 70); HM of those averages
     assert "| coop | 85.50 | 65.50 | 74.18 | 2 of 2 |" in average
-    assert "### dtd\n\n| method | base | new | HM of means | seeds |\n|---|---|---|---|---|\n| coop | 81.00 ± 1.41 | 61.00 ± 1.41 | 69.59 | 1,2 |" in table
+    assert ("### dtd\n\n| method | base | new | HM of means | seeds |\n|---|---|---|---|---|\n"
+            "| coop | 81.00 ± 1.41 | 61.00 ± 1.41 | 69.59 | 1,2 |") in table
 
 
 def test_fewshot_layout_has_a_column_per_k(tmp_path):
     for k, acc in ((1, 50.0), (2, 55.0), (4, 60.0)):
         for seed in (1, 2):
-            write_metrics(tmp_path / "runs" / f"k{k}s{seed}", method="coop", dataset="dtd", protocol="all", shots=k, seed=seed,
-                          all={"accuracy": acc + seed})
+            write_metrics(tmp_path / "runs" / f"k{k}s{seed}", method="coop", dataset="dtd", protocol="all", shots=k,
+                          seed=seed, all={"accuracy": acc + seed})
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "fewshot"])
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| method | K=1 | K=2 | K=4 |" in table
@@ -78,7 +79,8 @@ def test_fewshot_layout_has_a_column_per_k(tmp_path):
 def test_domain_generalization_layout_reads_the_evaluations_of_each_run(tmp_path):
     for seed, (source_acc, shift) in enumerate([(70.0, 0.0), (72.0, 2.0)], 1):
         run = tmp_path / "runs" / f"maple_s{seed}"
-        write_metrics(run, method="maple", dataset="imagenet", protocol="all", shots=16, seed=seed, all={"accuracy": source_acc})
+        write_metrics(run, method="maple", dataset="imagenet", protocol="all", shots=16, seed=seed,
+                      all={"accuracy": source_acc})
         for target, acc in (("imagenet_v2", 64.0), ("imagenet_a", 50.0)):
             write_metrics(run / f"eval_{target}", method="maple", dataset=target, protocol="all", seed=seed,
                           checkpoint=str(run / "checkpoint"), all={"accuracy": acc + shift})
@@ -88,8 +90,9 @@ def test_domain_generalization_layout_reads_the_evaluations_of_each_run(tmp_path
     assert "| method | source: imagenet | imagenet_v2 | imagenet_a | Average |" in table
     assert "| maple | 71.00 ± 1.41 | 65.00 ± 1.41 | 51.00 ± 1.41 | 58.00 |" in table
     rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
-    assert [(r["dataset"], r["role"], r["mean"]) for r in rows] == [("imagenet", "source", "71.0"), ("imagenet_v2", "target", "65.0"),
-                                                                     ("imagenet_a", "target", "51.0")]
+    assert [(r["dataset"], r["role"], r["mean"]) for r in rows] == [("imagenet", "source", "71.0"),
+                                                                    ("imagenet_v2", "target", "65.0"),
+                                                                    ("imagenet_a", "target", "51.0")]
 
 
 def test_a_datasets_hm_is_the_hm_of_its_seed_averaged_base_and_new(tmp_path):
@@ -111,8 +114,10 @@ def test_the_hm_of_means_is_named_for_what_it_is_and_has_no_spread(tmp_path, mon
     monkeypatch.setattr("mugcp.reports.plots._save", lambda fig, plt, path: figures.append(fig))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "groups")]) == 0
     table = (tmp_path / "groups" / "results.md").read_text()
-    assert "| dataset | method | protocol | shots | backbone | seeds | base | new | HM of means | per-seed HM |" in table
-    assert "| dtd | coop | base2new | 16 | ViT-B-16 | 1,2 | 23.33 ± 14.14 | 23.33 ± 14.14 | 23.33 | 19.04 ± 0.00 |" in table
+    assert ("| dataset | method | protocol | shots | backbone | seeds | base | new | HM of means | per-seed HM |"
+            in table)
+    assert ("| dtd | coop | base2new | 16 | ViT-B-16 | 1,2 | 23.33 ± 14.14 | 23.33 ± 14.14 | 23.33 | 19.04 ± 0.00 |"
+            in table)
     assert "HM of means: the harmonic mean of the seed-averaged base and new accuracies" in table
     coop = next(csv.DictReader(open(tmp_path / "groups" / "results.csv")))
     assert "hm_mean" not in coop and "hm_std" not in coop
@@ -133,12 +138,14 @@ def test_a_layout_with_nothing_to_show_is_one_line(tmp_path, capsys):
         run_cli(lambda: main([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--layout", "fewshot"]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: --layout fewshot: none of the 1 runs under {tmp_path / 'runs'} has an accuracy on all classes (protocol fewshot "
-        "or all); their protocols: base2new. Use --layout base2new or groups.\n")
+        f"error: --layout fewshot: none of the 1 runs under {tmp_path / 'runs'} has an accuracy on all classes "
+        "(protocol fewshot or all); their protocols: base2new. Use --layout base2new or groups.\n")
     assert not (tmp_path / "report").exists()
 
-    write_metrics(tmp_path / "few" / "a", method="coop", dataset="dtd", protocol="fewshot", shots=4, seed=1, all={"accuracy": 50.0})
+    write_metrics(tmp_path / "few" / "a", method="coop", dataset="dtd", protocol="fewshot", shots=4, seed=1,
+                  all={"accuracy": 50.0})
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main([str(tmp_path / "few"), "--out", str(tmp_path / "report"), "--layout", "base2new"]))
     assert exit_info.value.code == 2
-    assert "has base and new accuracies (protocol base2new); their protocols: fewshot. Use --layout fewshot or groups." in capsys.readouterr().err
+    assert ("has base and new accuracies (protocol base2new); their protocols: fewshot. "
+            "Use --layout fewshot or groups." in capsys.readouterr().err)

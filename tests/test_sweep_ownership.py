@@ -64,12 +64,15 @@ def dry_run_json(argv, capsys) -> list[dict]:
 
 def test_every_run_gets_its_released_recipe_and_dry_run_json_is_what_config_yaml_holds(tmp_path, small_clip, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
-    sweep = write_sweep(tmp_path / "b2n.yaml", protocol="base2new", datasets=["dtd"], seeds=[1, 2], methods=["coop", "kgcoop"], shots=[1],
-                        overrides={"data.root": str(data), **TINY, "data.batch_size": 4}, method_overrides={"coop": {"optim.lr": 0.01}})
+    sweep = write_sweep(tmp_path / "b2n.yaml", protocol="base2new", datasets=["dtd"], seeds=[1, 2],
+                        methods=["coop", "kgcoop"], shots=[1],
+                        overrides={"data.root": str(data), **TINY, "data.batch_size": 4},
+                        method_overrides={"coop": {"optim.lr": 0.01}})
     argv = [str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"]
     runs, err = dry_run_json(argv, capsys)
     assert [(r["method"], r["dataset"], r["seed"], r["shots"], r["mode"]) for r in runs] == [
-        ("coop", "dtd", 1, 1, "new"), ("coop", "dtd", 2, 1, "new"), ("kgcoop", "dtd", 1, 1, "new"), ("kgcoop", "dtd", 2, 1, "new")]
+        ("coop", "dtd", 1, 1, "new"), ("coop", "dtd", 2, 1, "new"), ("kgcoop", "dtd", 1, 1, "new"),
+        ("kgcoop", "dtd", 2, 1, "new")]
     coop, kgcoop = runs[0]["config"], runs[2]["config"]
     # The recipe's values, restated from the released scripts, where the sweep sets nothing ...
     released = recipe_for("coop", "base2new", "dtd", 1).overrides
@@ -78,14 +81,16 @@ def test_every_run_gets_its_released_recipe_and_dry_run_json_is_what_config_yaml
     # ... and the sweep's own settings over them: overrides, then method_overrides.
     assert coop["data"]["batch_size"] == kgcoop["data"]["batch_size"] == 4 and released["data"]["batch_size"] == 32
     assert coop["optim"]["lr"] == 0.01 and kgcoop["optim"]["lr"] == 0.002 and coop["optim"]["epochs"] == 2
-    assert runs[0]["recipe"]["path"].endswith("configs/recipes/coop/base2new.yaml") and runs[0]["recipe"]["released"] is False
+    assert (runs[0]["recipe"]["path"].endswith("configs/recipes/coop/base2new.yaml")
+            and runs[0]["recipe"]["released"] is False)
     assert runs[0]["command"][:4] == ["python", "-m", "mugcp.train", "--config"]
     # The released scripts run K = 16: said once per method, not once per run.
     assert err.count("recipe: coop (base2new): The released scripts do not run K = 1") == 1
     assert err.count("recipe: kgcoop (base2new):") == 1
 
-    one_run = write_sweep(tmp_path / "one.yaml", protocol="base2new", datasets=["dtd"], seeds=[1], methods=["coop"], shots=[1],
-                          overrides={"data.root": str(data), **TINY, "data.batch_size": 4}, method_overrides={"coop": {"optim.lr": 0.01}})
+    one_run = write_sweep(tmp_path / "one.yaml", protocol="base2new", datasets=["dtd"], seeds=[1], methods=["coop"],
+                          shots=[1], overrides={"data.root": str(data), **TINY, "data.batch_size": 4},
+                          method_overrides={"coop": {"optim.lr": 0.01}})
     argv = [str(one_run), "--root", str(tmp_path / "runs"), "--no-progress"]
     assert sweep_main(argv, launcher=in_process) == 0
     capsys.readouterr()
@@ -99,12 +104,13 @@ def test_every_run_gets_its_released_recipe_and_dry_run_json_is_what_config_yaml
 
 
 def test_mugcps_borrowed_recipe_is_not_released_and_said_once_per_method(tmp_path, capsys):
-    sweep = write_sweep(tmp_path / "b2n.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2], methods=["mugcp", "maple"],
-                        shots=[16], overrides={"data.root": str(tmp_path)})
+    sweep = write_sweep(tmp_path / "b2n.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
+                        methods=["mugcp", "maple"], shots=[16], overrides={"data.root": str(tmp_path)})
     runs, err = dry_run_json([str(sweep), "--root", str(tmp_path / "runs")], capsys)
     mugcp = [r["recipe"] for r in runs if r["method"] == "mugcp"]
     assert len(mugcp) == 4 and all((r["released"], r["follows"]) == (False, "maple") for r in mugcp)
-    assert all((r["recipe"]["released"], r["recipe"]["follows"]) == (True, None) for r in runs if r["method"] == "maple")
+    assert all((r["recipe"]["released"], r["recipe"]["follows"]) == (True, None) for r in runs
+               if r["method"] == "maple")
     assert err.count("recipe: mugcp (base2new): mugcp has no released recipes and follows maple's.\n") == 1
     assert "recipe: maple" not in err
 
@@ -112,9 +118,12 @@ def test_mugcps_borrowed_recipe_is_not_released_and_said_once_per_method(tmp_pat
 def test_recipes_false_and_grid_sweeps_run_the_method_config_as_it_is(tmp_path, capsys):
     common = dict(datasets=["dtd"], seeds=[1], methods=["coop"], shots=[1], overrides={"data.root": str(tmp_path)})
     for name, fields in (("off", dict(protocol="base2new", recipes=False)), ("grid", dict(protocol="grid"))):
-        runs, err = dry_run_json([str(write_sweep(tmp_path / f"{name}.yaml", **fields, **common)), "--root", str(tmp_path / name)], capsys)
-        assert runs[0]["recipe"] is None and "recipe:" not in err and "no released recipes: the method configs as they are" in err
-        assert runs[0]["config"]["method"]["n_ctx"] == 16 and runs[0]["config"]["data"]["batch_size"] == 32  # configs/methods/coop.yaml
+        runs, err = dry_run_json([str(write_sweep(tmp_path / f"{name}.yaml", **fields, **common)), "--root",
+                                  str(tmp_path / name)], capsys)
+        assert (runs[0]["recipe"] is None and "recipe:" not in err
+                and "no released recipes: the method configs as they are" in err)
+        assert (runs[0]["config"]["method"]["n_ctx"] == 16
+                and runs[0]["config"]["data"]["batch_size"] == 32)  # configs/methods/coop.yaml
     with pytest.raises(ConfigError, match=r"'recipes' must be true .* or false"):
         sweep_main([str(write_sweep(tmp_path / "bad.yaml", recipes="no", **common)), "--dry-run"])
 
@@ -123,12 +132,13 @@ def test_recipes_false_and_grid_sweeps_run_the_method_config_as_it_is(tmp_path, 
     ({"overrides": {"optim.max_step": 3}}, "overrides: unknown config key 'optim.max_step'. Did you mean: max_steps?"),
     ({"overrides": {"optim.max_steps": -3}}, "overrides: optim.max_steps=-3 is not allowed: expected"),
     ({"method_overrides": {"maple": {"optim.lr": "fast"}}}, "method_overrides.maple: optim.lr='fast' is not allowed"),
-    ({"method_overrides": {"coop": {"method.n_ctxx": 2}}}, "method_overrides.coop: method: method 'coop' has no option 'n_ctxx'"),
+    ({"method_overrides": {"coop": {"method.n_ctxx": 2}}},
+     "method_overrides.coop: method: method 'coop' has no option 'n_ctxx'"),
     ({"overrides": {"optim": {"lr": -1}}}, "overrides: optim.lr=-1 is not allowed: expected a number > 0"),
 ])
 def test_dry_run_checks_every_run_against_the_schema_in_one_line(tmp_path, fields, message):
-    sweep = write_sweep(tmp_path / "bad.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2, 3], methods=["coop", "maple"],
-                        shots=[16], **fields)
+    sweep = write_sweep(tmp_path / "bad.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2, 3],
+                        methods=["coop", "maple"], shots=[16], **fields)
     with pytest.raises(ConfigError) as error:
         sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--dry-run"])
     assert str(error.value).startswith(f"{sweep}: ") and message in str(error.value) and "\n" not in str(error.value)
@@ -137,7 +147,8 @@ def test_dry_run_checks_every_run_against_the_schema_in_one_line(tmp_path, field
 
 def test_a_changed_run_is_reported_not_reused_and_rerun_into_a_fresh_folder(tmp_path, small_clip, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
-    fields = dict(datasets=["dtd"], seeds=[1], methods=["zsclip"], shots=[1], overrides={"data.root": str(data), **TINY, "data.protocol": "all"})
+    fields = dict(datasets=["dtd"], seeds=[1], methods=["zsclip"], shots=[1],
+                  overrides={"data.root": str(data), **TINY, "data.protocol": "all"})
     root = tmp_path / "runs"
     argv = [str(write_sweep(tmp_path / "grid.yaml", **fields)), "--root", str(root), "--no-progress"]
     assert sweep_main(argv, launcher=in_process) == 0
@@ -164,7 +175,8 @@ def test_a_changed_run_is_reported_not_reused_and_rerun_into_a_fresh_folder(tmp_
     fresh_metrics = json.loads((fresh / "metrics.json").read_text())
     assert fresh_metrics["all"]["total"] == 8  # 2 test images of each of the 4 classes
     table = (root / "report" / "results.md").read_text()
-    assert f"{fresh_metrics['all']['accuracy']:.2f} ± 0.00 |" in table and "| 1 |" in table  # one run, seed 1, not both folders
+    assert (f"{fresh_metrics['all']['accuracy']:.2f} ± 0.00 |" in table
+            and "| 1 |" in table)  # one run, seed 1, not both folders
 
     assert sweep_main(argv, launcher=in_process) == 0  # the fresh folder is now the run: finished, same config
     assert "sweep done: 1 skipped" in capsys.readouterr().out
@@ -267,7 +279,8 @@ def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, smal
     from mugcp.evaluate import main as evaluate_main
     from mugcp.train import main as train_main
 
-    data = [f"data.root={make_coop_dataset(tmp_path, 'dtd', CLASSES)}", "data.dataset=dtd", "data.protocol=all", "model.pretrained=none",
+    data = [f"data.root={make_coop_dataset(tmp_path, 'dtd', CLASSES)}", "data.dataset=dtd", "data.protocol=all",
+            "model.pretrained=none",
             "data.max_eval_per_class=1", "train.tensorboard=false", f"model.backbone={TINY_CLIP}"]
     trained = tmp_path / "trained"
     assert train_main(["--output", str(trained), "method=zsclip", *data]) == 0
@@ -286,7 +299,8 @@ def test_train_and_evaluate_refuse_a_folder_another_process_holds(tmp_path, smal
             with pytest.raises(RunFolderBusy) as refused:
                 main(argv)
             assert str(refused.value).startswith(f"run folder {run} is in use by process {owner.pid} since ")
-            assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.json"]  # nothing touched, nothing deleted
+            assert sorted(p.name for p in run.iterdir()) == [".lock",
+                                                             "metrics.json"]  # nothing touched, nothing deleted
     finally:
         release.set()
         owner.join(30)
@@ -306,12 +320,14 @@ def test_a_sweep_leaves_a_run_another_process_holds_to_it(tmp_path, capsys):
     try:
         assert held.wait(30)
         launched = []
-        assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=lambda *job: launched.append(job)) == 0
+        assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"],
+                          launcher=lambda *job: launched.append(job)) == 0
     finally:
         release.set()
         owner.join(30)
     out, err = capsys.readouterr()
-    assert launched == [] and f"[1/1] elsewhere zsclip_dtd_k1_s1 — its folder is in use by process {owner.pid} since " in out
+    assert (launched == []
+            and f"[1/1] elsewhere zsclip_dtd_k1_s1 — its folder is in use by process {owner.pid} since " in out)
     assert "sweep done: 1 running elsewhere" in out and "they were left to it" in err
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
@@ -324,15 +340,17 @@ def process_env(tmp_path):
     site = tmp_path / "site"
     (site / "models").mkdir(parents=True)
     (site / "models" / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CONFIG))
-    (site / "sitecustomize.py").write_text("import pathlib, open_clip\nopen_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
+    (site / "sitecustomize.py").write_text("import pathlib, open_clip\n"
+                                           "open_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
     return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", HF_HUB_OFFLINE="1")
 
 
 def tiny_sweep(tmp_path, seeds, epochs):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     return write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=seeds, methods=["coop"], shots=[1],
-                       overrides={"data.root": str(data), "data.protocol": "all", **TINY, "model.backbone": TINY_CLIP, "data.batch_size": 4,
-                                  "optim.epochs": epochs, "method.n_ctx": 2, "train.log_every": 1, "train.progress": True})
+                       overrides={"data.root": str(data), "data.protocol": "all", **TINY, "model.backbone": TINY_CLIP,
+                                  "data.batch_size": 4, "optim.epochs": epochs, "method.n_ctx": 2, "train.log_every": 1,
+                                  "train.progress": True})
 
 
 def alive(pid: int) -> bool:
@@ -344,18 +362,21 @@ def alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.slow  # a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 4-15
+# a sweep of two runs, stopped and rerun, as real processes: 65-115 s measured on the 2 shared cores at load 4-15
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
 def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resumes(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=30)
     root = tmp_path / "runs"
     command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--jobs", "2", "--no-progress"]
-    # Its own session: the signal below goes to the sweep's pid and nothing else, as a scheduler or a parent script sends it.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env, cwd=tmp_path,
-                               start_new_session=True)
+    # Its own session: the signal below goes to the sweep's pid and nothing else, as a scheduler or a parent script
+    # sends it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env,
+                               cwd=tmp_path, start_new_session=True)
     runs = [root / f"coop_dtd_k1_s{seed}" for seed in (1, 2)]
     deadline = time.time() + 240
-    while not all((run / "checkpoint" / "trainer_state.pt").is_file() for run in runs) and time.time() < deadline and process.poll() is None:
+    while (not all((run / "checkpoint" / "trainer_state.pt").is_file() for run in runs) and time.time() < deadline
+           and process.poll() is None):
         time.sleep(0.1)
     trainers = [holder(run)["pid"] for run in runs]
     assert all(trainers) and process.pid not in trainers
@@ -366,9 +387,11 @@ def test_sigint_to_the_sweep_alone_stops_its_runs_which_save_and_the_rerun_resum
     assert not any(alive(pid) for pid in trainers)  # no orphan
     for run in runs:
         assert holder(run) is None and not (run / "metrics.json").exists()
-        assert re.search(rf"interrupted {run.name} in [\d.]+s — its last epoch checkpoint is in {run / 'checkpoint'}", out)
+        assert re.search(rf"interrupted {run.name} in [\d.]+s — its last epoch checkpoint is in "
+                         rf"{run / 'checkpoint'}", out)
         # SIGINT is handled as SIGTERM: the step in flight ends (here the epoch's only one) and its checkpoint is saved.
-        assert re.search(r"run stopped by SIGINT after step \d+ of 30, the end of epoch \d+\. The checkpoint of epoch \d+ is kept",
+        assert re.search(r"run stopped by SIGINT after step \d+ of 30, the end of epoch \d+\. "
+                         r"The checkpoint of epoch \d+ is kept",
                          (run / "log.txt").read_text())
 
     again = subprocess.run(command, capture_output=True, text=True, env=process_env, cwd=tmp_path, timeout=240)
@@ -388,7 +411,8 @@ def test_two_sweeps_on_one_root_train_every_run_once(tmp_path, process_env):
     sweep = tiny_sweep(tmp_path, seeds=[1, 2], epochs=3)
     root = tmp_path / "runs"
     command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--no-progress"]
-    sweeps = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env, cwd=tmp_path)
+    sweeps = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=process_env,
+                               cwd=tmp_path)
               for _ in range(2)]
     outputs = [process.communicate(timeout=300) for process in sweeps]
     assert [process.returncode for process in sweeps] == [0, 0], outputs
@@ -397,8 +421,8 @@ def test_two_sweeps_on_one_root_train_every_run_once(tmp_path, process_env):
         started = [out for out, _ in outputs if re.search(rf"\] (start|resume|restart) {name}\b", out)]
         assert len(started) == 1, outputs  # one sweep ran it; the other left it to that one or found it finished
         other = next(out for out, _ in outputs if out is not started[0])
-        assert re.search(rf"\] (elsewhere {name} — another sweep runs it \(process \d+|skipped {name} — finished by another process|"
-                         rf"elsewhere {name} — its folder is in use by process \d+)", other), outputs
+        assert re.search(rf"\] (elsewhere {name} — another sweep runs it \(process \d+|skipped {name} — finished by "
+                         rf"another process|elsewhere {name} — its folder is in use by process \d+)", other), outputs
         log = (root / name / "log.txt").read_text()
         assert log.count("method coop on") == 1 and "resumed" not in log  # one training, in one process
         assert json.loads((root / name / "metrics.json").read_text())["steps"] == 3

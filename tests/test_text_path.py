@@ -65,7 +65,8 @@ def test_groups_merge_exactly_when_a_pass_costs_more_than_the_padding():
 def test_chunk_plan_follows_the_budget():
     groups = [(torch.arange(0, 6), 10), (torch.arange(6, 10), 20)]  # 2 copies: 120 + 160 tokens
     # Everything fits: one chunk per group, no recomputation.
-    assert [(len(r), n, re) for r, n, re in plan_chunks(groups, 2, 100, 10, budget=28_000, with_graph=True)] == [(6, 10, False), (4, 20, False)]
+    assert [(len(r), n, re) for r, n, re in plan_chunks(groups, 2, 100, 10, budget=28_000, with_graph=True)] == [
+        (6, 10, False), (4, 20, False)]
     # The graphs need 28,000 bytes, the budget is 16,000: chunks of at most budget/4 (40 tokens),
     # graphs kept up to budget/2 (80 tokens: two chunks), the rest recomputed.
     plan = plan_chunks(groups, 2, 100, 10, budget=16_000, with_graph=True)
@@ -145,7 +146,8 @@ def test_deep_prompt_lists_shared_and_per_sequence(vit_b32):
     copies, width = 3, vit_b32.text_width
     torch.manual_seed(4)
     embeddings = vit_b32.embed_tokens(tokens).repeat(copies, 1, 1) + 0.01 * torch.randn(copies * len(NAMES), 1, width)
-    prompts = [None, torch.randn(2, width), None, torch.randn(copies * len(NAMES), 2, width), *[None] * 7, torch.randn(1, 2, width)]
+    prompts = [None, torch.randn(2, width), None, torch.randn(copies * len(NAMES), 2, width), *[None] * 7,
+               torch.randn(1, 2, width)]
     with torch.no_grad():
         with text_path(vit_b32, bucketing=False):
             plain = vit_b32.encode_text(tokens, deep_prompts=prompts, embeddings=embeddings)
@@ -211,7 +213,8 @@ def test_shared_prefix_runs_once_per_copy_with_the_same_features_and_gradients(v
         per_sequence = context.repeat_interleave(len(NAMES), dim=0)
         embeddings = torch.cat([base[:, :1], per_sequence, base[:, 3:]], dim=1)
         with text_path(vit_b32, bucketing, memory_mb):
-            features = vit_b32.encode_text(tokens, deep_prompts=hook, embeddings=embeddings, shared_prefix=shared_prefix)
+            features = vit_b32.encode_text(tokens, deep_prompts=hook, embeddings=embeddings,
+                                           shared_prefix=shared_prefix)
         (features * target).sum().backward()
         return features.detach(), context.grad.clone(), deep.grad.clone()
 
@@ -229,7 +232,9 @@ def test_shared_prefix_refuses_prompts_that_are_not_shared(vit_b32):
     per_sequence = [None, torch.randn(3, 2, vit_b32.text_width)]
     too_long = [None, torch.randn(4, vit_b32.text_width)]
     with text_path(vit_b32), torch.no_grad():
-        with pytest.raises(ValueError, match=r"the text prompt of layer 1 \(\(3, 2, 512\)\) is not shared .* first 3 positions; pass shared_prefix=0"):
+        with pytest.raises(ValueError,
+                           match=r"the text prompt of layer 1 \(\(3, 2, 512\)\) is not shared .* first 3 positions; "
+                                 r"pass shared_prefix=0"):
             vit_b32.encode_text(tokens, deep_prompts=per_sequence, shared_prefix=3)
         with pytest.raises(ValueError, match=r"layer 1 \(\(4, 512\)\) is not shared"):
             vit_b32.encode_text(tokens, deep_prompts=too_long, shared_prefix=3)
@@ -246,7 +251,8 @@ def test_method_loss_and_gradients_equal_the_single_pass(vit_b32, method, option
     torch.manual_seed(0)
     model = create_model(method, NAMES, backbone=vit_b32, **options)
     model.train()
-    batch = {"images": torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)), "labels": torch.tensor([2, 4])}
+    batch = {"images": torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
+             "labels": torch.tensor([2, 4])}
 
     def step(bucketing, memory_mb):
         model.zero_grad(set_to_none=True)
@@ -264,7 +270,8 @@ def test_method_loss_and_gradients_equal_the_single_pass(vit_b32, method, option
         assert (grad - plain_grads[name]).abs().max().item() <= 1e-5 * scale, name
 
 
-@pytest.mark.parametrize("method,options", [("cocoop", {"max_text_sequences": 0}), ("mugcp", {"semantic_source": "none", "depth": 2})])
+@pytest.mark.parametrize("method,options",
+                         [("cocoop", {"max_text_sequences": 0}), ("mugcp", {"semantic_source": "none", "depth": 2})])
 def test_conditional_evaluation_in_small_chunks_equals_the_single_pass(vit_b32, method, options):
     torch.manual_seed(0)
     model = create_model(method, NAMES, backbone=vit_b32, **options).eval()

@@ -17,7 +17,8 @@ def test_print_config_is_the_runs_config_yaml_and_creates_nothing(tmp_path, vit_
     monkeypatch.chdir(tmp_path)
     root = make_imagefolder(tmp_path / "data", CLASSES, per_class={"train": 4, "test": 1})
     args = [f"data.root={root}", "data.dataset=imagefolder", "data.shots=2", "data.batch_size=2", "method=coop",
-            "method.n_ctx=2", "model.pretrained=none", "optim.epochs=1", "optim.max_steps=1", "data.max_eval_per_class=1",
+            "method.n_ctx=2", "model.pretrained=none", "optim.epochs=1", "optim.max_steps=1",
+            "data.max_eval_per_class=1",
             "train.progress=false", "train.tensorboard=false", "--output", str(tmp_path / "run")]
     before = sorted(os.listdir(tmp_path))
     assert train_main(["--print-config", *args]) == 0

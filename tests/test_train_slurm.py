@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_args(root: Path, output: Path) -> list[str]:
     # 2 base classes x 2 shots, global batch 2: 2 steps per epoch, 4 in all.
-    return ["--output", str(output), "data.dataset=imagefolder", f"data.root={root}", "data.shots=2", "data.batch_size=2",
-            "data.max_eval_per_class=1", "method=coop", "method.n_ctx=2", "model.pretrained=none", "model.backbone=ViT-S-32", "optim.epochs=2",
+    return ["--output", str(output), "data.dataset=imagefolder", f"data.root={root}", "data.shots=2",
+            "data.batch_size=2", "data.max_eval_per_class=1", "method=coop", "method.n_ctx=2", "model.pretrained=none",
+            "model.backbone=ViT-S-32", "optim.epochs=2",
             "optim.lr=0.05", "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false"]
 
 
@@ -88,8 +89,8 @@ def test_sigterm_saves_the_step_in_flight_and_resume_ends_as_an_uninterrupted_ru
 
 
 @pytest.mark.slow  # two fresh processes import torch and open_clip and train: ~30-60 s on 2 busy cores
-def test_a_two_task_gloo_run_under_slurm_learns_what_one_process_learns(slurm_cluster, data_root, uninterrupted, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_a_two_task_gloo_run_under_slurm_learns_what_one_process_learns(slurm_cluster, data_root, uninterrupted,
+                                                                        tmp_path, monkeypatch, capsys):
     from mugcp.launch.slurm import job_states
 
     monkeypatch.chdir(ROOT)  # tasks run from here, so `python -m mugcp.train` imports this checkout

@@ -67,7 +67,8 @@ def cluster_order(counts: np.ndarray) -> list[int]:
 
 
 def _join(left: list[int], right: list[int], similarity: np.ndarray) -> list[int]:
-    """``left`` and ``right`` concatenated, each possibly reversed, so that the two classes meeting at the seam are the most confused."""
+    """``left`` and ``right`` concatenated, each possibly reversed, so that the two classes meeting at the seam
+    are the most confused."""
     options = [(left, right), (left, right[::-1]), (left[::-1], right), (left[::-1], right[::-1])]
     best = max(options, key=lambda pair: similarity[pair[0][-1], pair[1][0]])
     return best[0] + best[1]
@@ -101,7 +102,8 @@ def figure_size(classes: int) -> tuple[int, int]:
     return (side + 120, side)
 
 
-def plot_confusion(counts: np.ndarray, classnames: Sequence[str], path: str | Path, title: str = "") -> tuple[Path, tuple[int, int], list[int]]:
+def plot_confusion(counts: np.ndarray, classnames: Sequence[str], path: str | Path,
+                   title: str = "") -> tuple[Path, tuple[int, int], list[int]]:
     """Write the figure; returns (path, its size in pixels, the class order used)."""
     counts = np.asarray(counts)
     classes = counts.shape[0]
@@ -117,9 +119,10 @@ def plot_confusion(counts: np.ndarray, classnames: Sequence[str], path: str | Pa
         # Off the diagonal only, on its own scale: at this size the diagonal would hide every confusion.
         off = rates.copy()
         np.fill_diagonal(off, 0.0)
-        _matrix(fig, whole, counts, off, order, classnames, labelled=False, annotate=False, vmax=max(float(off.max()), 1e-9),
-                label="share of the true class (off the diagonal)")
-        whole.set_title(f"all {classes} classes, clustered order ({int(counts.sum())} images); confusions only", fontsize=10)
+        _matrix(fig, whole, counts, off, order, classnames, labelled=False, annotate=False,
+                vmax=max(float(off.max()), 1e-9), label="share of the true class (off the diagonal)")
+        whole.set_title(f"all {classes} classes, clustered order ({int(counts.sum())} images); confusions only",
+                        fontsize=10)
         pairs = top_pairs(counts, TOP_PAIRS)
         involved = list(dict.fromkeys(c for pair in pairs for c in pair[:2]))[:SUBMATRIX_LIMIT]
         position = {c: i for i, c in enumerate(order)}
@@ -165,7 +168,8 @@ def write_confusion(folder: str | Path, subset: str, result) -> dict[str, Path]:
     folder = Path(folder)
     counts = result.confusion().numpy()
     figure, _, _ = plot_confusion(counts, result.classnames, folder / f"{subset}.png",
-                                  title=f"{subset}: confusion ({len(result.classnames)} classes, {int(counts.sum())} images)")
+                                  title=f"{subset}: confusion ({len(result.classnames)} classes, "
+                                        f"{int(counts.sum())} images)")
     pairs = folder / f"{subset}_pairs.csv"
     atomic_write_text(pairs, pairs_csv(top_pairs(counts, TOP_PAIRS), result.classnames))
     return {"confusion": figure, "confused_pairs": pairs}

@@ -24,7 +24,8 @@ PLOT_LIMIT = 40  # classes drawn per plot: the largest gains and the largest los
 
 
 def read_per_class(run_folder: str | Path) -> dict[str, list[dict]]:
-    """``{subset: [{"class", "count", "accuracy", "zeroshot_accuracy"?}, ...]}`` from a run folder ({} when it has none)."""
+    """``{subset: [{"class", "count", "accuracy", "zeroshot_accuracy"?}, ...]}`` from a run folder ({} when it
+    has none)."""
     found: dict[str, list[dict]] = {}
     for path in sorted((Path(run_folder) / PER_CLASS_DIR).glob("*.csv")):
         with open(path, newline="", encoding="utf-8") as handle:
@@ -52,7 +53,8 @@ def aggregate_per_class(runs: Sequence[dict], keys: Sequence[str] = GROUP_KEYS) 
     Within each (group, subset) rows are sorted by gain over zero-shot, largest first (by accuracy when
     there is no zero-shot result).
     """
-    values: dict[tuple, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: {"acc": [], "zs": []}))
+    values: dict[tuple, dict[str, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: {"acc": [], "zs": []}))
     seeds: dict[tuple, list] = defaultdict(list)
     for run in runs:
         for subset, rows in read_per_class(run["_path"]).items():
@@ -97,11 +99,13 @@ def per_class_markdown(rows: Sequence[dict], keys: Sequence[str] = GROUP_KEYS) -
         title = ", ".join(f"{k} {v}" for k, v in zip(keys, group[:-1])) + f", subset {group[-1]}"
         with_zs = any("gain" in r for r in members)
         lines += [f"## {title}", "", f"Seeds: {', '.join(map(str, members[0]['seeds']))}", "",
-                  "| class | accuracy | " + ("zero-shot | gain |" if with_zs else ""), "|---|---|" + ("---|---|" if with_zs else "")]
+                  "| class | accuracy | " + ("zero-shot | gain |" if with_zs else ""),
+                  "|---|---|" + ("---|---|" if with_zs else "")]
         for row in members:
             cells = [row["class"].replace("|", "/"), f"{row['mean']:.2f} ± {row['std']:.2f}"]
             if with_zs:
-                cells += [f"{row['zeroshot']:.2f}" if "zeroshot" in row else "", f"{row['gain']:+.2f}" if "gain" in row else ""]
+                cells += [f"{row['zeroshot']:.2f}" if "zeroshot" in row else "",
+                          f"{row['gain']:+.2f}" if "gain" in row else ""]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -112,8 +116,10 @@ def per_class_csv(rows: Sequence[dict], keys: Sequence[str] = GROUP_KEYS) -> str
     writer = csv.writer(buffer)
     writer.writerow([*keys, "subset", "class", "mean", "std", "n", "zeroshot", "gain"])
     for row in rows:
-        writer.writerow([*(row[k] for k in keys), row["subset"], row["class"], f"{row['mean']:.4f}", f"{row['std']:.4f}", row["n"],
-                         f"{row['zeroshot']:.4f}" if "zeroshot" in row else "", f"{row['gain']:.4f}" if "gain" in row else ""])
+        writer.writerow([*(row[k] for k in keys), row["subset"], row["class"], f"{row['mean']:.4f}",
+                         f"{row['std']:.4f}", row["n"],
+                         f"{row['zeroshot']:.4f}" if "zeroshot" in row else "",
+                         f"{row['gain']:.4f}" if "gain" in row else ""])
     return buffer.getvalue()
 
 
@@ -138,7 +144,8 @@ def plot_per_class(members: Sequence[dict], path: str | Path, title: str) -> tup
     ax.barh(positions, means, xerr=spread, color="#4C72B0", capsize=2, label="prompted (mean ± std)")
     zero = [(p, r["zeroshot"]) for p, r in zip(positions, shown) if "zeroshot" in r]
     if zero:
-        ax.scatter([z for _, z in zero], [p for p, _ in zero], marker="|", s=120, color="#DD8452", zorder=3, label="zero-shot")
+        ax.scatter([z for _, z in zero], [p for p, _ in zero], marker="|", s=120, color="#DD8452", zorder=3,
+                   label="zero-shot")
     names = [r["class"] for r in shown]
     ax.set_yticks(positions, names, fontsize=7 if len(shown) > 20 else 8)
     use_fonts_for_labels(ax, names)
@@ -151,7 +158,8 @@ def plot_per_class(members: Sequence[dict], path: str | Path, title: str) -> tup
 
 
 def write_per_class_report(runs: Sequence[dict], out: str | Path, keys: Sequence[str] = GROUP_KEYS) -> list[Path]:
-    """``per_class.md``, ``per_class.csv`` and ``per_class/<group>.png`` under ``out``; [] when no run has per-class results."""
+    """``per_class.md``, ``per_class.csv`` and ``per_class/<group>.png`` under ``out``; [] when no run has
+    per-class results."""
     rows = aggregate_per_class(runs, keys)
     if not rows:
         return []
@@ -161,6 +169,7 @@ def write_per_class_report(runs: Sequence[dict], out: str | Path, keys: Sequence
     atomic_write_text(written[1], per_class_csv(rows, keys))
     for group, members in _groups(rows, keys).items():
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(str(v) for v in (group[1], group[0], group[-1])))
-        title = f"{group[1]} on {group[0]}, {group[-1]} classes: per-class accuracy over seeds {', '.join(map(str, members[0]['seeds']))}"
+        title = (f"{group[1]} on {group[0]}, {group[-1]} classes: per-class accuracy over seeds "
+                 f"{', '.join(map(str, members[0]['seeds']))}")
         written.append(plot_per_class(members, out / PER_CLASS_DIR / f"{name}.png", title)[0])
     return written

@@ -75,7 +75,8 @@ def residual_block(block: nn.Module, x: torch.Tensor, causal: bool, attention_ba
     return x if adapter is None else x + adapter(normed)
 
 
-def run_blocks(blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None, block_fn: BlockFn,
+def run_blocks(blocks, x: torch.Tensor, deep_prompts: DeepPrompts, causal: bool, replace_at: int | None,
+               block_fn: BlockFn,
                checkpointing: bool = False, appended: bool = False, adapters: LayerAdapters = None) -> torch.Tensor:
     """Run ``blocks`` over ``x``, writing each layer's prompts (a list entry or a hook's result) first.
 

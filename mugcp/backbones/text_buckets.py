@@ -50,7 +50,8 @@ GRAPH_WIDTHS_PER_TOKEN_LAYER = 10
 FORWARD_WIDTHS_PER_TOKEN = 16
 
 
-def text_groups(eot: torch.Tensor, copies: int = 1, overhead_tokens: float = GROUP_OVERHEAD_TOKENS) -> list[tuple[torch.Tensor, int]]:
+def text_groups(eot: torch.Tensor, copies: int = 1,
+                overhead_tokens: float = GROUP_OVERHEAD_TOKENS) -> list[tuple[torch.Tensor, int]]:
     """Rows of ``tokens`` grouped by EOT position: ``[(rows, length), ...]``, every row in one group.
 
     Neighbouring EOT positions share a group (cut to its longest) when that is cheaper in the cost
@@ -145,7 +146,8 @@ def _rows_of(prompt: torch.Tensor, rows: torch.Tensor, copies: int, total_rows: 
     if prompt.dim() < 3 or prompt.shape[0] == 1:
         return prompt
     if prompt.shape[0] != copies * total_rows:
-        raise ValueError(f"a text prompt has {prompt.shape[0]} rows; expected 1 or one per sequence ({copies * total_rows}).")
+        raise ValueError(f"a text prompt has {prompt.shape[0]} rows; expected 1 or one per sequence "
+                         f"({copies * total_rows}).")
     return prompt.unflatten(0, (copies, total_rows))[:, rows].flatten(0, 1)
 
 
@@ -171,7 +173,8 @@ def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[t
         residual = x
     else:
         rows = torch.arange(batch, device=x.device)
-        q = F.linear(normed[rows, eot], weight[:width], None if bias is None else bias[:width]).view(batch, heads, 1, head_dim)
+        q = F.linear(normed[rows, eot], weight[:width],
+                     None if bias is None else bias[:width]).view(batch, heads, 1, head_dim)
         kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
         k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         residual = x[rows, eot]
@@ -183,7 +186,8 @@ def text_block(clip: nn.Module, block, x: torch.Tensor, prefix: Optional[tuple[t
 
         def join(shared: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
             group = batch // copies
-            return torch.cat([shared.unsqueeze(1).expand(-1, group, -1, -1, -1), own.unflatten(0, (copies, group))], dim=3).flatten(0, 1)
+            return torch.cat([shared.unsqueeze(1).expand(-1, group, -1, -1, -1), own.unflatten(0, (copies, group))],
+                             dim=3).flatten(0, 1)
 
         k, v = join(prefix[0], k), join(prefix[1], v)
     keys = torch.arange(offset + length, device=x.device)
@@ -214,7 +218,8 @@ def eot_block(clip: nn.Module, block, x: torch.Tensor, eot: torch.Tensor,
     return text_block(clip, block, x, eot=eot, adapter=adapter)
 
 
-def _group_embeddings(clip: nn.Module, tokens: torch.Tensor, embeddings: TextEmbeddings, rows: torch.Tensor, length: int) -> torch.Tensor:
+def _group_embeddings(clip: nn.Module, tokens: torch.Tensor, embeddings: TextEmbeddings, rows: torch.Tensor,
+                      length: int) -> torch.Tensor:
     if embeddings is None:
         return clip.embed_tokens(tokens[rows, :length])
     if callable(embeddings):
@@ -257,8 +262,8 @@ def prefix_keys_values(
 
 def encode_group(
     clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings,
-    rows: torch.Tensor, length: int, copies: int, prefix_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
-    adapters: LayerAdapters = None,
+    rows: torch.Tensor, length: int, copies: int,
+    prefix_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None, adapters: LayerAdapters = None,
 ) -> torch.Tensor:
     """Projected EOT features ``(copies, len(rows), embed_dim)`` of the token rows ``rows`` cut to ``length``.
 
@@ -267,7 +272,8 @@ def encode_group(
     """
     x = _group_embeddings(clip, tokens, embeddings, rows, length)
     if x.shape[0] != copies * rows.numel():
-        raise ValueError(f"text embeddings for {rows.numel()} token rows have {x.shape[0]} sequences; expected {copies * rows.numel()}.")
+        raise ValueError(f"text embeddings for {rows.numel()} token rows have {x.shape[0]} sequences; expected "
+                         f"{copies * rows.numel()}.")
     blocks = clip.model.transformer.resblocks
     last = len(blocks) - 1
     eot = (tokens[rows].argmax(dim=-1)).repeat(copies)
@@ -300,8 +306,8 @@ def encode_group(
 
 
 def encode_text_bucketed(
-    clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings, shared_prefix: int = 0,
-    adapters: LayerAdapters = None,
+    clip: nn.Module, tokens: torch.Tensor, deep_prompts: DeepPrompts, embeddings: TextEmbeddings,
+    shared_prefix: int = 0, adapters: LayerAdapters = None,
 ) -> torch.Tensor:
     """``ClipBackbone.encode_text`` with length buckets, budgeted chunks, an EOT-only last block and, with
     ``shared_prefix``, the shared first positions computed once: features ``(copies · T, embed_dim)`` in
@@ -323,10 +329,11 @@ def encode_text_bucketed(
     if shared_prefix > 0 and int(eot.min()) >= shared_prefix:  # every EOT lies after the prefix
         if deep_prompts is not None and not callable(deep_prompts):
             for layer, prompt in enumerate(deep_prompts):
-                if prompt is not None and (1 + prompt.shape[-2] > shared_prefix or (prompt.dim() == 3 and prompt.shape[0] > 1)):
+                if prompt is not None and (1 + prompt.shape[-2] > shared_prefix
+                                           or (prompt.dim() == 3 and prompt.shape[0] > 1)):
                     raise ValueError(
-                        f"the text prompt of layer {layer} ({tuple(prompt.shape)}) is not shared by every sequence's first "
-                        f"{shared_prefix} positions; pass shared_prefix=0."
+                        f"the text prompt of layer {layer} ({tuple(prompt.shape)}) is not shared by every sequence's "
+                        f"first {shared_prefix} positions; pass shared_prefix=0."
                     )
         prefix_states = prefix_keys_values(clip, tokens, deep_prompts, embeddings, shared_prefix, adapters)
         copies = prefix_states[0][0].shape[0]

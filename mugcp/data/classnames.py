@@ -66,7 +66,8 @@ def validate_classnames(
             f"Pass a list, e.g. {_example(text)}."
         )
     if isinstance(names, Mapping) or not isinstance(names, Sequence):
-        why = "; a set has no order, and the order of the names is the order of the labels" if isinstance(names, (set, frozenset)) else ""
+        why = ("; a set has no order, and the order of the names is the order of the labels"
+               if isinstance(names, (set, frozenset)) else "")
         raise ClassNamesError(f"{where} must be a list of class names (strings), got a {type(names).__name__}{why}.")
     entries = list(entries) if entries is not None else [f"{where}[{i}]" for i in range(len(names))]
     cleaned: list[str] = []
@@ -92,8 +93,9 @@ def validate_classnames(
         shown = "; ".join(
             " and ".join(f"{entries[i]} {cleaned[i]!r}" for i in indices) for indices in repeated[:MAX_SHOWN]
         ) + (f"; and {len(repeated) - MAX_SHOWN} more" if len(repeated) > MAX_SHOWN else "")
-        message = (f"{where} names the same class more than once: {shown}. CLIP reads names without case, '_' or extra spaces, "
-                   f"so these {'get' if duplicates == 'warn' else 'would get'} identical prompts and identical scores.")
+        message = (f"{where} names the same class more than once: {shown}. CLIP reads names without case, '_' or extra "
+                   f"spaces, so these {'get' if duplicates == 'warn' else 'would get'} identical prompts and identical "
+                   "scores.")
         if duplicates == "error":
             raise ClassNamesError(f"{message} {fix or 'Remove or rename the duplicates.'}")
         log.warning("%s %s", message, fix)
@@ -110,7 +112,8 @@ def read_classnames_file(path: str | os.PathLike) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ClassNamesError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from None
+        raise ClassNamesError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                              "save it as UTF-8.") from None
     names, entries = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip() and not line.strip().startswith("#"):

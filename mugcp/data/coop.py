@@ -66,8 +66,10 @@ COOP_DATASETS: tuple[CoopDatasetSpec, ...] = (
     CoopDatasetSpec("ucf101", "ucf101", "UCF-101-midframes", SPLIT_JSON, "split_zhou_UCF101.json"),
     CoopDatasetSpec("imagenet_v2", "imagenetv2", "imagenetv2-matched-frequency-format-val", IMAGENET_V2),
     CoopDatasetSpec("imagenet_sketch", "imagenet-sketch", "images", IMAGENET_TEST_ONLY),
-    CoopDatasetSpec("imagenet_a", "imagenet-adversarial", "imagenet-a", IMAGENET_TEST_ONLY, aliases=("imagenet_adversarial",)),
-    CoopDatasetSpec("imagenet_r", "imagenet-rendition", "imagenet-r", IMAGENET_TEST_ONLY, aliases=("imagenet_rendition",)),
+    CoopDatasetSpec("imagenet_a", "imagenet-adversarial", "imagenet-a", IMAGENET_TEST_ONLY,
+                    aliases=("imagenet_adversarial",)),
+    CoopDatasetSpec("imagenet_r", "imagenet-rendition", "imagenet-r", IMAGENET_TEST_ONLY,
+                    aliases=("imagenet_rendition",)),
 )
 
 
@@ -75,8 +77,8 @@ def expected_layout(spec: CoopDatasetSpec) -> str:
     images = f"ROOT/{spec.folder}/{spec.image_dir}/" if spec.image_dir else f"ROOT/{spec.folder}/"
     if spec.layout == SPLIT_JSON:
         return (
-            f"ROOT/{spec.folder}/{spec.split_file} ({{\"train\"|\"val\"|\"test\": [[relpath, label, classname], ...]}}) "
-            f"with the images under {images} (relpath is relative to that folder)"
+            f"ROOT/{spec.folder}/{spec.split_file} ({{\"train\"|\"val\"|\"test\": [[relpath, label, classname], "
+            f"...]}}) with the images under {images} (relpath is relative to that folder)"
         )
     if spec.layout == AIRCRAFT:
         return (
@@ -90,7 +92,10 @@ def expected_layout(spec: CoopDatasetSpec) -> str:
             f"{images}train/WNID/*.JPEG and {images}val/WNID/*.JPEG (val is the test set)"
         )
     if spec.layout == IMAGENET_V2:
-        return f"ROOT/{spec.folder}/classnames.txt (ImageNet's, lines 'WNID class name') and {images}LABEL/*.jpeg with LABEL = 0..999"
+        return (
+            f"ROOT/{spec.folder}/classnames.txt (ImageNet's, lines 'WNID class name') and "
+            f"{images}LABEL/*.jpeg with LABEL = 0..999"
+        )
     return f"ROOT/{spec.folder}/classnames.txt (ImageNet's, lines 'WNID class name') and {images}WNID/*"
 
 
@@ -184,7 +189,8 @@ def _read_class_folders(
     return items
 
 
-def _labels_from_class_folders(image_dir: Path, wnid_names: dict[str, str], names_file: Path) -> tuple[list[str], dict[str, int]]:
+def _labels_from_class_folders(image_dir: Path, wnid_names: dict[str, str],
+                               names_file: Path) -> tuple[list[str], dict[str, int]]:
     """Labels in the order of the sorted WordNet-id folders, named by ``classnames.txt``."""
     wnids = list_class_folders(image_dir)
     unknown = [wnid for wnid in wnids if wnid not in wnid_names]
@@ -206,7 +212,8 @@ def _read_imagenet(spec: CoopDatasetSpec, folder: Path) -> tuple[list[str], list
     return classnames, train, list(test), test
 
 
-def _read_imagenet_test_only(spec: CoopDatasetSpec, folder: Path) -> tuple[list[str], list[Datum], list[Datum], list[Datum]]:
+def _read_imagenet_test_only(spec: CoopDatasetSpec,
+                             folder: Path) -> tuple[list[str], list[Datum], list[Datum], list[Datum]]:
     names_file = folder / "classnames.txt"
     wnid_names = read_classnames_txt(names_file)
     image_dir = _require_dir(folder / spec.image_dir, spec)

@@ -86,14 +86,17 @@ def read_fewshot_pickle(path: Path) -> dict:
     try:
         data = _DatumOnlyUnpickler(io.BytesIO(Path(path).read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
-        raise FewShotFileError(f"{path}: refused as a few-shot file: {err}. Use a split_fewshot file the released code wrote, "
-                               "or set data.fewshot_file=none.") from None
+        raise FewShotFileError(f"{path}: refused as a few-shot file: {err}. Use a split_fewshot file the released code "
+                               "wrote, or set data.fewshot_file=none.") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), list):
-        raise FewShotFileError(f"{path}: expected a dict with a 'train' list of Datum records (CoOp's split_fewshot format).")
+        raise FewShotFileError(f"{path}: expected a dict with a 'train' list of Datum records "
+                               "(CoOp's split_fewshot format).")
     for part in ("train", "val"):
         for record in data.get(part) or []:
-            if not (isinstance(record, ReleasedDatum) and isinstance(record.impath, str) and isinstance(record.label, int)):
-                raise FewShotFileError(f"{path}: '{part}' holds something other than Datum records with a path and a label.")
+            if not (isinstance(record, ReleasedDatum) and isinstance(record.impath, str)
+                    and isinstance(record.label, int)):
+                raise FewShotFileError(f"{path}: '{part}' holds something other than Datum records "
+                                       "with a path and a label.")
     return data
 
 

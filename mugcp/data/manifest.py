@@ -93,7 +93,8 @@ def _read_json(path: Path) -> list[Row]:
         unknown = sorted(set(data) - set(SPLITS))
         if unknown:
             raise DatasetError(f"{path}: unknown split(s) {unknown}; use train, val and test.")
-        return [row for split in SPLITS if split in data for row in _read_json_rows(data[split], f"{path}:{split}", split)]
+        return [row for split in SPLITS if split in data
+                for row in _read_json_rows(data[split], f"{path}:{split}", split)]
     return _read_json_rows(data, str(path), None)
 
 

@@ -99,8 +99,10 @@ def build_dataset(data_cfg: Mapping) -> DatasetSplits:
         }
         dataset = readers[name]()
     dataset.classnames = validate_classnames(
-        dataset.classnames, f"dataset '{name}' ({dataset.root})", [f"label {label}" for label in range(len(dataset.classnames))],
-        fix=DUPLICATE_NAMES_FIX.get(name, "The benchmark's own list has them (ImageNet's does); they are kept as they are."),
+        dataset.classnames, f"dataset '{name}' ({dataset.root})",
+        [f"label {label}" for label in range(len(dataset.classnames))],
+        fix=DUPLICATE_NAMES_FIX.get(name,
+                                    "The benchmark's own list has them (ImageNet's does); they are kept as they are."),
         duplicates="warn",
     )
     dataset.max_image_pixels = data_cfg.get("max_image_pixels")

@@ -34,7 +34,8 @@ class Preprocess:
         if not isinstance(image, Image.Image):
             raise TypeError(
                 f"preprocess takes a PIL image or an image path, got {type(image).__name__}. "
-                f"A tensor that is already preprocessed, shape (B, 3, {self.image_size}, {self.image_size}), goes to the model directly."
+                f"A tensor that is already preprocessed, shape (B, 3, {self.image_size}, {self.image_size}), goes to "
+                "the model directly."
             )
         return self.transform(image.convert("RGB"))
 
@@ -105,7 +106,8 @@ class TrainedModel(nn.Module):
         return [Prediction([names[i] for i in row_i.tolist()], [round(float(v), 6) for v in row_v], row_i.tolist())
                 for row_v, row_i in zip(values, indices)]
 
-    def predict(self, images, top_k: int = 5, keys: Optional[Sequence[str]] = None, batch_size: int = 32) -> list[Prediction]:
+    def predict(self, images, top_k: int = 5, keys: Optional[Sequence[str]] = None,
+                batch_size: int = 32) -> list[Prediction]:
         """Top-k predictions for PIL images, image paths, or a preprocessed batch ``(B, 3, S, S)``.
 
         ``keys`` name the images in ``semantic_cache`` (MuGCP on MLLM answers); image paths are
@@ -128,7 +130,8 @@ class TrainedModel(nn.Module):
         for first in range(0, len(images), batch_size):
             part = images[first:first + batch_size]
             pil = [open_image(i) if isinstance(i, (str, Path)) else i for i in part]
-            part_keys = keys[first:first + batch_size] if keys is not None else [str(i) if isinstance(i, (str, Path)) else "" for i in part]
+            part_keys = (keys[first:first + batch_size] if keys is not None
+                         else [str(i) if isinstance(i, (str, Path)) else "" for i in part])
             candidates = [key_candidates(k) for k in part_keys]
             batch = torch.stack([self.preprocess(image) for image in pil])
             predictions = self.classify(batch, candidates, lambda: [image.convert("RGB") for image in pil], top_k)
@@ -139,10 +142,12 @@ class TrainedModel(nn.Module):
 
 
 def _tensor_has_no_pil():
-    raise ConfigError("running the MLLM needs the images themselves: call model.predict with PIL images or paths, not a tensor.")
+    raise ConfigError("running the MLLM needs the images themselves: call model.predict with PIL images or paths, not "
+                      "a tensor.")
 
 
-def load_run(run, classnames: Optional[Sequence[str]] = None, device: str = "cpu", semantic_cache=None, mllm: Optional[str] = None):
+def load_run(run, classnames: Optional[Sequence[str]] = None, device: str = "cpu", semantic_cache=None,
+             mllm: Optional[str] = None):
     """``model, preprocess = load_run(RUN, classnames=[...])``: a trained run ready for new images.
 
     ``classnames`` default to the run's own (from its ``splits.json``). ``preprocess`` turns a PIL
@@ -158,10 +163,12 @@ def load_run(run, classnames: Optional[Sequence[str]] = None, device: str = "cpu
     names = trained.resolve_classnames(classnames)
     torch_device = resolve_device(device)
     # The checkpoint's method options already carry its semantic source and width: build exactly that model.
-    learner = build_run_model(trained.cfg, names, torch_device, SemanticContext(), dataset_name=trained.cfg["data"]["dataset"])
+    learner = build_run_model(trained.cfg, names, torch_device, SemanticContext(),
+                              dataset_name=trained.cfg["data"]["dataset"])
     learner.load_adapter_state(trained.tensors, source=str(trained.checkpoint))
     learner.eval()
     preprocess = Preprocess(trained.cfg["data"]["image_size"] or learner.clip.image_size)
     semantics = SemanticInputs(trained, learner, cache=semantic_cache, mllm=mllm, device=torch_device)
-    precision = resolve_precision(trained.cfg["train"]["precision"] if torch_device.type == "cuda" else "fp32", torch_device)
+    precision = resolve_precision(trained.cfg["train"]["precision"] if torch_device.type == "cuda" else "fp32",
+                                  torch_device)
     return TrainedModel(learner, trained, preprocess, semantics, precision), preprocess

@@ -55,7 +55,8 @@ def find_images(arguments: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, classnames: Optional[Sequence[str]] = None,
-                semantic_cache=None, mllm: Optional[str] = None, device: str = "cpu", progress: bool = True) -> Inspection:
+                semantic_cache=None, mllm: Optional[str] = None, device: str = "cpu",
+                progress: bool = True) -> Inspection:
     """Write the inspection of ``run`` (a run or checkpoint folder) for ``images`` under ``out``."""
     from mugcp.analysis.nearest_words import nearest_words, nearest_words_csv, nearest_words_markdown
     from mugcp.inference.inference import load_run
@@ -85,7 +86,8 @@ def inspect_run(run, images: Sequence[str] = (), out="inspect", k: int = 5, clas
     if files and method in ("mugcp", "cocoop"):
         _inspect_images(model, files, out, result, progress)
     elif files:
-        result.notes.append(f"{method} has no per-image prompts: the images were not needed (per-image views are for mugcp and cocoop).")
+        result.notes.append(f"{method} has no per-image prompts: the images were not needed (per-image views are for "
+                            "mugcp and cocoop).")
     return result
 
 
@@ -163,7 +165,8 @@ def _semantic_inputs(model, candidates: list[str], pil) -> tuple[dict, str]:
 def _captions_markdown(captions: list[dict]) -> str:
     lines = ["# SCP input per image", "", "| image | semantic source | caption / answer |", "|---|---|---|"]
     for row in captions:
-        lines.append(f"| {row['image']} | {row['source']} | {str(row['caption']).replace('|', '/').replace(chr(10), ' ')} |")
+        lines.append(f"| {row['image']} | {row['source']} | "
+                     f"{str(row['caption']).replace('|', '/').replace(chr(10), ' ')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@
 ``out[b, c, start+n_c:start+n_c+n_s] = sigmoid(gate)[:, None] · cond[b]``.
 
 The output (and in backward the gradient of ``seq``) is the only (B, C)-sized tensor either path
-creates: the learned tokens are written by broadcasting, never expanded and concatenated. ``seq`` may itself be a broadcast view (for example
-class-name embeddings expanded over the images with stride 0).
+creates: the learned tokens are written by broadcasting, never expanded and concatenated. ``seq`` may
+itself be a broadcast view (for example class-name embeddings expanded over the images with stride 0).
 The Triton path lives in ``mugcp.kernels.fuse_prompts_triton`` and is imported on first use.
 """
 from __future__ import annotations

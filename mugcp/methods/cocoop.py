@@ -15,8 +15,10 @@ from mugcp.methods.released import Mapping, ReleasedNames, require
 
 
 def released_cocoop(state: dict, embed_dim: int) -> Mapping:
-    """Released CoCoOp: ``ctx`` and ``meta_net.linear{1,2}`` (our ``meta_net.{0,2}``); the hidden width tells ``meta_reduction``."""
-    keys = ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias"]
+    """Released CoCoOp: ``ctx`` and ``meta_net.linear{1,2}`` (our ``meta_net.{0,2}``); the hidden width tells
+    ``meta_reduction``."""
+    keys = ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+            "meta_net.linear2.bias"]
     require(state, keys)
     mapping = Mapping()
     ctx = mapping.take(state, "ctx", "ctx")
@@ -26,7 +28,8 @@ def released_cocoop(state: dict, embed_dim: int) -> Mapping:
     hidden = state["meta_net.linear1.weight"].shape[0]
     reduction = max(1, embed_dim // max(hidden, 1))
     if embed_dim // reduction != hidden:
-        raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a {embed_dim}-wide image feature.")
+        raise ConfigError(f"meta_net.linear1 has {hidden} hidden units, which no meta_reduction gives for a "
+                          f"{embed_dim}-wide image feature.")
     mapping.options = {"n_ctx": ctx.shape[0], "meta_reduction": reduction}
     take_dept(state, mapping)
     return mapping
@@ -66,8 +69,10 @@ class CoCoOp(DecoupledPromptLearner):
         self.ctx = nn.Parameter(vectors[0])
         hidden = clip.embed_dim // options["meta_reduction"]
         if hidden < 1:
-            raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units for a {clip.embed_dim}-wide image feature.")
-        self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, clip.text_width))
+            raise ConfigError(f"method option 'meta_reduction' ({options['meta_reduction']}) leaves no hidden units "
+                              f"for a {clip.embed_dim}-wide image feature.")
+        self.meta_net = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, clip.text_width))
         self.init_dept(classnames)
         self.set_classnames(classnames)
 

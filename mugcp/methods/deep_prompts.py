@@ -57,8 +57,9 @@ def text_context_init(clip: ClipBackbone, n_ctx: int, init: str = "", std: float
     tokens = int(ids.argmax()) - 1  # tokens between SOS and EOT
     if tokens < n_ctx:
         raise ConfigError(
-            f"ctx_init '{init}' has {tokens} tokens, fewer than n_ctx={n_ctx}: the released code would start the context "
-            f"from end-of-text and padding embeddings. Use n_ctx <= {tokens}, a longer ctx_init, or ctx_init=''."
+            f"ctx_init '{init}' has {tokens} tokens, fewer than n_ctx={n_ctx}: the released code would start the "
+            f"context from end-of-text and padding embeddings. Use n_ctx <= {tokens}, a longer ctx_init, or "
+            "ctx_init=''."
         )
     with torch.no_grad():
         vectors = clip.embed_tokens(ids[None])[0, 1 : 1 + n_ctx].float().cpu()
@@ -101,7 +102,8 @@ class PromptStack(nn.Module):
         return list(self.layers)
 
 
-def encode_prompted_text(clip: ClipBackbone, class_prompts: ClassPrompts, text_prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+def encode_prompted_text(clip: ClipBackbone, class_prompts: ClassPrompts,
+                         text_prompts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Text features ``(C, E)`` with ``text_prompts[j]`` at layer ``j``.
 
     The layer-0 prompt goes in as word embeddings (it gets positional embeddings like a word, as in
@@ -113,11 +115,13 @@ def encode_prompted_text(clip: ClipBackbone, class_prompts: ClassPrompts, text_p
     deeper: list[Optional[torch.Tensor]] = [None, *text_prompts[1:]]
     embeddings = class_prompts.assemble(text_prompts[0])
     return clip.encode_text(
-        class_prompts.tokens, deep_prompts=deeper if len(deeper) > 1 else None, embeddings=embeddings, shared_prefix=class_prompts.shared_prefix,
+        class_prompts.tokens, deep_prompts=deeper if len(deeper) > 1 else None, embeddings=embeddings,
+        shared_prefix=class_prompts.shared_prefix,
     )
 
 
-def encode_prompted_image(clip: ClipBackbone, images: torch.Tensor, vision_prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+def encode_prompted_image(clip: ClipBackbone, images: torch.Tensor,
+                          vision_prompts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Image features ``(B, E)``: ``vision_prompts[0]`` is appended after the patch tokens before ``ln_pre``,
     ``vision_prompts[j]`` replaces them at layer ``j``; later layers keep whatever the tokens became."""
     return clip.encode_image(images, deep_prompts=list(vision_prompts) if len(vision_prompts) else None)

@@ -38,9 +38,9 @@ def resolve_semantic_source(cfg_semantic: Mapping, cache: Any = None) -> tuple[s
     if cache is not None:
         return "mllm", None
     return "clip", (
-        f"semantic.source=auto found no semantic cache (semantic.cache={cfg_semantic.get('cache')!r}): MuGCP runs with the "
-        "frozen CLIP image tokens in place of MLLM features (source 'clip', an ablation). Extract MLLM features with "
-        "python -m mugcp.extract and set semantic.cache to use them."
+        f"semantic.source=auto found no semantic cache (semantic.cache={cfg_semantic.get('cache')!r}): MuGCP runs with "
+        "the frozen CLIP image tokens in place of MLLM features (source 'clip', an ablation). Extract MLLM features "
+        "with python -m mugcp.extract and set semantic.cache to use them."
     )
 
 
@@ -77,7 +77,8 @@ class CaptionFeatures(Mapping):
         self.dim = dim
 
     @classmethod
-    def from_texts(cls, clip: ClipBackbone, source: Any, keys: Optional[Iterable[str]] = None, chunk: int = 64) -> CaptionFeatures:
+    def from_texts(cls, clip: ClipBackbone, source: Any, keys: Optional[Iterable[str]] = None,
+                   chunk: int = 64) -> CaptionFeatures:
         """Encode ``source.text(key)`` for ``keys`` (default: all of ``source.keys()``)."""
         keys = list(source.keys() if keys is None else keys)
         features: dict[str, torch.Tensor] = {}

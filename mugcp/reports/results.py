@@ -34,7 +34,8 @@ def _all_metrics(folders) -> list[dict]:
                 metrics = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path} is not valid JSON ({err}); delete or fix that run.") from None
-            if "method" in metrics and not is_superseded(path.parent):  # rerun with a changed config: its successor counts
+            # rerun with a changed config: its successor counts
+            if "method" in metrics and not is_superseded(path.parent):
                 metrics["_path"] = str(path.parent)
                 found.append(metrics)
     return found
@@ -76,7 +77,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
     for key, members in grouped(runs):
         row = dict(zip(GROUP_KEYS, key))
-        row["seeds"] = sorted((m.get("seed") for m in members), key=lambda seed: (seed is None, seed if seed is not None else 0))
+        row["seeds"] = sorted((m.get("seed") for m in members),
+                              key=lambda seed: (seed is None, seed if seed is not None else 0))
         row["pretrained"] = all(m.get("pretrained") for m in members)
         for name in METRICS:
             values = [v for v in (value(m, name) for m in members) if v is not None]
@@ -99,7 +101,8 @@ def aggregate_transfer(evaluations: list[dict]) -> list[dict]:
         key = (ev.get("method"), source.get("dataset"), source.get("shots"), ev.get("backbone"))
         groups[key].append(ev)
     rows = []
-    for (method, source, shots, backbone), members in sorted(groups.items(), key=lambda item: tuple(str(v) for v in item[0])):
+    for (method, source, shots, backbone), members in sorted(groups.items(),
+                                                             key=lambda item: tuple(str(v) for v in item[0])):
         row = {"method": method, "source": source, "shots": shots, "backbone": backbone, "dataset": source,
                "pretrained": all(m.get("pretrained") for m in members), "targets": {}}
         sources = {m["_source"].get("_path") or m["checkpoint"]: m["_source"] for m in members}

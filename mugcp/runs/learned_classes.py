@@ -31,7 +31,8 @@ def preview(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
-def learned_classes_problem(learned: Optional[Sequence[str]], classnames: Sequence[str], learned_count: Optional[int] = None) -> Optional[str]:
+def learned_classes_problem(learned: Optional[Sequence[str]], classnames: Sequence[str],
+                            learned_count: Optional[int] = None) -> Optional[str]:
     """Why prompts learned one per class for ``learned`` cannot score ``classnames`` (None: they can).
 
     The lists must match in order, as CLIP reads the names (case, ``_`` and spacing aside). When the
@@ -62,9 +63,11 @@ def learned_context_count(tensors: Mapping[str, torch.Tensor]) -> Optional[int]:
     return int(ctx.shape[0]) if ctx is not None and ctx.dim() == 3 else None
 
 
-def check_checkpoint_classes(checkpoint: Path, ckpt_config: dict, tensors: Mapping[str, torch.Tensor], learned: Optional[Sequence[str]],
+def check_checkpoint_classes(checkpoint: Path, ckpt_config: dict, tensors: Mapping[str, torch.Tensor],
+                             learned: Optional[Sequence[str]],
                              subsets: Mapping[str, tuple[Sequence, Sequence[str]]], dataset: str) -> None:
-    """Refuse (``UnlearnedClassesError``) to evaluate class-specific prompts on any subset of classes they did not learn.
+    """Refuse (``UnlearnedClassesError``) to evaluate class-specific prompts on any subset of classes they did
+    not learn.
 
     ``learned``: the run's training classes (``trained_run.run_classnames``), None when unknown (a bare or
     converted checkpoint): then the number of learned contexts must match at least.
@@ -76,7 +79,7 @@ def check_checkpoint_classes(checkpoint: Path, ckpt_config: dict, tensors: Mappi
         problem = learned_classes_problem(learned, classnames, count)
         if problem:
             raise UnlearnedClassesError(
-                f"checkpoint {checkpoint} learned one prompt per class (method option class_specific=true), so it cannot "
-                f"be evaluated on the '{name}' classes of {dataset}: {problem}. Evaluate it on the classes it was trained on, "
-                f"or {RETRAIN_HINT}."
+                f"checkpoint {checkpoint} learned one prompt per class (method option class_specific=true), so it "
+                f"cannot be evaluated on the '{name}' classes of {dataset}: {problem}. Evaluate it on the classes it "
+                f"was trained on, or {RETRAIN_HINT}."
             )

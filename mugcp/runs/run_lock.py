@@ -144,7 +144,8 @@ def holder(folder: Path, name: str = LOCK_FILE) -> Optional[dict]:
 
 
 def lock_within(fd, seconds: float, poll_s: float) -> bool:
-    """Take an exclusive ``flock`` on ``fd`` (a descriptor or file object), trying for ``seconds``; False if another holds it still."""
+    """Take an exclusive ``flock`` on ``fd`` (a descriptor or file object), trying for ``seconds``; False if
+    another holds it still."""
     deadline = time.monotonic() + seconds
     while True:
         try:

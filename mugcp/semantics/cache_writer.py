@@ -101,7 +101,8 @@ def _read_shard_listing(file: Path) -> tuple[list[list], list[str]]:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as err:  # a foreign or truncated file: name it, never guess
-        raise CacheError(f"{file}: not a readable safetensors shard ({err}); delete it and rerun the extraction.") from None
+        raise CacheError(f"{file}: not a readable safetensors shard ({err}); "
+                         "delete it and rerun the extraction.") from None
     if metadata.get("format") != SHARD_FORMAT:
         raise CacheError(f"{file}: not a MuGCP semantic shard (metadata format {metadata.get('format')!r}).")
     return json.loads(metadata["entries"]), json.loads(metadata.get("replaces", "[]"))

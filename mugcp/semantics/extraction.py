@@ -173,8 +173,10 @@ class Extractor:
 
 
 def extract_keys(source: ImageSource, settings: ExtractionSettings, mllm_name: str, dtype: torch.dtype,
-                 device: torch.device, keys: Sequence[str], writer_rank: int, show_progress: bool) -> tuple[int, dict, int]:
-    """Extract ``keys`` into the cache with one writer; returns (entries written, {key: why it failed}, final batch size)."""
+                 device: torch.device, keys: Sequence[str], writer_rank: int,
+                 show_progress: bool) -> tuple[int, dict, int]:
+    """Extract ``keys`` into the cache with one writer; returns (entries written, {key: why it failed}, final
+    batch size)."""
     if not keys:  # a rerun with nothing left to do never loads the model
         return 0, {}, settings.batch_size
     mllm = MLLM(
@@ -186,7 +188,8 @@ def extract_keys(source: ImageSource, settings: ExtractionSettings, mllm_name: s
         device=device,
         revision=settings.revision,
     )
-    writer = CacheWriter(settings.out, rank=writer_rank, shard_bytes=settings.shard_bytes, shard_entries=settings.shard_entries)
+    writer = CacheWriter(settings.out, rank=writer_rank, shard_bytes=settings.shard_bytes,
+                         shard_entries=settings.shard_entries)
     extractor = Extractor(source, settings, mllm, writer)
     with writer:
         extractor.run(keys, show_progress=show_progress)
@@ -219,7 +222,8 @@ def extract(source: ImageSource, settings: ExtractionSettings) -> ExtractionSumm
         mine = pending[group.rank::group.world_size]
 
         written, failed_here, batch_size = extract_keys(source, settings, identity["mllm"], dtype, group.device, mine,
-                                                        writer_rank=group.rank, show_progress=settings.progress and group.rank == 0)
+                                                        writer_rank=group.rank,
+                                                        show_progress=settings.progress and group.rank == 0)
 
         results = group.gather((written, failed_here, batch_size))
         group.barrier()

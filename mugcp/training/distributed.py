@@ -63,7 +63,8 @@ class Distributed:
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
             raise ConfigError(
-                f"data.batch_size={batch_size} is the global batch and must split evenly over {self.world_size} processes."
+                f"data.batch_size={batch_size} is the global batch and must split evenly over {self.world_size} "
+                "processes."
             )
 
     def shard(self, loader: DataLoader) -> DataLoader:
@@ -93,7 +94,8 @@ class Distributed:
     def any(self, flag: bool) -> bool:
         if self.world_size == 1:
             return bool(flag)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                  else torch.device("cpu"))
         value = torch.tensor([float(bool(flag))], device=device)
         dist.all_reduce(value)
         return bool(value.item() > 0)
