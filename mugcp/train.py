@@ -7,7 +7,8 @@ config (what the run's config.yaml would hold) and exits without creating anythi
 On Slurm, one data-parallel run over K nodes x G GPUs (one process per GPU, the same result as torchrun
 with the same global batch); the command prints the job id and returns, --wait follows the job::
 
-    python -m mugcp.train --config methods/mugcp --output runs/x --launcher slurm --slurm-nodes 2 --slurm-gpus-per-node 4
+    python -m mugcp.train --config methods/mugcp --output runs/x \\
+        --launcher slurm --slurm-nodes 2 --slurm-gpus-per-node 4
 
 Ctrl-C (SIGINT) and SIGTERM (how Slurm stops a job) both save the checkpoint of the step in flight;
 --resume continues from it (a second Ctrl-C stops at once, losing that step). --resume on a finished

@@ -134,7 +134,8 @@ def test_a_tiny_run_trains_from_the_wheel(installed, tmp_path):
         open_clip.add_model_config(folder)
         sys.argv = ["mugcp.train", "--config", "methods/coop", "--output", "{out}", "data.dataset=imagefolder",
                     "data.root={root}", "model.backbone={TINY_CLIP}", "model.pretrained=none", "optim.epochs=1",
-                    "data.batch_size=2", "train.progress=false", "train.tensorboard=false", "data.compare_zeroshot=false"]
+                    "data.batch_size=2", "train.progress=false", "train.tensorboard=false",
+                    "data.compare_zeroshot=false"]
         runpy.run_module("mugcp.train", run_name="__main__")
     """
     done = run(python, work, "-c", textwrap.dedent(script))
