@@ -34,22 +34,28 @@ def parse_options(items: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dassl_file", type=Path, help="released checkpoint, e.g. output/.../MultiModalPromptLearner/model.pth.tar-5")
+    parser = argparse.ArgumentParser(prog="python -m mugcp.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dassl_file", type=Path,
+                        help="released checkpoint, e.g. output/.../MultiModalPromptLearner/model.pth.tar-5")
     parser.add_argument("--method", required=True, help="coop, cocoop, kgcoop, ivlp, maple, promptsrc, prograd or tcp")
     parser.add_argument("--backbone", required=True, help="open_clip model the prompts were trained on, e.g. ViT-B-16")
-    parser.add_argument("--pretrained", default="openai", help="CLIP weights to evaluate with (recorded in the checkpoint; default openai)")
+    parser.add_argument("--pretrained", default="openai",
+                        help="CLIP weights to evaluate with (recorded in the checkpoint; default openai)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (a new or empty folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace the checkpoint folder --out if it exists")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option the file cannot tell, e.g. ctx_init='a photo of a'")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option the file cannot tell, e.g. ctx_init='a photo of a'")
     args = parser.parse_args(argv)
     from mugcp.runs.released_checkpoint import convert
 
-    folder, ignored = convert(args.method, args.backbone, args.dassl_file, args.out, args.pretrained, parse_options(args.option),
-                              overwrite=args.overwrite)
+    folder, ignored = convert(args.method, args.backbone, args.dassl_file, args.out, args.pretrained,
+                              parse_options(args.option), overwrite=args.overwrite)
     if ignored:
-        print(f"left out {len(ignored)} released tensors that hold no prompt (class-name buffers, frozen CLIP weights), e.g. {', '.join(ignored[:3])}")
-    print(f"wrote {folder} ({args.method}, {args.backbone}); evaluate with: python -m mugcp.evaluate --checkpoint {folder} data.dataset=...")
+        print(f"left out {len(ignored)} released tensors that hold no prompt (class-name buffers, frozen CLIP "
+              f"weights), e.g. {', '.join(ignored[:3])}")
+    print(f"wrote {folder} ({args.method}, {args.backbone}); evaluate with: "
+          f"python -m mugcp.evaluate --checkpoint {folder} data.dataset=...")
     return 0
 
 

@@ -23,12 +23,14 @@ from mugcp.utils import check_output_folder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mugcp.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mugcp.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder holding checkpoint/)")
     parser.add_argument("--output", help="a new folder for the evaluation (default: <run>/eval_<dataset>_<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the finished evaluation in --output")
     parser.add_argument("--compare-zeroshot", action="store_true",
-                        help="also evaluate zero-shot CLIP on the same backbone: per-class accuracy of both in per_class/<subset>.csv")
+                        help="also evaluate zero-shot CLIP on the same backbone: per-class accuracy of both in "
+                             "per_class/<subset>.csv")
     config_arguments(parser, example="data.eval_subsets=new data.max_eval_per_class=10")
     args = parser.parse_args(argv)
     if args.output:
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + (["data.compare_zeroshot=true"] if args.compare_zeroshot else [])
     metrics, output = evaluate_checkpoint(args.checkpoint, args.config, overrides, args.output,
                                           overwrite=args.overwrite)
-    summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all") if name in metrics)
+    summary = ", ".join(f"{name} {metrics[name]['accuracy']:.2f}%" for name in ("base", "new", "all")
+                        if name in metrics)
     summary += f", HM {metrics['hm']:.2f}" if "hm" in metrics else ""
     summary += "" if metrics["pretrained"] else " (RANDOM weights)"  # open_clip's own warning about it is silenced
     print(f"{summary}; metrics: {output / FINAL_METRICS_FILE}")

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     images = parser.add_argument_group("images (one of)")
     images.add_argument("--images", metavar="DIR", help="every image file under DIR; keys are paths relative to DIR")
-    images.add_argument("--dataset", metavar="NAME", help="a dataset the data layer reads (dtd, imagenet, imagefolder...)")
+    images.add_argument("--dataset", metavar="NAME",
+                        help="a dataset the data layer reads (dtd, imagenet, imagefolder...)")
     images.add_argument("--root", metavar="DIR", help="the dataset's root folder (data.root)")
     images.add_argument("--config", metavar="FILE", help="a run config; its data section names the dataset")
     images.add_argument("--splits", default="train,val,test", help="comma-separated splits to extract [train,val,test]")

@@ -36,7 +36,8 @@ print(json.dumps({"status": status, "heavy": heavy, "help": printed.getvalue()})
 
 
 def help_of(module: str, args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, module, *args, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run([sys.executable, "-c", CHILD, module, *args, "--help"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

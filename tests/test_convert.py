@@ -75,7 +75,8 @@ def frozen_tensors(prefix=""):
 
 
 def class_buffers(prefix, n_ctx):
-    return {f"{prefix}token_prefix": randn(len(CLASSES), 1, TEXT), f"{prefix}token_suffix": randn(len(CLASSES), 76 - n_ctx, TEXT)}
+    return {f"{prefix}token_prefix": randn(len(CLASSES), 1, TEXT),
+            f"{prefix}token_suffix": randn(len(CLASSES), 76 - n_ctx, TEXT)}
 
 
 def released_state(method):
@@ -85,8 +86,9 @@ def released_state(method):
         return {"ctx": randn(4, TEXT), "bias_vectors": randn(1, 512), "meta_net.linear1.weight": randn(512, 512),
                 "meta_net.linear1.bias": randn(512), **class_buffers("", 4)}
     if method == "cocoop":
-        return {"ctx": randn(4, TEXT), "meta_net.linear1.weight": randn(EMBED // 16, EMBED), "meta_net.linear1.bias": randn(EMBED // 16),
-                "meta_net.linear2.weight": randn(TEXT, EMBED // 16), "meta_net.linear2.bias": randn(TEXT), **class_buffers("", 4)}
+        return {"ctx": randn(4, TEXT), "meta_net.linear1.weight": randn(EMBED // 16, EMBED),
+                "meta_net.linear1.bias": randn(EMBED // 16), "meta_net.linear2.weight": randn(TEXT, EMBED // 16),
+                "meta_net.linear2.bias": randn(TEXT), **class_buffers("", 4)}
     if method == "prograd":  # as released: fp16, one shared context of 16 tokens
         return {"ctx": randn(16, TEXT).half(), **class_buffers("", 16)}
     if method == "tcp":
@@ -95,7 +97,8 @@ def released_state(method):
                 "meta_net.linear2.weight": randn(4 * TEXT, EMBED // 4).half(),
                 "meta_net.linear2.bias": randn(4 * TEXT).half(), **class_buffers("", 4)}
     if method in ("ivlp", "promptsrc"):
-        state = {"prompt_learner.ctx": randn(4, TEXT), "image_encoder.VPT": randn(4, VISION), **class_buffers("prompt_learner.", 4), **frozen_tensors()}
+        state = {"prompt_learner.ctx": randn(4, TEXT), "image_encoder.VPT": randn(4, VISION),
+                 **class_buffers("prompt_learner.", 4), **frozen_tensors()}
         for layer in (1, 2):
             state[f"text_encoder.transformer.resblocks.{layer}.VPT_shallow"] = randn(4, TEXT)
             state[f"image_encoder.transformer.resblocks.{layer}.VPT_shallow"] = randn(4, VISION)
@@ -104,7 +107,8 @@ def released_state(method):
         return state
     if method == "maple":  # released in fp16 (PREC fp16; the first projection is always .half())
         state = {"prompt_learner.ctx": randn(2, TEXT).half(), "prompt_learner.proj.weight": randn(VISION, TEXT).half(),
-                 "prompt_learner.proj.bias": randn(VISION).half(), **class_buffers("prompt_learner.", 2), **frozen_tensors()}
+                 "prompt_learner.proj.bias": randn(VISION).half(), **class_buffers("prompt_learner.", 2),
+                 **frozen_tensors()}
         for index in (0, 1):
             state[f"prompt_learner.compound_prompts_text.{index}"] = randn(2, TEXT).half()
             state[f"prompt_learner.compound_prompt_projections.{index}.weight"] = randn(VISION, TEXT).half()
@@ -128,7 +132,8 @@ EXPECTED_NAMES = {
     "maple": {"prompt_learner.ctx": "text_prompts.layers.0", "prompt_learner.proj.weight": "coupling.0.weight",
               "prompt_learner.proj.bias": "coupling.0.bias",
               **{f"prompt_learner.compound_prompts_text.{i}": f"text_prompts.layers.{i + 1}" for i in (0, 1)},
-              **{f"prompt_learner.compound_prompt_projections.{i}.{k}": f"coupling.{i + 1}.{k}" for i in (0, 1) for k in ("weight", "bias")}},
+              **{f"prompt_learner.compound_prompt_projections.{i}.{k}": f"coupling.{i + 1}.{k}"
+                 for i in (0, 1) for k in ("weight", "bias")}},
 }
 EXPECTED_NAMES["promptsrc"] = EXPECTED_NAMES["ivlp"]
 
@@ -154,7 +159,8 @@ def write_dassl(path, state, epoch=5, legacy=False):
         params[0].grad = torch.ones_like(params[0])
         optimizer.step()
         torch.save({"state_dict": state, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": ConstantWarmupScheduler(), "val_result": None}, path, _use_new_zipfile_serialization=not legacy)
+                    "scheduler": ConstantWarmupScheduler(), "val_result": None}, path,
+                   _use_new_zipfile_serialization=not legacy)
     finally:
         del sys.modules[module.__name__]  # the reader cannot import Dassl's classes, like this machine
     return path
@@ -219,16 +225,21 @@ def test_converted_deep_prompts_give_released_logits(tmp_path, clip, images):
         if method == "maple":
             text = [state["prompt_learner.ctx"]] + [state[f"prompt_learner.compound_prompts_text.{i}"] for i in (0, 1)]
             weights = [("prompt_learner.proj.weight", "prompt_learner.proj.bias")] + [
-                (f"prompt_learner.compound_prompt_projections.{i}.weight", f"prompt_learner.compound_prompt_projections.{i}.bias") for i in (0, 1)]
+                (f"prompt_learner.compound_prompt_projections.{i}.weight",
+                 f"prompt_learner.compound_prompt_projections.{i}.bias") for i in (0, 1)]
             vision = [F.linear(t, state[w], state[b]) for t, (w, b) in zip(text, weights)]
             assert (config["method_options"]["n_ctx"], config["method_options"]["depth"]) == (2, 3)
         else:
-            text = [state["prompt_learner.ctx"]] + [state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] for i in (1, 2)]
-            vision = [state["image_encoder.VPT"]] + [state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] for i in (1, 2)]
+            text = [state["prompt_learner.ctx"]] + [state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"]
+                                                    for i in (1, 2)]
+            vision = [state["image_encoder.VPT"]] + [state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"]
+                                                     for i in (1, 2)]
             options = config["method_options"]
-            assert (options["text_depth"], options["vision_depth"], options["n_ctx_text"], options["n_ctx_vision"]) == (3, 3, 4, 4)
+            assert ((options["text_depth"], options["vision_depth"], options["n_ctx_text"], options["n_ctx_vision"])
+                    == (3, 3, 4, 4))
         with torch.no_grad():
-            expected, _, _ = released_deep_logits(clip.model, clip.tokenizer, images, CLASSES, text[0], text[1:], vision[0], vision[1:], "a photo of a")
+            expected, _, _ = released_deep_logits(clip.model, clip.tokenizer, images, CLASSES, text[0], text[1:],
+                                                  vision[0], vision[1:], "a photo of a")
             torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
 
 
@@ -269,27 +280,33 @@ def test_refusal_is_one_line_and_exit_status_2(tmp_path):
     plain = tmp_path / "weights.pt"
     torch.save({"ctx": torch.randn(4, TEXT)}, plain)
     done = subprocess.run(
-        [sys.executable, "-m", "mugcp.convert", "--method", "coop", "--backbone", "ViT-B-16", str(plain), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "mugcp.convert", "--method", "coop", "--backbone", "ViT-B-16", str(plain), "--out",
+         str(tmp_path / "o")],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300,
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {plain} is not a Dassl checkpoint: expected a dict with 'state_dict' (and 'epoch', 'optimizer'), found ['ctx']."
+    assert done.stderr.strip() == (f"error: {plain} is not a Dassl checkpoint: expected a dict with 'state_dict' "
+                                   "(and 'epoch', 'optimizer'), found ['ctx'].")
 
 
 @pytest.mark.parametrize(
     "file_method, method, expected",
     [
-        ("maple", "ivlp", "is not a released ivlp checkpoint: keys that do not fit ivlp: ['prompt_learner.compound_prompt_projections.0.bias'"),
-        ("ivlp", "maple", "is not a released maple checkpoint: missing ['prompt_learner.proj.weight', 'prompt_learner.proj.bias']"),
+        ("maple", "ivlp", "is not a released ivlp checkpoint: keys that do not fit ivlp: "
+                          "['prompt_learner.compound_prompt_projections.0.bias'"),
+        ("ivlp", "maple", "is not a released maple checkpoint: missing ['prompt_learner.proj.weight', "
+                          "'prompt_learner.proj.bias']"),
         ("coop", "cocoop", "is not a released cocoop checkpoint: missing ['meta_net.linear1.weight'"),
-        ("cocoop", "coop", "is not a released coop checkpoint: keys that do not fit coop: ['meta_net.linear1.bias', 'meta_net.linear1.weight', "
-                           "'meta_net.linear2.bias', 'meta_net.linear2.weight']"),
-        ("kgcoop", "coop", "keys that do not fit coop: ['bias_vectors', 'meta_net.linear1.bias', 'meta_net.linear1.weight']"),
+        ("cocoop", "coop", "is not a released coop checkpoint: keys that do not fit coop: ['meta_net.linear1.bias', "
+                           "'meta_net.linear1.weight', 'meta_net.linear2.bias', 'meta_net.linear2.weight']"),
+        ("kgcoop", "coop", "keys that do not fit coop: ['bias_vectors', 'meta_net.linear1.bias', "
+                           "'meta_net.linear1.weight']"),
     ],
 )
 def test_a_file_of_another_method_is_refused_naming_the_keys(tmp_path, clip, capsys, file_method, method, expected):
     source = write_dassl(tmp_path / "model.pth.tar-5", released_state(file_method))
-    message = run_refused(["--method", method, "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "out")], capsys)
+    message = run_refused(["--method", method, "--backbone", TINY_CLIP, str(source),
+                           "--out", str(tmp_path / "out")], capsys)
     assert message.startswith(f"error: {source} ")
     assert expected in message
     assert not (tmp_path / "out").exists()
@@ -298,31 +315,41 @@ def test_a_file_of_another_method_is_refused_naming_the_keys(tmp_path, clip, cap
 def test_files_that_are_not_dassl_checkpoints_are_refused(tmp_path, clip, capsys):
     plain = tmp_path / "weights.pt"
     torch.save({"ctx": torch.randn(4, TEXT)}, plain)
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(plain), "--out", str(tmp_path / "o")], capsys)
-    assert message == f"error: {plain} is not a Dassl checkpoint: expected a dict with 'state_dict' (and 'epoch', 'optimizer'), found ['ctx']."
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(plain),
+                           "--out", str(tmp_path / "o")], capsys)
+    assert message == (f"error: {plain} is not a Dassl checkpoint: expected a dict with 'state_dict' "
+                       "(and 'epoch', 'optimizer'), found ['ctx'].")
 
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(text), "--out", str(tmp_path / "o")], capsys)
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(text),
+                           "--out", str(tmp_path / "o")], capsys)
     assert message.startswith(f"error: {text} is not a torch checkpoint")
 
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(tmp_path / "missing.tar"), "--out", str(tmp_path / "o")], capsys)
-    assert message == f"error: Dassl checkpoint not found: {tmp_path / 'missing.tar'}. Pass a model.pth.tar-N or model-best.pth.tar file."
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(tmp_path / "missing.tar"),
+                           "--out", str(tmp_path / "o")], capsys)
+    assert message == (f"error: Dassl checkpoint not found: {tmp_path / 'missing.tar'}. "
+                       "Pass a model.pth.tar-N or model-best.pth.tar file.")
 
     source = write_dassl(tmp_path / "model.pth.tar-1", released_state("coop"))
-    message = run_refused(["--method", "zsclip", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o")], capsys)
-    assert message == "error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, ivlp, kgcoop, maple, mma, prograd, promptsrc, tcp."
+    message = run_refused(["--method", "zsclip", "--backbone", TINY_CLIP, str(source),
+                           "--out", str(tmp_path / "o")], capsys)
+    assert message == ("error: --method 'zsclip' has no released checkpoints to convert; choose one of cocoop, coop, "
+                       "ivlp, kgcoop, maple, mma, prograd, promptsrc, tcp.")
 
 
 def test_options_that_contradict_the_shapes_are_refused(tmp_path, clip, capsys):
     source = write_dassl(tmp_path / "model.pth.tar-5", released_state("maple"))
-    message = run_refused(["--method", "maple", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o"), "--option", "depth=9"], capsys)
+    message = run_refused(["--method", "maple", "--backbone", TINY_CLIP, str(source),
+                           "--out", str(tmp_path / "o"), "--option", "depth=9"], capsys)
     assert message == f"error: --option values contradict the tensor shapes in {source}: depth=9 (file: 3)"
     wide = released_state("coop")
     wide["ctx"] = torch.randn(4, 512)
     source = write_dassl(tmp_path / "model.pth.tar-6", wide)
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(source), "--out", str(tmp_path / "o")], capsys)
-    assert f"{source} does not fit coop on {TINY_CLIP}" in message and "shape mismatch ['ctx: (4, 512) vs (4, 48)']" in message
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(source),
+                           "--out", str(tmp_path / "o")], capsys)
+    assert (f"{source} does not fit coop on {TINY_CLIP}" in message
+            and "shape mismatch ['ctx: (4, 512) vs (4, 48)']" in message)
 
 
 # ---------------------------------------------------------------- issue 16: --out, legacy files, own messages
@@ -332,7 +359,8 @@ def test_legacy_files_are_read_weights_only(tmp_path, clip):
     current = write_dassl(tmp_path / "zip" / "model.pth.tar-5", state)
     assert not zipfile.is_zipfile(legacy) and zipfile.is_zipfile(current)
     for source in (legacy, current):
-        assert convert_main(["--method", "maple", "--backbone", TINY_CLIP, str(source), "--out", str(source.parent / "out")]) == 0
+        assert convert_main(["--method", "maple", "--backbone", TINY_CLIP, str(source),
+                             "--out", str(source.parent / "out")]) == 0
     config, tensors, _ = read_checkpoint(legacy.parent / "out")
     _, expected, _ = read_checkpoint(current.parent / "out")
     assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
@@ -354,23 +382,28 @@ def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, clip):
     assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(source), "--out", str(out)]) == 0
     again = write_dassl(tmp_path / "b" / "model.pth.tar-5", second)
     message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(out)], None)
-    assert message == f"error: --out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out."
+    assert message == (f"error: --out {out} already holds a checkpoint: pass --overwrite to replace it, "
+                       "or choose another --out.")
     assert torch.equal(read_checkpoint(out)[1]["ctx"], first["ctx"])
-    assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(out), "--overwrite"]) == 0
+    assert convert_main(["--method", "coop", "--backbone", TINY_CLIP, str(again),
+                         "--out", str(out), "--overwrite"]) == 0
     assert torch.equal(read_checkpoint(out)[1]["ctx"], second["ctx"])
 
     run = tmp_path / "run"  # a run folder, not a checkpoint folder: even --overwrite would delete its metrics and logs
     run.mkdir()
     (run / "metrics.json").write_text("{}")
     for extra in ([], ["--overwrite"]):
-        message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(run), *extra], None)
-        assert message == (f"error: --out {run} is a folder that holds no checkpoint (no adapter_config.json); --overwrite replaces "
-                           "only a checkpoint folder: choose a new folder for --out.")
+        message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again),
+                               "--out", str(run), *extra], None)
+        assert message == (f"error: --out {run} is a folder that holds no checkpoint (no adapter_config.json); "
+                           "--overwrite replaces only a checkpoint folder: choose a new folder for --out.")
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
     plain = tmp_path / "notes.txt"
     plain.write_text("keep me")
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again), "--out", str(plain), "--overwrite"], None)
-    assert message == f"error: --out {plain} is a file; --out names the checkpoint folder to write: choose a new folder."
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(again),
+                           "--out", str(plain), "--overwrite"], None)
+    assert message == (f"error: --out {plain} is a file; --out names the checkpoint folder to write: "
+                       "choose a new folder.")
     assert plain.read_text() == "keep me"
 
 
@@ -378,9 +411,12 @@ def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, clip):
 def test_torch_refusals_are_said_in_our_words(tmp_path, clip, legacy):
     """Nothing of torch's message (which suggests weights_only=False) reaches the user."""
     blocked = tmp_path / "blocked.pth.tar"
-    torch.save({"state_dict": released_state("coop"), "epoch": 1, "hook": os.system}, blocked, _use_new_zipfile_serialization=not legacy)
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(blocked), "--out", str(tmp_path / "o")], None)
-    assert message == (f"error: {blocked} refers to {os.system.__module__}.system (the operating system or interpreter); a checkpoint "
+    torch.save({"state_dict": released_state("coop"), "epoch": 1, "hook": os.system}, blocked,
+               _use_new_zipfile_serialization=not legacy)
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(blocked),
+                           "--out", str(tmp_path / "o")], None)
+    assert message == (f"error: {blocked} refers to {os.system.__module__}.system "
+                       "(the operating system or interpreter); a checkpoint "
                        "holds tensors and plain values only. Refused: nothing in the file was run.")
 
     damaged = tmp_path / "damaged.pth.tar"
@@ -390,7 +426,9 @@ def test_torch_refusals_are_said_in_our_words(tmp_path, clip, legacy):
     else:  # a zip archive, but not one torch.save wrote
         with zipfile.ZipFile(damaged, "w") as archive:
             archive.writestr("model/readme.txt", "weights are elsewhere")
-    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(damaged), "--out", str(tmp_path / "o")], None)
-    expected = "error: {}: cannot read it weights-only (" if legacy else "error: {} is not a torch checkpoint: a zip archive, but not one torch.save wrote ("
+    message = run_refused(["--method", "coop", "--backbone", TINY_CLIP, str(damaged),
+                           "--out", str(tmp_path / "o")], None)
+    expected = ("error: {}: cannot read it weights-only (" if legacy
+                else "error: {} is not a torch checkpoint: a zip archive, but not one torch.save wrote (")
     assert message.startswith(expected.format(damaged)) and "weights_only" not in message and "\n" not in message
     assert not (tmp_path / "o").exists()

@@ -93,7 +93,8 @@ def test_imagenet_v2_numeric_folders(tmp_path):
 
 
 def test_fgvc_aircraft_variant_files(tmp_path):
-    root = make_coop_dataset(tmp_path, "fgvc_aircraft", classes=AIRCRAFT_VARIANTS, per_class={"train": 2, "val": 1, "test": 1})
+    root = make_coop_dataset(tmp_path, "fgvc_aircraft", classes=AIRCRAFT_VARIANTS,
+                             per_class={"train": 2, "val": 1, "test": 1})
     dataset = build_dataset({"dataset": "FGVCAircraft", "root": root})
     assert dataset.classnames == AIRCRAFT_VARIANTS  # names with spaces and slashes survive
     assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (8, 4, 4)
@@ -174,8 +175,10 @@ def test_missing_image_folder_names_it(tmp_path):
     [
         ("{not json", "cannot read the split file"),
         (json.dumps({"train": [], "val": []}), "the 'test' list is missing"),
-        (json.dumps({"train": [["a.jpg", "zero", "cat"]], "val": [], "test": []}), r"train\[0\] is \['a.jpg', 'zero', 'cat'\]"),
-        (json.dumps({"train": [["a.jpg", 0, "cat"], ["b.jpg", 0, "dog"]], "val": [], "test": []}), "label 0 is named both"),
+        (json.dumps({"train": [["a.jpg", "zero", "cat"]], "val": [], "test": []}),
+         r"train\[0\] is \['a.jpg', 'zero', 'cat'\]"),
+        (json.dumps({"train": [["a.jpg", 0, "cat"], ["b.jpg", 0, "dog"]], "val": [], "test": []}),
+         "label 0 is named both"),
         (json.dumps({"train": [["a.jpg", 1, "cat"]], "val": [], "test": []}), r"missing labels \[0\]"),
     ],
 )
@@ -222,7 +225,8 @@ def test_corrupt_image_error_names_key_and_file(tmp_path):
 
 def test_imagefolder_with_val_folder(tmp_path):
     classes = ["tabby_cat", "dog", "axolotl"]
-    root = make_imagefolder(tmp_path, classes, per_class={"train": 4, "val": 2, "test": 3}, splits=("train", "val", "test"))
+    root = make_imagefolder(tmp_path, classes, per_class={"train": 4, "val": 2, "test": 3},
+                            splits=("train", "val", "test"))
     dataset = build_dataset({"dataset": "imagefolder", "root": root})
     assert dataset.classnames == ["axolotl", "dog", "tabby cat"]  # sorted folders, underscores to spaces
     assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (12, 6, 9)
@@ -260,7 +264,8 @@ def test_imagefolder_errors(tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "json", "json_splits", "csv_folder", "json_folder"])
 def test_manifest_formats(tmp_path, fmt):
     classes = ["sea_lion", "otter", "seal"]
-    root = make_manifest(tmp_path, classes, per_class={"train": 3, "val": 1, "test": 2}, fmt=fmt, splits=("train", "val", "test"))
+    root = make_manifest(tmp_path, classes, per_class={"train": 3, "val": 1, "test": 2}, fmt=fmt,
+                         splits=("train", "val", "test"))
     dataset = build_dataset({"dataset": "manifest", "root": root})
     assert dataset.classnames == ["sea lion", "otter", "seal"]  # label order, not alphabetical
     assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (9, 3, 6)

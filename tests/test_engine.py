@@ -34,7 +34,8 @@ def small_config(root, *extra):
     method = next((e.split("=", 1)[1] for e in extra if e.startswith("method=")), "coop")
     return load_config(None, [
         "data.dataset=imagefolder", f"data.root={root}", "data.shots=2", "data.batch_size=2", "data.eval_batch_size=8",
-        f"method={method}", *(["method.n_ctx=2"] if method == "coop" else []), "model.pretrained=none", "optim.epochs=2", "optim.lr=0.01",
+        f"method={method}", *(["method.n_ctx=2"] if method == "coop" else []), "model.pretrained=none",
+        "optim.epochs=2", "optim.lr=0.01",
         "optim.warmup_epochs=0", "train.progress=false", "train.tensorboard=false", *extra,
     ])
 
@@ -46,7 +47,8 @@ def test_run_writes_config_metrics_log_and_small_checkpoint(tmp_path, dataset_ro
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["base"]["total"] == 4 and on_disk["new"]["total"] == 4
     assert on_disk["base"]["classes"] == 2 and on_disk["new"]["classes"] == 2
-    expected_hm = 2 * on_disk["base"]["accuracy"] * on_disk["new"]["accuracy"] / max(1e-9, on_disk["base"]["accuracy"] + on_disk["new"]["accuracy"])
+    expected_hm = (2 * on_disk["base"]["accuracy"] * on_disk["new"]["accuracy"]
+                   / max(1e-9, on_disk["base"]["accuracy"] + on_disk["new"]["accuracy"]))
     assert on_disk["hm"] == pytest.approx(expected_hm, abs=1e-3)
     assert on_disk["pretrained"] is False and on_disk["method"] == "coop" and on_disk["steps"] == 4
     resolved = load_config(out / "config.yaml")
@@ -73,7 +75,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt, match=r"The checkpoint of epoch 1 is kept in .*interrupted/checkpoint; continue with python -m mugcp\.train"):
+    with pytest.raises(KeyboardInterrupt, match=r"The checkpoint of epoch 1 is kept in .*interrupted/checkpoint; "
+                                                r"continue with python -m mugcp\.train"):
         train(cfg, tmp_path / "interrupted")
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     state = torch.load(tmp_path / "interrupted" / "checkpoint" / "trainer_state.pt", weights_only=True)
@@ -98,7 +101,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, dataset_root, s
 
     monkeypatch.setattr(CoOp, "training_step", step_that_diverges)
     out = tmp_path / "nan"
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 3.*last good checkpoint is kept in .*checkpoint"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"loss became nan at epoch 2, step 3.*last good checkpoint is kept in .*checkpoint"):
         train(small_config(dataset_root), out)
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 2
@@ -125,13 +129,15 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, shared_backbone):
 # ---------------------------------------------------------------- command line
 def run_cli(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", *args],
+                          capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
 
 
 def test_cli_missing_config_is_one_clear_line(tmp_path):
     result = run_cli("mugcp.train", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}. Pass an existing YAML file with --config."
+    assert result.stderr.strip() == (f"error: config file not found: {tmp_path / 'nope.yaml'}. "
+                                     "Pass an existing YAML file with --config.")
 
 
 def test_cli_unknown_key_names_it():
@@ -147,8 +153,8 @@ def test_cli_missing_checkpoint_is_named(tmp_path):
 
 
 def test_cli_missing_dataset_root_names_path(tmp_path):
-    result = run_cli("mugcp.train", "data.dataset=imagefolder", f"data.root={tmp_path / 'nowhere'}", "model.pretrained=none",
-                     "--output", str(tmp_path / "run"))
+    result = run_cli("mugcp.train", "data.dataset=imagefolder", f"data.root={tmp_path / 'nowhere'}",
+                     "model.pretrained=none", "--output", str(tmp_path / "run"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "nowhere") in result.stderr
 
@@ -180,7 +186,8 @@ def test_cli_train_then_evaluate_new_classes_and_refuse_other_method(tmp_path, d
     assert result.returncode == 0, result.stderr
     assert "HM" in result.stdout
 
-    result = run_cli("mugcp.evaluate", "--checkpoint", str(out), "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]")
+    result = run_cli("mugcp.evaluate", "--checkpoint", str(out),
+                     "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"new", "checkpoint"} and "base" not in metrics and metrics["new"]["total"] == 4
@@ -206,7 +213,8 @@ def write_semantic_cache(path, root, skip=()):
         if item.key in skip or item.key in entries:
             continue
         length = 3 + len(item.key) % 4  # answers of different lengths exercise padding
-        entries[item.key] = (f"a small {['round', 'striped', 'bright'][len(item.key) % 3]} object", torch.randn(length, 24, generator=generator))
+        entries[item.key] = (f"a small {['round', 'striped', 'bright'][len(item.key) % 3]} object",
+                             torch.randn(length, 24, generator=generator))
     write_cache(path, entries, manifest_extra={"mllm": "test-mllm", "prompt": "describe"})
     return sorted(entries)
 
@@ -260,7 +268,8 @@ def test_non_conditional_text_features_are_computed_once_per_evaluation(tmp_path
         return real(self)
 
     monkeypatch.setattr(type(model), "compute_text_features", counting)
-    result = evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32", progress=False)
+    result = evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32",
+                      progress=False)
     assert result["total"] == len(items) == 8 and calls["n"] == 1
     evaluate(model, items, classnames, splits.dataset, cfg["data"], torch.device("cpu"), "fp32", progress=False)
     assert calls["n"] == 2  # a new evaluation recomputes (the prompts may have been trained in between)
@@ -271,17 +280,21 @@ def test_training_cut_by_max_steps_still_ends_training(tmp_path, dataset_root, s
 
     ended = []
     monkeypatch.setattr(PromptSRC, "on_train_end", lambda self: ended.append(True))
-    metrics = train(small_config(dataset_root, "method=promptsrc", "method.text_depth=1", "method.vision_depth=1", "optim.epochs=3", "optim.max_steps=3"), tmp_path / "run")
+    metrics = train(small_config(dataset_root, "method=promptsrc", "method.text_depth=1", "method.vision_depth=1",
+                                 "optim.epochs=3", "optim.max_steps=3"), tmp_path / "run")
     assert metrics["steps"] == 3 and ended == [True]
 
 
-@pytest.mark.parametrize("method", ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "prograd", "promptsrc", "tcp", "mugcp"])
+@pytest.mark.parametrize("method", ["zsclip", "coop", "cocoop", "ivlp", "maple", "kgcoop", "prograd",
+                                    "promptsrc", "tcp", "mugcp"])
 def test_every_method_trains_and_evaluates_by_name(tmp_path, dataset_root, shared_backbone, method):
     from mugcp.evaluate import main as evaluate_main
 
-    metrics = train(small_config(dataset_root, f"method={method}", "optim.epochs=1", "optim.max_steps=1"), tmp_path / "run")
+    metrics = train(small_config(dataset_root, f"method={method}", "optim.epochs=1", "optim.max_steps=1"),
+                    tmp_path / "run")
     assert metrics["method"] == method and metrics["steps"] == (0 if method == "zsclip" else 1)
-    assert evaluate_main(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]"]) == 0
+    assert evaluate_main(["--checkpoint", str(tmp_path / "run"),
+                          "--output", str(tmp_path / "eval"), "data.eval_subsets=[new]"]) == 0
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["new"]["accuracy"] == metrics["new"]["accuracy"]
 
@@ -310,7 +323,8 @@ def test_resume_from_the_command_line_reuses_the_runs_config(tmp_path, dataset_r
 
     out = tmp_path / "run"
     first = train(small_config(dataset_root, "optim.epochs=1"), out)
-    assert train_main(["--output", str(out), "--resume", "--reevaluate"]) == 0  # a finished run: resumed only to re-evaluate
+    # a finished run: resumed only to re-evaluate
+    assert train_main(["--output", str(out), "--resume", "--reevaluate"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["dataset"] == "imagefolder" and again["steps"] == first["steps"] == 2
 

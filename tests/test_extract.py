@@ -21,7 +21,12 @@ from mugcp.semantics.extraction_setup import ExtractionError, ExtractionSettings
 from mugcp.semantics.mllm import DEFAULT_PROMPT, MLLM
 from mugcp.semantics.sources import image_dir_source
 from tests.fixtures import make_imagefolder, write_corrupt_image, write_truncated_image
-from tests.tiny_mllm import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS, build_tiny_mllm, one_thread  # noqa: F401  (autouse fixture)
+from tests.tiny_mllm import (
+    TINY_TEXT_HIDDEN,
+    TINY_TEXT_LAYERS,
+    build_tiny_mllm,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
 MAX_NEW = 8
 REPO = Path(__file__).resolve().parent.parent
@@ -382,17 +387,20 @@ def test_cuda_extraction_in_reduced_precision(tiny_mllm, image_dir, tmp_path):
 def test_values_are_checked_before_anything_is_loaded(tmp_path, image_dir, capsys):
     """No MLLM exists at --mllm: a bad value must be reported before it is looked for."""
     missing_model = str(tmp_path / "no_model")
-    assert main(["--mllm", missing_model, "--images", str(image_dir), "--out", str(tmp_path / "c"), "--batch-size", "0"]) == 2
+    assert main(["--mllm", missing_model, "--images", str(image_dir),
+                 "--out", str(tmp_path / "c"), "--batch-size", "0"]) == 2
     assert "--batch-size=0 is not allowed: expected an integer >= 1" in capsys.readouterr().err
 
-    assert main(["--mllm", missing_model, "--images", str(image_dir), "--out", str(tmp_path / "c"), "--max-new-tokens", "-2"]) == 2
+    assert main(["--mllm", missing_model, "--images", str(image_dir),
+                 "--out", str(tmp_path / "c"), "--max-new-tokens", "-2"]) == 2
     assert "--max-new-tokens=-2 is not allowed" in capsys.readouterr().err
 
     # Config values go through the schema that train and evaluate use, before the dataset is read.
-    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(image_dir), "--out", str(tmp_path / "c"),
-                 "data.image_size=-3"]) == 2
+    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(image_dir),
+                 "--out", str(tmp_path / "c"), "data.image_size=-3"]) == 2
     assert "data.image_size=-3 is not allowed" in capsys.readouterr().err
-    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
+    assert main(["--mllm", missing_model, "--dataset", "imagefolder", "--root", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "data.root=" in err and "does not exist" in err
     assert not (tmp_path / "c").exists()

@@ -88,8 +88,10 @@ def test_shard_arguments_are_checked(tiny_mllm, image_dir, tmp_path, capsys):
     assert main(command(tiny_mllm, image_dir, out, "--shard", "2", "--shards", "2")) == 2
     assert "--shard 2 is outside 0..1 (--shards 2)" in capsys.readouterr().err
     for extra, message in ((["--shard", "0"], "--shard I needs --shards N"),
-                           (["--shards", "2"], "--shards N runs N tasks with --launcher slurm, or this process's share"),
-                           (["--launcher", "slurm", "--shard", "0", "--shards", "2"], "--launcher slurm submits the whole")):
+                           (["--shards", "2"],
+                            "--shards N runs N tasks with --launcher slurm, or this process's share"),
+                           (["--launcher", "slurm", "--shard", "0", "--shards", "2"],
+                            "--launcher slurm submits the whole")):
         with pytest.raises(SystemExit):
             main(command(tiny_mllm, image_dir, out, *extra))
         assert message in capsys.readouterr().err

@@ -2,8 +2,8 @@
 no module imports itself back through others, and ``mugcp/kernels/`` stands alone.
 
 Layers, bottom up: errors/utils (and ``mugcp.runs.layout``, the names of a run folder, which imports nothing) →
-config → backbones and data → methods, semantics and analysis → runs → training and inference → reports → sweeps →
-launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
+config → backbones and data → methods, semantics and analysis → runs → training and inference → reports →
+sweeps → launch (Slurm) → commands. Every import counts, also one inside a function: a lazy import
 of a higher layer is still a dependency running back up.
 """
 from __future__ import annotations
@@ -162,7 +162,8 @@ def test_no_import_cycles(package):
 
 
 def test_no_file_over_400_lines():
-    long = {str(p.relative_to(ROOT)): n for p in project_modules().values() if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    long = {str(p.relative_to(ROOT)): n for p in project_modules().values()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
     assert not long, f"files over 400 lines (split them along a real seam): {long}"
 
 

@@ -169,7 +169,8 @@ def run_config(root, *extra):
     ])
 
 
-def test_a_run_has_dassls_rates_logs_each_steps_own_rate_and_resumes_mid_epoch_exactly(tmp_path, dataset_root, recorded):
+def test_a_run_has_dassls_rates_logs_each_steps_own_rate_and_resumes_mid_epoch_exactly(tmp_path, dataset_root,
+                                                                                       recorded):
     straight_metrics = train(run_config(dataset_root), tmp_path / "straight")
     assert straight_metrics["steps"] == 6
     straight = list(recorded["used"])
@@ -192,5 +193,6 @@ def test_a_checkpoint_that_does_not_fit_the_data_is_refused_on_resume(tmp_path, 
     from mugcp.runs.checkpoint import CheckpointError
 
     train(run_config(dataset_root, "optim.max_steps=3"), tmp_path / "cut")
-    with pytest.raises(CheckpointError, match=r"stopped at step 3 after 1 epochs, which does not fit 1 batches per epoch"):
+    with pytest.raises(CheckpointError,
+                       match=r"stopped at step 3 after 1 epochs, which does not fit 1 batches per epoch"):
         train(run_config(dataset_root, "optim.max_steps=null", "data.batch_size=4"), tmp_path / "cut", resume=True)

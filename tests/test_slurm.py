@@ -82,14 +82,16 @@ def test_an_array_runs_each_command_in_its_folder_with_its_output_there(slurm_cl
     for folder in folders:
         (folder / "go").touch()
     ids = submit_commands(commands, folders, SlurmOptions(time=5), name="two", log_folder=tmp_path / "log")
-    assert len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1") and ids[0].split("_")[0] == ids[1].split("_")[0]
+    assert (len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1")
+            and ids[0].split("_")[0] == ids[1].split("_")[0])
     states = wait_for_jobs(dict(zip(ids, folders)), timeout_s=WAIT_S, poll_s=0.3)
     assert states == {ids[0]: "done", ids[1]: "done"}
     for job_id, folder, name in zip(ids, folders, ["a", "b"]):
         # SLURM_RESTART_COUNT is set on a requeue only. The task travels by value: the job's wrapper
         # process never imports mugcp (so neither torch nor open_clip).
         # The command runs where it was submitted from (relative paths mean the same as locally).
-        assert _calls(folder) == [{"argv": [name, str(folder)], "cwd": os.getcwd(), "restarts": None, "wrapper_has_torch": False}]
+        assert _calls(folder) == [{"argv": [name, str(folder)], "cwd": os.getcwd(), "restarts": None,
+                                   "wrapper_has_torch": False}]
         assert (folder / f"slurm-{job_id}.out").read_text() == f"out {name}\n"
         assert (folder / f"slurm-{job_id}.err").read_text() == f"err {name}\n"
         record = read_state(folder)
@@ -116,7 +118,8 @@ def test_states_pending_running_done_failed_from_squeue_and_the_state_file(slurm
 def test_a_job_slurm_has_forgotten_is_told_by_its_state_file(slurm_cluster, tmp_path):
     # Past MinJobAge squeue answers "Invalid job id"; the folder's record of that same job decides.
     done, stale, empty = tmp_path / "done", tmp_path / "stale", tmp_path / "empty"
-    for folder, record in ((done, {"job_id": "999991", "state": "done"}), (stale, {"job_id": "999992", "state": "running"})):
+    for folder, record in ((done, {"job_id": "999991", "state": "done"}),
+                           (stale, {"job_id": "999992", "state": "running"})):
         folder.mkdir()
         (folder / "slurm_state.json").write_text(json.dumps(record))
     empty.mkdir()
@@ -188,14 +191,17 @@ def test_a_two_task_gloo_job_gets_ranks_from_slurm_and_all_reduces(slurm_cluster
     script = tmp_path / "ddp.py"
     script.write_text(DISTRIBUTED)
     folder = tmp_path / "ddp"
-    job_id = submit_distributed([sys.executable, str(script), str(folder)], folder, SlurmOptions(time=5, nodes=1, gpus_per_node=0),
+    job_id = submit_distributed([sys.executable, str(script), str(folder)], folder,
+                                SlurmOptions(time=5, nodes=1, gpus_per_node=0),
                                 tasks_per_node=2, log_folder=tmp_path / "log", env={"PYTHONPATH": str(ROOT)})
-    assert wait_for_jobs({job_id: folder}, timeout_s=WAIT_S, poll_s=0.5) == {job_id: "done"}, (folder / f"slurm-{job_id}.err").read_text()
+    assert (wait_for_jobs({job_id: folder}, timeout_s=WAIT_S, poll_s=0.5)
+            == {job_id: "done"}), (folder / f"slurm-{job_id}.err").read_text()
     records = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, record in enumerate(records):
         assert (record["rank"], record["world_size"], record["local_rank"]) == (rank, 2, rank)
         assert record["sum"] == 3.0  # 1 + 2
-        assert record["env"]["RANK"] == str(rank) and record["env"]["WORLD_SIZE"] == "2" and record["env"]["LOCAL_WORLD_SIZE"] == "2"
+        assert (record["env"]["RANK"] == str(rank) and record["env"]["WORLD_SIZE"] == "2"
+                and record["env"]["LOCAL_WORLD_SIZE"] == "2")
     assert records[0]["env"]["MASTER_ADDR"] == records[1]["env"]["MASTER_ADDR"] == slurm_cluster.node
     assert records[0]["env"]["MASTER_PORT"] == records[1]["env"]["MASTER_PORT"]
     assert (folder / f"slurm-{job_id}.rank1.out").exists()
@@ -207,7 +213,8 @@ def test_options_reach_sbatch_and_a_refusal_is_one_slurm_error(slurm_cluster, tm
     folder = tmp_path / "opts"
     options = SlurmOptions(partition=slurm_cluster.partition, time="0:03:00", cpus_per_run=1, mem="100M",
                            setup=["export MUGCP_SETUP_MARK=from-setup"])
-    command = [sys.executable, "-c", "import os; print(os.environ.get('MUGCP_SETUP_MARK'), os.environ['SLURM_CPUS_PER_TASK'])"]
+    command = [sys.executable, "-c",
+               "import os; print(os.environ.get('MUGCP_SETUP_MARK'), os.environ['SLURM_CPUS_PER_TASK'])"]
     [job_id] = submit_commands([command], [folder], options, name="opts", log_folder=tmp_path / "log")
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
     assert "JobName=opts" in shown and "TimeLimit=00:03:00" in shown and f"Partition={slurm_cluster.partition}" in shown
@@ -215,4 +222,5 @@ def test_options_reach_sbatch_and_a_refusal_is_one_slurm_error(slurm_cluster, tm
     assert wait_for_jobs({job_id: folder}, timeout_s=WAIT_S, poll_s=0.3) == {job_id: "done"}
     assert (folder / f"slurm-{job_id}.out").read_text() == "from-setup 1\n"
     with pytest.raises(SlurmError, match="sbatch refused the job: .*[Pp]artition"):
-        submit_commands([command], [tmp_path / "nowhere"], SlurmOptions(partition="no-such-partition"), log_folder=tmp_path / "log")
+        submit_commands([command], [tmp_path / "nowhere"], SlurmOptions(partition="no-such-partition"),
+                        log_folder=tmp_path / "log")

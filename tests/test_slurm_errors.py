@@ -47,8 +47,8 @@ def finish_runs(tmp_path, sweep, root):
     for index, job in enumerate(jobs):
         job.folder.mkdir(parents=True)
         (job.folder / "metrics.json").write_text(json.dumps({
-            "method": "zsclip", "dataset": "dtd", "protocol": "all", "shots": 1, "backbone": "ViT-B-32", "seed": index + 1,
-            "pretrained": False, "all": {"accuracy": 50.0}}))
+            "method": "zsclip", "dataset": "dtd", "protocol": "all", "shots": 1, "backbone": "ViT-B-32",
+            "seed": index + 1, "pretrained": False, "all": {"accuracy": 50.0}}))
         records[job.name] = {"job_id": f"4242_{index}", "folder": str(job.folder), "mode": "new", "submitted": "then"}
     (root / "slurm_jobs.json").write_text(json.dumps({"version": 1, "jobs": records}))
     return jobs
@@ -68,7 +68,8 @@ def test_a_bad_slurm_section_fails_dry_run_in_one_line(tmp_path, capsys, section
 
 @needs_slurm_commands
 @pytest.mark.parametrize("conf", [None, "dead"])
-def test_without_a_reachable_controller_sbatch_is_said_once_with_the_fix_and_nothing_is_left(tmp_path, capsys, monkeypatch, conf):
+def test_without_a_reachable_controller_sbatch_is_said_once_with_the_fix_and_nothing_is_left(tmp_path, capsys,
+                                                                                             monkeypatch, conf):
     if conf is None:
         monkeypatch.delenv("SLURM_CONF", raising=False)
         said = "no Slurm controller answered (SLURM_CONF is unset)"
@@ -95,7 +96,8 @@ def test_a_refused_submission_removes_only_what_it_created(tmp_path, monkeypatch
     command = [sys.executable, "-c", "pass"]
     with pytest.raises(SlurmError, match="^sbatch could not submit: no Slurm controller answered"):
         submit_commands([command, command], [kept, new], SlurmOptions(), log_folder=log)
-    assert sorted(p.name for p in log.iterdir()) == ["1234", "earlier.pkl"] and (kept / "notes.txt").read_text() == "mine"
+    assert (sorted(p.name for p in log.iterdir()) == ["1234", "earlier.pkl"]
+            and (kept / "notes.txt").read_text() == "mine")
     assert not new.exists()
 
 
@@ -128,7 +130,8 @@ def test_a_rerun_with_nothing_to_submit_says_so(tmp_path, capsys):
     ("--slurm-mem", "900T", "memory"),
     ("--slurm-gpus-per-run", "3", "gres"),
 ])
-def test_a_refusal_by_the_controller_is_said_once_and_leaves_nothing(slurm_cluster, tmp_path, capsys, flag, value, words):
+def test_a_refusal_by_the_controller_is_said_once_and_leaves_nothing(slurm_cluster, tmp_path, capsys,
+                                                                     flag, value, words):
     sweep = write_sweep(tmp_path)
     err = one_line_error([str(sweep), "--root", str(tmp_path / "runs"), "--launcher", "slurm", flag, value], capsys)
     assert err.startswith("error: sbatch refused the job: sbatch: error: ") and words in err.lower()

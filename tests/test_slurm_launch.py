@@ -24,26 +24,31 @@ WAIT_S = 300
 
 def test_tasks_run_the_typed_command_without_the_launchers_options():
     parser = build_parser()
-    typed = ["--mllm", "m", "--images=imgs", "--launcher", "slurm", "--shards", "4", "--slurm-part", "gpu", "--layer", "-1",
-             "--slurm-setup", "module load cuda", "--slurm-setup=source env", "--wait", "--out", "c", "data.root=/x"]
+    typed = ["--mllm", "m", "--images=imgs", "--launcher", "slurm", "--shards", "4", "--slurm-part", "gpu",
+             "--layer", "-1", "--slurm-setup", "module load cuda", "--slurm-setup=source env", "--wait", "--out", "c",
+             "data.root=/x"]
     # Abbreviations as argparse reads them; a value that looks like an option (-1) stays with its flag.
     assert task_arguments(typed, parser, drop=("shards", "shard")) == [
         "--mllm", "m", "--images=imgs", "--layer", "-1", "--out", "c", "data.root=/x"]
 
 
-@pytest.mark.parametrize("hidden, reason", [("sbatch", "sbatch not found"), ("submitit", "submitit is not installed: pip install -e '.[slurm]'")])
+@pytest.mark.parametrize("hidden, reason", [("sbatch", "sbatch not found"),
+                                            ("submitit", "submitit is not installed: pip install -e '.[slurm]'")])
 def test_without_slurm_the_launcher_says_so_in_one_line(hidden, reason, monkeypatch, capsys, tmp_path):
     if hidden == "submitit":
         monkeypatch.setitem(__import__("sys").modules, "submitit", None)  # import submitit now raises ImportError
     else:
         real_which = shutil.which
-        monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == hidden else real_which(name, *a, **k))
+        monkeypatch.setattr(shutil, "which",
+                            lambda name, *a, **k: None if name == hidden else real_which(name, *a, **k))
     with pytest.raises(SystemExit) as exited:
-        run_cli(lambda: train_main(["--output", str(tmp_path / "run"), "--launcher", "slurm", "--slurm-gpus-per-node", "1"]))
+        run_cli(lambda: train_main(["--output", str(tmp_path / "run"), "--launcher", "slurm",
+                                    "--slurm-gpus-per-node", "1"]))
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --launcher slurm: ") and reason in err
-    assert extract_main(["--mllm", "m", "--images", str(tmp_path), "--out", str(tmp_path / "c"), "--launcher", "slurm"]) == 2
+    assert extract_main(["--mllm", "m", "--images", str(tmp_path), "--out", str(tmp_path / "c"),
+                         "--launcher", "slurm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and reason in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
@@ -56,8 +61,9 @@ def shard_job(out: Path, index: int) -> str:
 
 
 @pytest.mark.slow  # each task imports torch + transformers: ~20-40 s on 2 busy cores
-def test_two_shard_extraction_on_slurm_gives_the_single_process_cache(slurm_cluster, tiny_mllm, image_dir, single_process,  # noqa: F811
-                                                                      tmp_path, monkeypatch, capsys):
+def test_two_shard_extraction_on_slurm_gives_the_single_process_cache(
+    slurm_cluster, tiny_mllm, image_dir, single_process, tmp_path, monkeypatch, capsys  # noqa: F811
+):
     from mugcp.launch.slurm import wait_for_jobs
     from mugcp.launch.slurm_task import read_state
 

@@ -32,7 +32,8 @@ def test_unknown_keys_are_named_with_the_valid_ones():
     with pytest.raises(SlurmError) as err:
         SlurmOptions.from_mapping({"partitoin": "gpu", "gpus": 2}, where="base2new.yaml slurm")
     message = str(err.value)
-    assert message.startswith("base2new.yaml slurm: unknown key(s) gpus, partitoin (did you mean partition?); valid keys: partition, time,")
+    assert message.startswith("base2new.yaml slurm: unknown key(s) gpus, partitoin (did you mean partition?); "
+                              "valid keys: partition, time,")
     assert isinstance(err.value, UserError)
 
 
@@ -56,7 +57,8 @@ def test_flags_given_on_the_command_line_override_the_file():
                               "--slurm-setup", "module load cuda", "--slurm-setup", "source env/bin/activate"])
     base = SlurmOptions.from_mapping({"partition": "short", "mem": "16G", "time": 30})
     options = base.updated_from_args(args)
-    assert (options.partition, options.time, options.mem, options.gpus_per_node, options.nodes) == ("long", 2880, "16G", 4, 1)
+    assert ((options.partition, options.time, options.mem, options.gpus_per_node, options.nodes)
+            == ("long", 2880, "16G", 4, 1))
     assert options.setup == ["module load cuda", "source env/bin/activate"]
     assert base.partition == "short"  # the file's options are left as they were
 

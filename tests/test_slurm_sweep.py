@@ -26,8 +26,8 @@ from mugcp.sweeps import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]
 TINY = {"model.pretrained": "none", "model.backbone": TINY_CLIP, "data.batch_size": 4, "data.eval_batch_size": 8,
-        "data.max_eval_per_class": 1, "data.protocol": "all", "optim.epochs": 2, "optim.warmup_epochs": 0, "train.tensorboard": False,
-        "train.log_every": 1}
+        "data.max_eval_per_class": 1, "data.protocol": "all", "optim.epochs": 2, "optim.warmup_epochs": 0,
+        "train.tensorboard": False, "train.log_every": 1}
 WAIT_S = 240
 
 
@@ -49,7 +49,8 @@ def tiny_env(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "models").mkdir(parents=True)
     (site / "models" / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CONFIG))
-    (site / "sitecustomize.py").write_text("import pathlib, open_clip\nopen_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
+    (site / "sitecustomize.py").write_text("import pathlib, open_clip\n"
+                                           "open_clip.add_model_config(pathlib.Path(__file__).parent / 'models')\n")
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{ROOT}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("mugcp.launch.slurm_sweep.POLL_S", 0.5)
@@ -71,7 +72,8 @@ def same_weights(first: Path, second: Path) -> bool:
     from safetensors.torch import load_file
 
     weights = [load_file(str(folder / "checkpoint" / "adapter_model.safetensors")) for folder in (first, second)]
-    return weights[0].keys() == weights[1].keys() and all((weights[0][key] == weights[1][key]).all() for key in weights[0])
+    return (weights[0].keys() == weights[1].keys()
+            and all((weights[0][key] == weights[1][key]).all() for key in weights[0]))
 
 
 def recorded(root: Path) -> dict:
@@ -89,19 +91,22 @@ def test_slurm_section_and_flags_make_the_options(tmp_path):
                        slurm={"partition": "gpu", "time": "1:30:00", "gpus-per-run": 1, "mem": "16G"})
     flags = Namespace(slurm_partition=None, slurm_time="20", slurm_cpus_per_run=4)
     options = sweep_options(load_sweep(path), flags)
-    assert (options.partition, options.time, options.gpus_per_run, options.mem, options.cpus_per_run) == ("gpu", 20, 1, "16G", 4)
+    assert ((options.partition, options.time, options.gpus_per_run, options.mem, options.cpus_per_run)
+            == ("gpu", 20, 1, "16G", 4))
     bad = write_sweep(tmp_path / "bad.yaml", **yaml.safe_load(sweep.path.read_text()), slurm={"gpus": 1})
-    with pytest.raises(SlurmError, match=rf"^{re.escape(str(bad))}: slurm: unknown key\(s\) gpus; valid keys: partition, time, gpus_per_run"):
+    with pytest.raises(SlurmError, match=rf"^{re.escape(str(bad))}: slurm: unknown key\(s\) gpus; "
+                                         r"valid keys: partition, time, gpus_per_run"):
         sweep_options(load_sweep(bad), Namespace())
 
 
 def test_without_slurm_the_launcher_says_so_in_one_line(tmp_path):
     sweep = grid(tmp_path, ["coop"], [1], data=tmp_path)
-    done = subprocess.run([sys.executable, "-m", "mugcp.sweep", str(sweep), "--launcher", "slurm"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, env=dict(os.environ, PATH=str(tmp_path / "nowhere")))
+    done = subprocess.run([sys.executable, "-m", "mugcp.sweep", str(sweep), "--launcher", "slurm"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PATH=str(tmp_path / "nowhere")))
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == ["error: --launcher slurm: sbatch not found: --launcher slurm runs where Slurm's commands "
-                                        "are on PATH (a cluster's login node)"]
+    assert done.stderr.splitlines() == ["error: --launcher slurm: sbatch not found: --launcher slurm runs where "
+                                        "Slurm's commands are on PATH (a cluster's login node)"]
 
 
 def test_launcher_flags_that_do_not_fit_are_parser_errors(tmp_path, capsys):
@@ -134,7 +139,8 @@ def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_clust
     assert sweep_main([str(sweep), "--root", str(cluster), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
     out = capsys.readouterr().out
     # All four are queued, running or finished already.
-    assert "slurm: nothing submitted: 4 already queued or running (left alone)" in out and not re.search("^submitted ", out, re.M)
+    assert ("slurm: nothing submitted: 4 already queued or running (left alone)" in out
+            and not re.search("^submitted ", out, re.M))
     assert "sweep done: 4 done" in out and (cluster / "report" / "results.md").is_file()
     for name in names:
         assert metrics_of(cluster / name) == metrics_of(local / name)
@@ -143,7 +149,8 @@ def test_a_sweep_on_slurm_gives_the_local_metrics_and_reruns_skip_it(slurm_clust
         assert re.search(rf"^{name}\s+{ids[name]}\s+done\s+\S", out, re.M)
     local_table = (local / "report" / "results.md").read_text()
     cluster_table = (cluster / "report" / "results.md").read_text()
-    accuracy = [table.split("\n## Cost")[0] for table in (cluster_table, local_table)]  # the times differ, the results not
+    # the times differ, the results not
+    accuracy = [table.split("\n## Cost")[0] for table in (cluster_table, local_table)]
     assert accuracy[0] == accuracy[1].replace(str(local), str(cluster)) and "## Cost" in cluster_table
 
     assert sweep_main([str(sweep), "--root", str(cluster), "--launcher", "slurm"]) == 0  # nothing left to do
@@ -162,7 +169,8 @@ def _until(condition, what: str, timeout: float = WAIT_S):
 
 
 @pytest.mark.slow  # 3 Slurm runs of 12 epochs: ~55 s measured at load 4-7
-def test_a_run_cancelled_mid_training_resumes_on_rerun_to_the_uninterrupted_weights(slurm_cluster, tmp_path, tiny_env, capsys):
+def test_a_run_cancelled_mid_training_resumes_on_rerun_to_the_uninterrupted_weights(slurm_cluster, tmp_path,
+                                                                                    tiny_env, capsys):
     sweep = grid(tmp_path, ["coop"], [1], **{"optim.epochs": 12})
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     for root in (stopped, whole):
@@ -172,7 +180,8 @@ def test_a_run_cancelled_mid_training_resumes_on_rerun_to_the_uninterrupted_weig
     _until(lambda: (run / "checkpoint" / "trainer_state.pt").is_file(), "the first epoch checkpoint")
     subprocess.run(["scancel", first], check=True)
     capsys.readouterr()
-    _until(lambda: sweep_main([str(sweep), "--root", str(stopped), "--status"]) == 1, "the run to end interrupted", timeout=60)
+    _until(lambda: sweep_main([str(sweep), "--root", str(stopped), "--status"]) == 1, "the run to end interrupted",
+           timeout=60)
     out = capsys.readouterr().out
     assert re.search(rf"^coop_dtd_k1_s1\s+{first}\s+interrupted\b", out, re.M), out
     assert not (run / "metrics.json").exists()
@@ -199,7 +208,8 @@ def test_a_failing_run_is_reported_by_status_and_resubmitted_by_a_rerun(slurm_cl
     assert sweep_main([*argv, "--status"]) == 1
     out = capsys.readouterr().out
     [failed] = [record["job_id"] for record in recorded(root).values()]
-    assert re.search(rf"^zsclip_dtd_k1_s1\s+{failed}\s+failed\s+error: .*{re.escape(str(tmp_path / 'data'))}", out, re.M), out
+    assert re.search(rf"^zsclip_dtd_k1_s1\s+{failed}\s+failed\s+error: .*{re.escape(str(tmp_path / 'data'))}",
+                     out, re.M), out
     assert "status: 1 failed" in out and not (root / "report").exists()
 
     make_coop_dataset(tmp_path, "dtd", CLASSES)  # the cause fixed: the data are there now
@@ -245,17 +255,21 @@ def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, t
         submitted = [out for out in outputs if f"submitted {name} (new) as Slurm job {jobs[name]['job_id']}" in out]
         assert len(submitted) == 1, outputs
         other = outputs[1 - outputs.index(submitted[0])]
-        assert re.search(rf"^queued {name} — (pending|running) as Slurm job {jobs[name]['job_id']}$", other, re.M), outputs
+        assert re.search(rf"^queued {name} — (pending|running) as Slurm job {jobs[name]['job_id']}$",
+                         other, re.M), outputs
     # A local sweep on the same root leaves the runs to their Slurm jobs (or finds them finished).
     launched = []
-    assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=lambda job, env, log: launched.append(job) or 0) == 0
+    assert sweep_main([str(sweep), "--root", str(root), "--no-progress"],
+                      launcher=lambda job, env, log: launched.append(job) or 0) == 0
     assert launched == []
     local = capsys.readouterr().out
     for seed in (1, 2):
         name = f"zsclip_dtd_k1_s{seed}"
-        assert re.search(rf"\] (elsewhere {name} — queued on Slurm: (pending|running) as job {jobs[name]['job_id']}|skipped {name})", local), local
+        assert re.search(rf"\] (elsewhere {name} — queued on Slurm: (pending|running) as job {jobs[name]['job_id']}"
+                         rf"|skipped {name})", local), local
     command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--launcher", "slurm"]
-    done = subprocess.run([*command, "--wait", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=tiny_env, timeout=WAIT_S)
+    done = subprocess.run([*command, "--wait", "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, env=tiny_env, timeout=WAIT_S)
     assert done.returncode == 0 and "sweep done: 2 done" in done.stdout, done.stdout + done.stderr
     for seed in (1, 2):
         run = root / f"zsclip_dtd_k1_s{seed}"
@@ -267,8 +281,9 @@ def test_two_concurrent_submissions_run_each_run_once(slurm_cluster, tmp_path, t
 def test_a_transfer_sweep_evaluates_each_target_after_its_training(slurm_cluster, tmp_path, tiny_env, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
-    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
-                        methods=["coop"], shots=[1], overrides={"data.root": str(data), **TINY, "data.protocol": "all"},
+    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"],
+                        seeds=[1], methods=["coop"], shots=[1],
+                        overrides={"data.root": str(data), **TINY, "data.protocol": "all"},
                         method_overrides={"coop": {"method.n_ctx": 2, "method.ctx_init": ""}})
     root = tmp_path / "runs"
     assert sweep_main([str(sweep), "--root", str(root), "--launcher", "slurm", "--wait", "--no-progress"]) == 0
@@ -276,7 +291,8 @@ def test_a_transfer_sweep_evaluates_each_target_after_its_training(slurm_cluster
     jobs = recorded(root)
     train, evaluation = jobs["coop_dtd_k1_s1"]["job_id"], jobs["coop_dtd_k1_s1/eval_eurosat"]["job_id"]
     assert f"submitted coop_dtd_k1_s1/eval_eurosat (new) as Slurm job {evaluation}" in out and evaluation != train
-    states = [json.loads((root / folder / "slurm_state.json").read_text()) for folder in ("coop_dtd_k1_s1", "coop_dtd_k1_s1/eval_eurosat")]
+    states = [json.loads((root / folder / "slurm_state.json").read_text())
+              for folder in ("coop_dtd_k1_s1", "coop_dtd_k1_s1/eval_eurosat")]
     assert states[1]["started"] >= states[0]["ended"]  # the evaluation waited for its training
     target = json.loads((root / "coop_dtd_k1_s1" / "eval_eurosat" / "metrics.json").read_text())
     assert target["dataset"] == "eurosat" and target["all"]["classes"] == 3

@@ -42,7 +42,8 @@ def _before_resume(record: dict, resume_step: int) -> bool:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl``, one line each, flushed as written (a crash loses at most the line in flight).
+    """Appends records to ``metrics.jsonl``, one line each, flushed as written (a crash loses at most the line in
+    flight).
 
     A fresh run starts the file empty. A resumed run keeps only what happened up to the step of its
     checkpoint (``resume_step``), so the steps it replays are not recorded twice; the evaluation at that
@@ -103,7 +104,8 @@ def plot_curves(records: list[dict], path: str | Path, size: tuple[int, int] = C
     series = curve_series(records)
     last_step = max((int(r.get("step", 0)) for r in records), default=0)
     plt, fig, axes = new_figure(size, ncols=3)
-    for ax, (panel, label) in zip(axes, (("loss", "loss"), ("lr", "learning rate"), ("accuracy", "evaluation accuracy %"))):
+    for ax, (panel, label) in zip(axes, (("loss", "loss"), ("lr", "learning rate"),
+                                         ("accuracy", "evaluation accuracy %"))):
         curves = series[panel]
         for name, (steps, values) in curves.items():
             style = {"marker": "o"} if panel == "accuracy" or len(steps) < 3 else {}

@@ -36,7 +36,8 @@ def learned_text_contexts(model) -> list[ContextVectors]:
     if isinstance(ctx, nn.Parameter):
         note = "shared part; each image adds the meta-net's shift" if getattr(model, "conditional", False) else ""
         if ctx.dim() == 3:  # class-specific CoOp / KgCoOp: one context per class
-            names = model.classnames if len(model.classnames) == ctx.shape[0] else [f"class {i}" for i in range(ctx.shape[0])]
+            names = (model.classnames if len(model.classnames) == ctx.shape[0]
+                     else [f"class {i}" for i in range(ctx.shape[0])])
             found += [ContextVectors("ctx", 0, ctx[i].detach(), group=names[i]) for i in range(ctx.shape[0])]
         else:
             found.append(ContextVectors("ctx", 0, ctx.detach(), note=note))
@@ -48,12 +49,15 @@ def learned_text_contexts(model) -> list[ContextVectors]:
         found += [ContextVectors("text_context", j, context[j].detach()) for j in range(context.shape[0])]
     semantic = getattr(model, "semantic_tokens", None)
     if isinstance(semantic, nn.Parameter):
-        found.append(ContextVectors("semantic_tokens", 0, semantic.detach(), note="learned stand-in for SCP (semantic_source=none)"))
+        found.append(ContextVectors("semantic_tokens", 0, semantic.detach(),
+                                    note="learned stand-in for SCP (semantic_source=none)"))
     return found
 
 
-def nearest_tokens(vectors: torch.Tensor, embeddings: torch.Tensor, k: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(distances (n, k), token ids (n, k))``, closest first, by Euclidean distance, in float64, over vocabulary chunks."""
+def nearest_tokens(vectors: torch.Tensor, embeddings: torch.Tensor, k: int,
+                   chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distances (n, k), token ids (n, k))``, closest first, by Euclidean distance, in float64, over vocabulary
+    chunks."""
     vectors = vectors.detach().to("cpu", torch.float64)
     k = min(k, embeddings.shape[0])
     best_d = torch.full((vectors.shape[0], 0), float("inf"), dtype=torch.float64)
@@ -76,7 +80,8 @@ def token_text(tokenizer, token_id: int) -> str:
         byte_decoder = getattr(tokenizer, "byte_decoder", None)
         if byte_decoder:
             raw = text
-            text = bytearray(byte_decoder.get(c, ord("?")) for c in text.replace("</w>", "")).decode("utf-8", errors="replace")
+            text = bytearray(byte_decoder.get(c, ord("?"))
+                             for c in text.replace("</w>", "")).decode("utf-8", errors="replace")
             if "\ufffd" in text:  # a piece of a multi-byte character: its BPE spelling says more than "�"
                 return raw
         else:
@@ -93,7 +98,8 @@ def nearest_words(model, k: int = 5, progress: bool = False) -> list[dict]:
     embeddings = clip.model.token_embedding.weight
     rows = []
     contexts = learned_text_contexts(model)
-    for context in tqdm(contexts, desc="nearest words", unit="layer", disable=not progress or len(contexts) < 2, leave=False):
+    for context in tqdm(contexts, desc="nearest words", unit="layer", disable=not progress or len(contexts) < 2,
+                        leave=False):
         distances, ids = nearest_tokens(context.vectors, embeddings, k)
         for position in range(context.vectors.shape[0]):
             rows.append({
@@ -112,7 +118,8 @@ def nearest_words_csv(rows: Sequence[dict]) -> str:
     writer.writerow(["parameter", "layer", "class", "position", "rank", "word", "token_id", "distance", "vector_norm"])
     for row in rows:
         for rank, (word, token, distance) in enumerate(zip(row["words"], row["token_ids"], row["distances"]), 1):
-            writer.writerow([row["parameter"], row["layer"], row["class"], row["position"], rank, word, token, f"{distance:.6f}", f"{row['norm']:.6f}"])
+            writer.writerow([row["parameter"], row["layer"], row["class"], row["position"], rank, word, token,
+                             f"{distance:.6f}", f"{row['norm']:.6f}"])
     return buffer.getvalue()
 
 
@@ -121,8 +128,9 @@ def nearest_words_markdown(rows: Sequence[dict], method: str) -> str:
         return f"# Nearest words\n\n{method} learns no text context vectors (nothing to show).\n"
     lines = ["# Nearest words of the learned context", "",
              f"Method {method}. For each learned context vector, the closest vocabulary tokens by Euclidean distance "
-             "in the token-embedding space (distance in brackets), as in CoOp's paper. Prompts of layers 1 and up enter "
-             "deeper layers' inputs, not the embedding table: their nearest words describe them, they do not decode them.", ""]
+             "in the token-embedding space (distance in brackets), as in CoOp's paper. Prompts of layers 1 and up "
+             "enter deeper layers' inputs, not the embedding table: their nearest words describe them, they do not "
+             "decode them.", ""]
     notes = sorted({r["note"] for r in rows if r["note"]})
     lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     with_class = any(r["class"] for r in rows)
@@ -130,8 +138,8 @@ def nearest_words_markdown(rows: Sequence[dict], method: str) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         words = ", ".join(f"{_escape(w)} ({d:.3f})" for w, d in zip(row["words"], row["distances"]))
-        cells = [row["parameter"], str(row["layer"]), *([_escape(row["class"])] if with_class else []), str(row["position"]),
-                 f"{row['norm']:.3f}", words]
+        cells = [row["parameter"], str(row["layer"]), *([_escape(row["class"])] if with_class else []),
+                 str(row["position"]), f"{row['norm']:.3f}", words]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

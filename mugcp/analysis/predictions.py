@@ -67,7 +67,8 @@ class PredictionRecorder:
 
     def add(self, keys: Sequence[str], labels: torch.Tensor, logits: torch.Tensor) -> None:
         if len(keys) != labels.numel() or logits.shape[0] != labels.numel():
-            raise ValueError(f"{len(keys)} keys, {labels.numel()} labels and {logits.shape[0]} logit rows in one batch.")
+            raise ValueError(f"{len(keys)} keys, {labels.numel()} labels and {logits.shape[0]} logit rows "
+                             "in one batch.")
         probs, indices = logits.detach().float().softmax(dim=-1).topk(self.top_k, dim=-1)
         self._keys.extend(str(k) for k in keys)
         self._labels.append(labels.detach().cpu().long())
@@ -92,7 +93,8 @@ def predictions_csv(result: SubsetPredictions) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["key", "label", "label_name", "predicted", "predicted_name", "correct",
                      *(f"{column}_{rank}" for rank in range(1, k + 1) for column in ("top", "prob"))])
-    for key, label, indices, probs in zip(result.keys, result.labels.tolist(), result.top_indices.tolist(), result.top_probs.tolist()):
+    for key, label, indices, probs in zip(result.keys, result.labels.tolist(), result.top_indices.tolist(),
+                                          result.top_probs.tolist()):
         cells = [key, label, names[label], indices[0], names[indices[0]], int(indices[0] == label)]
         for index, prob in zip(indices, probs):
             cells += [names[index], f"{prob:.6f}"]
@@ -110,7 +112,8 @@ def per_class_rows(result: SubsetPredictions, zero_shot: Optional[Sequence[Optio
                "accuracy": accuracy[index]}
         if zero_shot is not None:
             row["zeroshot_accuracy"] = zero_shot[index]
-            row["gain"] = None if accuracy[index] is None or zero_shot[index] is None else accuracy[index] - zero_shot[index]
+            row["gain"] = (None if accuracy[index] is None or zero_shot[index] is None
+                           else accuracy[index] - zero_shot[index])
         rows.append(row)
     return rows
 
@@ -121,7 +124,8 @@ def per_class_csv(rows: Sequence[dict]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row[c] is None else (f"{row[c]:.4f}" if isinstance(row[c], float) else row[c]) for c in columns])
+        writer.writerow(["" if row[c] is None else (f"{row[c]:.4f}" if isinstance(row[c], float) else row[c])
+                         for c in columns])
     return buffer.getvalue()
 
 

@@ -11,7 +11,8 @@ from mugcp.backbones.weights import PretrainedLoadError, build_open_clip_model, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipBackbone", "PretrainedLoadError", "load_clip", "normalize_model_name", "get_tokenizer", "quick_gelu_setting", "OPENAI_MEAN", "OPENAI_STD"]
+__all__ = ["ClipBackbone", "PretrainedLoadError", "load_clip", "normalize_model_name", "get_tokenizer",
+           "quick_gelu_setting", "OPENAI_MEAN", "OPENAI_STD"]
 
 
 def quick_gelu_setting(value) -> Optional[bool]:

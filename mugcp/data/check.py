@@ -50,10 +50,12 @@ class DataCheck:
 
     def table(self) -> str:
         header = ("split", "images", "classes", "missing", "unreadable")
-        rows = [header] + [(s.name, str(s.images), str(s.classes), str(s.missing), str(s.unreadable)) for s in self.splits]
+        rows = [header] + [(s.name, str(s.images), str(s.classes), str(s.missing), str(s.unreadable))
+                           for s in self.splits]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         return "\n".join(
-            "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+            "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths)))
             for row in rows
         )
 
@@ -173,7 +175,8 @@ def check_dataset(
             results = list(tqdm(pool.map(lambda key: _open(dataset, key), keys), total=len(keys), desc="opening images",
                                 unit="img", disable=not progress or len(keys) < 100))
     else:
-        results = [None if (path := dataset.file_of(key)) is None or path.is_file() else ("missing", str(path)) for key in keys]
+        results = [None if (path := dataset.file_of(key)) is None or path.is_file() else ("missing", str(path))
+                   for key in keys]
     bad = {key: result for key, result in zip(keys, results) if result is not None}
 
     check = DataCheck(dataset, [], unknown_keys=unknown, checked=len(keys))
@@ -203,12 +206,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help=f"dataset name: {', '.join(DATASET_NAMES)}")
     parser.add_argument("--root", help="data.root: the folder (or manifest) the dataset is read from")
-    parser.add_argument("--split-file", help="also check this split file: a run's splits.json, or a CoOp split_zhou_*.json")
-    parser.add_argument("--no-open", action="store_true", help="only check that the files exist (fast), do not decode them")
+    parser.add_argument("--split-file",
+                        help="also check this split file: a run's splits.json, or a CoOp split_zhou_*.json")
+    parser.add_argument("--no-open", action="store_true",
+                        help="only check that the files exist (fast), do not decode them")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-image-pixels", type=int, metavar="N",
-                        help="data.max_image_pixels: larger images count as unreadable (default: PIL's limit, 89,478,485)")
+                        help="data.max_image_pixels: larger images count as unreadable "
+                             "(default: PIL's limit, 89,478,485)")
     args = parser.parse_args(argv)
     if args.max_image_pixels is not None and args.max_image_pixels < 1:
         raise ConfigError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}.")

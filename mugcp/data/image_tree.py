@@ -30,7 +30,8 @@ def find_images(folder: Path, extensions: Collection[str]) -> list[Path]:
             folders[:] = []
             continue
         entered.add(identity)
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # in place: os.walk descends into these
+        # in place: os.walk descends into these
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
         here = Path(top)
         found += [here / name for name in files
                   if not name.startswith(".") and Path(name).suffix.lower() in extensions and (here / name).is_file()]

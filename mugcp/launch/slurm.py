@@ -110,8 +110,8 @@ class SlurmOptions:
 
     def __post_init__(self):
         self.time = parse_time_minutes(self.time)
-        for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1), ("nodes", 1), ("gpus_per_node", 0),
-                            ("tasks_per_node", 1)):
+        for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1), ("nodes", 1),
+                            ("gpus_per_node", 0), ("tasks_per_node", 1)):
             value = getattr(self, name)
             if value is None and name in ("cpus_per_run", "array_parallelism", "tasks_per_node"):
                 continue
@@ -174,7 +174,8 @@ _FLAG_HELP = {
     "array_parallelism": "at most this many runs at once [all]",
     "nodes": "nodes for one data-parallel run [1]",
     "gpus_per_node": "GPUs per node for one data-parallel run; one task per GPU [0]",
-    "tasks_per_node": "without GPUs: CPU processes (gloo) per node for one data-parallel run (needed when --slurm-gpus-per-node is 0)",
+    "tasks_per_node": "without GPUs: CPU processes (gloo) per node for one data-parallel run "
+                      "(needed when --slurm-gpus-per-node is 0)",
     "setup": "a shell line run in the job before the command (repeatable), e.g. 'module load cuda'",
 }
 
@@ -230,10 +231,10 @@ def _submit(executor, tasks: list) -> list[str]:
 
 
 def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.PathLike], options: SlurmOptions,
-                    name: str = "mugcp", log_folder: Optional[os.PathLike] = None, resume_args: Sequence[str] = ("--resume",),
-                    requeue: bool = True, resume_when: Optional[str] = None, max_requeues: int = 3,
-                    env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None,
-                    dependency: Optional[str] = None) -> list[str]:
+                    name: str = "mugcp", log_folder: Optional[os.PathLike] = None,
+                    resume_args: Sequence[str] = ("--resume",), requeue: bool = True, resume_when: Optional[str] = None,
+                    max_requeues: int = 3, env: Optional[Mapping[str, str]] = None,
+                    workdir: Optional[os.PathLike] = None, dependency: Optional[str] = None) -> list[str]:
     """One job array, one task per command, its output and state in its folder; returns the job ids in order.
 
     workdir: where the commands run [the current directory, as with sbatch and the local launcher, so
@@ -263,9 +264,9 @@ def submit_commands(commands: Sequence[Sequence[str]], folders: Sequence[os.Path
 
 def submit_distributed(command: Sequence[str], folder: os.PathLike, options: SlurmOptions, name: str = "mugcp-train",
                        tasks_per_node: Optional[int] = None, log_folder: Optional[os.PathLike] = None,
-                       resume_args: Sequence[str] = ("--resume",), requeue: bool = True, resume_when: Optional[str] = None,
-                       max_requeues: int = 3, env: Optional[Mapping[str, str]] = None,
-                       workdir: Optional[os.PathLike] = None) -> str:
+                       resume_args: Sequence[str] = ("--resume",), requeue: bool = True,
+                       resume_when: Optional[str] = None, max_requeues: int = 3,
+                       env: Optional[Mapping[str, str]] = None, workdir: Optional[os.PathLike] = None) -> str:
     """One data-parallel run: ``options.nodes`` nodes × one task per GPU (``gpus_per_node``; on CPUs,
     ``tasks_per_node`` gloo processes), each with torchrun's environment; returns the job id.
 
@@ -276,7 +277,8 @@ def submit_distributed(command: Sequence[str], folder: os.PathLike, options: Slu
         tasks_per_node = options.tasks_per_node
     per_node = tasks_per_node if tasks_per_node is not None else options.gpus_per_node
     if per_node < 1:
-        raise SlurmError("a distributed Slurm run needs --slurm-gpus-per-node >= 1, or --slurm-tasks-per-node for CPU processes (gloo).")
+        raise SlurmError("a distributed Slurm run needs --slurm-gpus-per-node >= 1, or --slurm-tasks-per-node for CPU "
+                         "processes (gloo).")
     if options.gpus_per_node and tasks_per_node not in (None, options.gpus_per_node):
         raise SlurmError(f"tasks_per_node={tasks_per_node} with gpus_per_node={options.gpus_per_node}: one task runs per GPU.")
     folder = Path(folder).resolve()

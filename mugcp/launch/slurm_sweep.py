@@ -195,7 +195,8 @@ def submit_sweep(jobs: list[Job], root: Path, options: SlurmOptions, name: str =
     if not root.exists():  # a refused first submission leaves no empty root behind
         with _root_removed_if_refused(root):
             return submit_sweep(jobs, root, options, name, say)
-    env = {"OMP_NUM_THREADS": str(options.cpus_per_run), "MKL_NUM_THREADS": str(options.cpus_per_run)} if options.cpus_per_run else {}
+    env = ({"OMP_NUM_THREADS": str(options.cpus_per_run), "MKL_NUM_THREADS": str(options.cpus_per_run)}
+           if options.cpus_per_run else {})
     with submission_lock(root):
         recorded = read_jobs(root)
         states = recorded_states(jobs, recorded)
@@ -203,8 +204,8 @@ def submit_sweep(jobs: list[Job], root: Path, options: SlurmOptions, name: str =
         ids: dict[str, str] = {name_: job_id for name_, (job_id, state) in states.items() if state in QUEUED}
 
         def send(batch: list[Job], after: Optional[str], resume_args: tuple) -> None:
-            new_ids = submit_commands([job.command(sys.executable) for job in batch], [job.folder for job in batch], options,
-                                      name=name, log_folder=root / SUBMITIT_DIR, resume_args=resume_args,
+            new_ids = submit_commands([job.command(sys.executable) for job in batch], [job.folder for job in batch],
+                                      options, name=name, log_folder=root / SUBMITIT_DIR, resume_args=resume_args,
                                       resume_when=CONFIG_FILE if resume_args else None, env=env,
                                       dependency=f"afterany:{after}" if after else None)
             for job, job_id in zip(batch, new_ids):
@@ -238,7 +239,8 @@ def _counts(jobs: list[Job]) -> dict:
 
 def describe_submission(counts: dict) -> str:
     order = ("submitted", "queued", "skipped", "elsewhere", "changed", "blocked")
-    words = {"queued": "already queued or running (left alone)", "skipped": "finished", "elsewhere": "running outside Slurm"}
+    words = {"queued": "already queued or running (left alone)", "skipped": "finished",
+             "elsewhere": "running outside Slurm"}
     return ", ".join(f"{counts[s]} {words.get(s, s)}" for s in order if counts.get(s))
 
 
@@ -276,7 +278,8 @@ def format_rows(rows: list[dict], width: int = 140) -> str:
     lines = [f"{'run':{name_width}}  {'Slurm job':{id_width}}  {'state':13}  last log line"]
     for row in rows:
         text = row["line"] if len(row["line"]) <= width else row["line"][:width - 1] + "…"
-        lines.append(f"{row['job'].name:{name_width}}  {row['job_id'] or '-':{id_width}}  {row['state']:13}  {text}".rstrip())
+        lines.append((f"{row['job'].name:{name_width}}  {row['job_id'] or '-':{id_width}}  {row['state']:13}  "
+                      f"{text}").rstrip())
     return "\n".join(lines)
 
 
@@ -369,7 +372,8 @@ def run_command(sweep, jobs: list[Job], root: Path, args) -> int:
     try:
         rows = follow(jobs, root, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("stopped following; the Slurm jobs keep running (--status shows them, scancel stops them).", file=sys.stderr)
+        print("stopped following; the Slurm jobs keep running (--status shows them, scancel stops them).",
+              file=sys.stderr)
         return 130
     print(format_rows(rows))
     print(f"sweep done: {summarise(rows)}")

@@ -30,7 +30,8 @@ from mugcp.runs.layout import SLURM_LOG_STEM, SLURM_RANK_LOG_STEM, SLURM_STATE_F
 STOP_GRACE_S = 30.0
 # A command that dies of one of these was stopped from outside (scancel, requeue, pre-emption, the
 # time limit), not by its own error: the run is "interrupted" and can resume.
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGCONT}
 
 
 class CommandFailed(RuntimeError):
@@ -141,13 +142,13 @@ class CommandTask:
         env = self.prepare_env()
         command = self.command_for()
         if rank == 0:
-            write_state(folder, job_id=job_id, state="running", returncode=None, restarts=self.restarts(), command=command,
-                        started=time.time())
+            write_state(folder, job_id=job_id, state="running", returncode=None, restarts=self.restarts(),
+                        command=command, started=time.time())
         stem = (SLURM_LOG_STEM if rank == 0 else SLURM_RANK_LOG_STEM).format(job_id=job_id, rank=rank)
         self._watch_for_stop()
         with open(folder / f"{stem}.out", "ab") as out, open(folder / f"{stem}.err", "ab") as err:
-            self._process = subprocess.Popen(command, cwd=self.workdir, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                             preexec_fn=_ignore_checkpoint_signal)
+            self._process = subprocess.Popen(command, cwd=self.workdir, stdout=out, stderr=err,
+                                             stdin=subprocess.DEVNULL, env=env, preexec_fn=_ignore_checkpoint_signal)
             # Polled, not Popen.wait(): a blocking wait holds Popen's lock while submitit's signal
             # handler (checkpoint) may need to stop the command.
             while (code := self._process.poll()) is None:

@@ -51,7 +51,8 @@ class CoOp(DecoupledPromptLearner):
     def __init__(self, clip, classnames, options, **kwargs):
         super().__init__(clip, classnames, options, **kwargs)
         rows = len(classnames) if options["class_specific"] else 1
-        vectors, self.prompt_prefix = init_context(clip, options["n_ctx"], options["ctx_init"], options["init_std"], rows)
+        vectors, self.prompt_prefix = init_context(clip, options["n_ctx"], options["ctx_init"],
+                                                   options["init_std"], rows)
         self.n_ctx = vectors.shape[1]
         self.ctx = nn.Parameter(vectors if options["class_specific"] else vectors[0])
         self.init_dept(classnames)
@@ -60,16 +61,19 @@ class CoOp(DecoupledPromptLearner):
     def build_class_inputs(self) -> None:
         if self.options["class_specific"] and self.ctx.shape[0] != len(self.classnames):
             raise ConfigError(
-                f"this CoOp has class-specific context for {self.ctx.shape[0]} classes, got {len(self.classnames)} class names; "
+                f"this CoOp has class-specific context for {self.ctx.shape[0]} classes, "
+                f"got {len(self.classnames)} class names; "
                 "class-specific prompts do not transfer to other classes (train with class_specific=false)."
             )
-        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, self.options["class_token_position"], self.prompt_prefix)
+        self.prompts = ClassPrompts(self.clip, self.classnames, self.n_ctx, self.options["class_token_position"],
+                                    self.prompt_prefix)
         self.prompts.to(self.clip.device)
 
     def compute_text_features(self) -> torch.Tensor:
         # Class-specific context differs per class: then only SOS is shared.
         shared = 1 if self.options["class_specific"] else self.prompts.shared_prefix
-        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx), shared_prefix=shared)
+        return self.clip.encode_text(self.prompts.tokens, embeddings=self.prompts.assemble(self.ctx),
+                                     shared_prefix=shared)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(images)

@@ -17,11 +17,13 @@ from mugcp.methods.templates import KGCOOP_DATASET_TEMPLATES, resolve_templates
 
 
 def released_kgcoop(state: dict, embed_dim: int) -> Mapping:
-    """Released KgCoOp: CoOp's shared ``ctx``; its ``meta_net`` / ``bias_vectors`` are built but never trained or used."""
+    """Released KgCoOp: CoOp's shared ``ctx``; its ``meta_net`` / ``bias_vectors`` are built but never trained or
+    used."""
     mapping = released_coop(state)
     mapping.options.pop("class_specific")
     if state["ctx"].dim() != 2:
-        raise ConfigError(f"ctx has shape {tuple(state['ctx'].shape)}; KgCoOp learns one shared context (n_ctx, width).")
+        raise ConfigError(f"ctx has shape {tuple(state['ctx'].shape)}; KgCoOp learns one shared context "
+                          "(n_ctx, width).")
     return mapping
 
 

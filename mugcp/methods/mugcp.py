@@ -5,8 +5,8 @@ the vision encoder runs first, and at every prompted layer j < J AMG lets the vi
 guide each other, giving the visual conditional prompts VCP^j and S^{j+1}; MPF writes
 ``[F^j(ctx_t^j) ; σ(g_v^j)⊙VCP^j]`` after the visual tokens. Layer 0 works on the tokens before
 ``ln_pre`` and its prompts are normalised by ``ln_pre`` with them: the paper follows MaPLe, and this is
-where MaPLe's released code puts its first vision prompts (``ClipBackbone`` does the placement). The text encoder then runs over B×C
-sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``mugcp.kernels.fuse_prompts``).
+where MaPLe's released code puts its first vision prompts (``ClipBackbone`` does the placement). The text encoder
+then runs over B×C sequences with ``[ctx_t^j ; σ(g_t^j)⊙S^j]`` at layer j (``mugcp.kernels.fuse_prompts``).
 
 Its semantic inputs (which source a run uses, captions encoded once by the frozen CLIP text encoder)
 are in :mod:`mugcp.methods.mugcp_semantics`; its layers (attention pooling, AMG) in
@@ -123,7 +123,8 @@ class MuGCP(PromptLearner):
         if self.semantic_source == "none":
             self.semantic_tokens = nn.Parameter(torch.randn(self.n_semantic, text_width) * std)
         else:
-            self.semantic_dim = vision_width if self.semantic_source == "clip" else self._mllm_feature_dim(options, text_width)
+            self.semantic_dim = (vision_width if self.semantic_source == "clip"
+                                 else self._mllm_feature_dim(options, text_width))
             self.pooling = AttentionPooling(
                 self.semantic_dim, text_width, self.n_semantic, options["pool_dim"], options["pool_heads"],
                 normalize_input=options["pool_normalize_input"], std=std,
@@ -166,7 +167,8 @@ class MuGCP(PromptLearner):
 
     # ----------------------------------------------------------------- SCP
     def initial_semantic(
-        self, batch: int, semantic: Optional[torch.Tensor], semantic_mask: Optional[torch.Tensor], frozen_tokens: Optional[torch.Tensor]
+        self, batch: int, semantic: Optional[torch.Tensor], semantic_mask: Optional[torch.Tensor],
+        frozen_tokens: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """S⁰ ``(B, n_s, d_t)`` from the configured source."""
         if self.semantic_source != "mllm" and semantic is not None:
@@ -186,10 +188,12 @@ class MuGCP(PromptLearner):
             )
         if semantic.dim() != 3 or semantic.shape[0] != batch or semantic.shape[2] != self.semantic_dim:
             raise ValueError(
-                f"mugcp: semantic features have shape {tuple(semantic.shape)}, expected ({batch}, T, {self.semantic_dim}) "
-                f"for {batch} images (semantic_dim={self.semantic_dim}, semantic_features={self.options['semantic_features']!r})."
+                f"mugcp: semantic features have shape {tuple(semantic.shape)}, "
+                f"expected ({batch}, T, {self.semantic_dim}) for {batch} images (semantic_dim={self.semantic_dim}, "
+                f"semantic_features={self.options['semantic_features']!r})."
             )
-        if semantic_mask is not None and (semantic_mask.dtype != torch.bool or tuple(semantic_mask.shape) != tuple(semantic.shape[:2])):
+        if semantic_mask is not None and (semantic_mask.dtype != torch.bool
+                                          or tuple(semantic_mask.shape) != tuple(semantic.shape[:2])):
             raise ValueError(
                 f"mugcp: semantic_mask must be a bool tensor of shape {tuple(semantic.shape[:2])} (True = real token), "
                 f"got {semantic_mask.dtype} {tuple(semantic_mask.shape)}."
@@ -209,7 +213,9 @@ class MuGCP(PromptLearner):
                 return x
             visual = x if layer == 0 else x[:, :-prompt_count]
             dtype = self.text_context.dtype
-            visual, visual_prompts, next_semantic = self.guidance[layer](visual.to(dtype), semantic_layers[layer], backend=self.kernels)
+            visual, visual_prompts, next_semantic = self.guidance[layer](
+                visual.to(dtype), semantic_layers[layer], backend=self.kernels
+            )
             if next_semantic is not None:
                 semantic_layers.append(next_semantic)
             context = self.coupling[layer](self.text_context[layer]).expand(x.shape[0], -1, -1)
@@ -262,7 +268,8 @@ class MuGCP(PromptLearner):
 
             # [SOS, ctx_t, S] are per image and shared by every class: the backbone runs them once per image.
             encoded = self.clip.encode_text(
-                tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build, shared_prefix=1 + self.n_ctx + self.n_semantic,
+                tokens[first : first + chunk.shape[0]], deep_prompts=hook, embeddings=build,
+                shared_prefix=1 + self.n_ctx + self.n_semantic,
                 length=length,
             )
             features.append(encoded.view(batch, chunk.shape[0], -1))
@@ -290,7 +297,8 @@ class MuGCP(PromptLearner):
         text_features = self.encode_text(semantic_layers)
         return image_features, text_features, frozen_features
 
-    def forward(self, images: torch.Tensor, semantic: Optional[torch.Tensor] = None, semantic_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, semantic: Optional[torch.Tensor] = None,
+                semantic_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         image_features, text_features, _ = self.encode(images, semantic, semantic_mask)
         return self.logits(image_features, text_features)
 
@@ -308,7 +316,8 @@ class MuGCP(PromptLearner):
         image_weight = self.options["image_consistency_weight"]
         logit_weight = self.options["logit_consistency_weight"]
         image_features, text_features, frozen_image = self.encode(
-            batch["images"], batch.get("semantic"), batch.get("semantic_mask"), frozen_image=bool(image_weight or logit_weight)
+            batch["images"], batch.get("semantic"), batch.get("semantic_mask"),
+            frozen_image=bool(image_weight or logit_weight)
         )
         logits = self.logits(image_features, text_features)
         loss = F.cross_entropy(logits, batch["labels"])
@@ -326,7 +335,9 @@ class MuGCP(PromptLearner):
             terms["image_consistency"] = float(term.detach())
         if logit_weight:
             zero_shot = self.logits(frozen_image, frozen_text)
-            term = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="batchmean", log_target=True)
+            term = F.kl_div(
+                F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="batchmean", log_target=True
+            )
             loss = loss + logit_weight * term
             terms["logit_consistency"] = float(term.detach())
         return loss, logits, terms

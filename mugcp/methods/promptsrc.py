@@ -19,7 +19,8 @@ from mugcp.methods.templates import resolve_templates
 def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     """Weights of epochs ``1..epochs`` under N(mean, std²), normalised to sum to 1 (float64)."""
     if epochs < 1 or std <= 0:
-        raise ConfigError(f"Gaussian prompt aggregation needs epochs >= 1 and gpa_std > 0, got epochs={epochs}, gpa_std={std}.")
+        raise ConfigError("Gaussian prompt aggregation needs epochs >= 1 and gpa_std > 0, "
+                          f"got epochs={epochs}, gpa_std={std}.")
     raw = [math.exp(-0.5 * ((epoch - mean) / std) ** 2) for epoch in range(1, epochs + 1)]
     total = sum(raw)
     if total == 0.0:  # every epoch is > ~38 std from the mean: fall back to the last epoch
@@ -45,7 +46,8 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     config="configs/methods/promptsrc.yaml",
     # PromptSRC's released prompt learner is IVLP's; its file also keeps a frozen zero-shot image encoder.
     released=ReleasedNames(lambda state, embed_dim: released_ivlp(state), dropped=("token_prefix", "token_suffix"),
-                           frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale", "prompt_learner.ZS_image_encoder."),
+                           frozen_prefixes=("image_encoder.", "text_encoder.", "logit_scale",
+                                            "prompt_learner.ZS_image_encoder."),
                            whole_model=True),
 )
 class PromptSRC(IVLP):
@@ -94,8 +96,10 @@ class PromptSRC(IVLP):
             F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot_logits, dim=-1), reduction="sum", log_target=True
         ) / logits.numel()
         options = self.options
-        loss = ce + options["text_loss_weight"] * text_l1 + options["image_loss_weight"] * image_l1 + options["logit_loss_weight"] * logit_kl
-        terms = {name: float(value.detach()) for name, value in (("ce", ce), ("text_l1", text_l1), ("image_l1", image_l1), ("logit_kl", logit_kl))}
+        loss = (ce + options["text_loss_weight"] * text_l1 + options["image_loss_weight"] * image_l1
+                + options["logit_loss_weight"] * logit_kl)
+        terms = {name: float(value.detach())
+                 for name, value in (("ce", ce), ("text_l1", text_l1), ("image_l1", image_l1), ("logit_kl", logit_kl))}
         return loss, logits, terms
 
     # ----------------------------------------------------------------- Gaussian prompt aggregation
@@ -106,7 +110,8 @@ class PromptSRC(IVLP):
         with torch.no_grad():
             for name, param in self.trainable_state_dict().items():
                 contribution = param.double() * weight
-                self._gpa_sums[name] = self._gpa_sums[name].to(param.device) + contribution if name in self._gpa_sums else contribution
+                self._gpa_sums[name] = (self._gpa_sums[name].to(param.device) + contribution
+                                        if name in self._gpa_sums else contribution)
             self._gpa_weight += weight
             if epoch == epochs:
                 self.load_gpa_average()
@@ -119,7 +124,8 @@ class PromptSRC(IVLP):
     def gpa_average(self) -> dict[str, torch.Tensor]:
         """The Gaussian-weighted mean of the parameters over the epochs seen so far."""
         if not self._gpa_sums or self._gpa_weight <= 0.0:
-            raise RuntimeError("no epoch has been aggregated yet (PromptSRC.on_epoch_end was never called with gpa on).")
+            raise RuntimeError("no epoch has been aggregated yet (PromptSRC.on_epoch_end was never called with "
+                               "gpa on).")
         return {name: total / self._gpa_weight for name, total in self._gpa_sums.items()}
 
     def load_gpa_average(self) -> None:
@@ -144,7 +150,8 @@ class PromptSRC(IVLP):
         if unknown or (sums and (set(sums) != trainable or "gpa.weight" not in tensors)):
             raise KeyError(
                 f"promptsrc checkpoint has an unusable prompt-aggregation state (unknown {unknown[:5]}, "
-                f"sums for {len(sums)} of {len(trainable)} parameters, weight {'present' if 'gpa.weight' in tensors else 'missing'})."
+                f"sums for {len(sums)} of {len(trainable)} parameters, "
+                f"weight {'present' if 'gpa.weight' in tensors else 'missing'})."
             )
         device = self.clip.device
         self._gpa_sums = {name: value.to(device=device, dtype=torch.float64) for name, value in sums.items()}

@@ -63,7 +63,8 @@ def indexed(state: dict, pattern: str) -> dict[int, str]:
 def consecutive(found: dict[int, str], first: int, what: str) -> list[str]:
     expected = list(range(first, first + len(found)))
     if sorted(found) != expected:
-        raise ConfigError(f"{what} exist for layers {sorted(found)}, expected consecutive layers from {first}; the file is incomplete.")
+        raise ConfigError(f"{what} exist for layers {sorted(found)}, expected consecutive layers from {first}; "
+                          "the file is incomplete.")
     return [found[i] for i in expected]
 
 
@@ -73,14 +74,16 @@ def require(state: dict, keys: list[str]) -> None:
         raise ConfigError(f"missing {missing}")
 
 
-def split_state(method: str, names: ReleasedNames, state: dict[str, torch.Tensor], embed_dim: int, path: Path) -> tuple[Mapping, list[str]]:
+def split_state(method: str, names: ReleasedNames, state: dict[str, torch.Tensor], embed_dim: int,
+                path: Path) -> tuple[Mapping, list[str]]:
     """Map the released tensors; everything else must be a known dropped or frozen key. Returns the
     mapping and the released keys left out."""
     # Accept either spelling of the prompt learner's keys (registered alone, or inside the whole model).
     if not names.whole_model:
         state = {key.removeprefix("prompt_learner."): value for key, value in state.items()}
     else:
-        state = {key if key.startswith(("prompt_learner.", "image_encoder.", "text_encoder.", "logit_scale")) else f"prompt_learner.{key}": value
+        state = {(key if key.startswith(("prompt_learner.", "image_encoder.", "text_encoder.", "logit_scale"))
+                  else f"prompt_learner.{key}"): value
                  for key, value in state.items()}
     non_tensors = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
     if non_tensors:
@@ -88,9 +91,11 @@ def split_state(method: str, names: ReleasedNames, state: dict[str, torch.Tensor
     try:
         mapping = names.mapper(state, embed_dim)
     except ConfigError as err:
-        raise ConfigError(f"{path} is not a released {method} checkpoint: {err}. Its state_dict keys: {sorted(state)[:12]}.") from None
+        raise ConfigError(f"{path} is not a released {method} checkpoint: {err}. "
+                          f"Its state_dict keys: {sorted(state)[:12]}.") from None
     dropped = {key for key in state if key.removeprefix("prompt_learner.") in names.dropped}
-    frozen = {key for key in state if names.frozen_prefixes and key.startswith(names.frozen_prefixes) and key not in mapping.used}
+    frozen = {key for key in state
+              if names.frozen_prefixes and key.startswith(names.frozen_prefixes) and key not in mapping.used}
     unfit = sorted(set(state) - mapping.used - dropped - frozen)
     if names.frozen_prefixes:
         unfit += sorted(key for key in frozen if "VPT" in key or "compound" in key)  # prompts of another method

@@ -131,5 +131,6 @@ def resolve_templates(choice, dataset: str | None, table: dict[str, str] = DATAS
     templates = [choice] if isinstance(choice, str) else list(choice)
     for template in templates:
         if "{}" not in template:
-            raise ConfigError(f"prompt template '{template}' has no '{{}}' where the class name goes (or use auto, ensemble, imagenet60).")
+            raise ConfigError(f"prompt template '{template}' has no '{{}}' where the class name goes "
+                              "(or use auto, ensemble, imagenet60).")
     return templates

@@ -99,7 +99,8 @@ def base2new_markdown(rows: list[dict]) -> str:
     for method in methods:
         mine = [r for r in rows if labels[id(r)] == method]
         base, new = mean([r["base"][0] for r in mine]), mean([r["new"][0] for r in mine])
-        lines.append(f"| {method} | {base:.2f} | {new:.2f} | {harmonic_mean(base, new):.2f} | {len(mine)} of {len(datasets)} |")
+        lines.append(f"| {method} | {base:.2f} | {new:.2f} | {harmonic_mean(base, new):.2f} | "
+                     f"{len(mine)} of {len(datasets)} |")
     for dataset in datasets:
         lines += ["", f"### {dataset}", "", "| method | base | new | HM of means | seeds |", "|---|---|---|---|---|"]
         for row in (r for r in rows if r["dataset"] == dataset):
@@ -130,7 +131,8 @@ def fewshot_markdown(rows: list[dict]) -> str:
     datasets = in_paper_order(r["dataset"] for r in rows)
     header = "| method | " + " | ".join(f"K={k}" for k in shots) + " |"
     rule = "|---|" + "---|" * len(shots)
-    lines = ["## Few-shot learning", "", "Accuracy (%) on all classes with K training images per class; mean ± std over seeds.",
+    lines = ["## Few-shot learning", "",
+             "Accuracy (%) on all classes with K training images per class; mean ± std over seeds.",
              "", f"### Average over {len(datasets)} datasets", "", header, rule]
     for method in methods:
         cells = []
@@ -157,10 +159,12 @@ def transfer_markdown(rows: list[dict], layout: str) -> str:
              "Accuracy (%) on the source dataset the prompts were trained on and on each target dataset (all classes, "
              "evaluated with mugcp.evaluate); mean ± std over seeds; Average = mean over the targets.", ""]
     for source in dict.fromkeys(r["source"] for r in rows):
-        lines += [f"| method | source: {source} | " + " | ".join(targets) + " | Average |", "|---|---|" + "---|" * (len(targets) + 1)]
+        lines += [f"| method | source: {source} | " + " | ".join(targets) + " | Average |",
+                  "|---|---|" + "---|" * (len(targets) + 1)]
         for row in (r for r in rows if r["source"] == source):
             present = [row["targets"][t][0] for t in targets if t in row["targets"]]
-            average = f"{mean(present):.2f}" if len(present) == len(targets) else (f"{mean(present):.2f} ({len(present)} of {len(targets)})" if present else "")
+            average = (f"{mean(present):.2f}" if len(present) == len(targets)
+                       else (f"{mean(present):.2f} ({len(present)} of {len(targets)})" if present else ""))
             lines.append(f"| {labels[id(row)]} | {_cell(row.get('source_acc'))} | "
                          + " | ".join(_cell(row["targets"].get(t)) for t in targets) + f" | {average} |")
         lines.append("")
@@ -170,9 +174,11 @@ def transfer_markdown(rows: list[dict], layout: str) -> str:
 def transfer_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "source", "shots", "backbone", "seeds", "pretrained", "dataset", "role", "mean", "std", "n"])
+    writer.writerow(["method", "source", "shots", "backbone", "seeds", "pretrained", "dataset", "role", "mean",
+                     "std", "n"])
     for row in rows:
-        common = [row["method"], row["source"], row["shots"], row["backbone"], " ".join(map(str, row["seeds"])), row["pretrained"]]
+        common = [row["method"], row["source"], row["shots"], row["backbone"], " ".join(map(str, row["seeds"])),
+                  row["pretrained"]]
         if "source_acc" in row:
             writer.writerow([*common, row["source"], "source", *row["source_acc"]])
         for target, stat in row["targets"].items():

@@ -34,7 +34,8 @@ class CheckpointError(UserError, ValueError):
     pass
 
 
-def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_state: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
+def save_checkpoint(folder: str | os.PathLike, model, run_config: dict, trainer_state: Optional[dict] = None,
+                    extra: Optional[dict] = None) -> Path:
     """Write the adapter (and optionally the trainer state) to ``folder`` atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Released checkpoints into ours: a Dassl file (``model.pth.tar-N``) → an adapter checkpoint folder.
 
 Reading is weights-only, in either of torch's file formats: objects of other classes in the file
-(Dassl's learning-rate schedulers) are read as inert stand-ins, so no code from the file runs. Which released tensor is which of ours is
-each method's own declaration (``ReleasedNames`` beside the method, see :mod:`mugcp.methods.released`).
+(Dassl's learning-rate schedulers) are read as inert stand-ins, so no code from the file runs. Which released
+tensor is which of ours is each method's own declaration (``ReleasedNames`` beside the method, see
+:mod:`mugcp.methods.released`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def read_dassl_file(path: Path) -> dict:
     content = read_weights_only(path, "a Dassl model.pth.tar-N file")
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
         found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
-        raise ConfigError(f"{path} is not a Dassl checkpoint: expected a dict with 'state_dict' (and 'epoch', 'optimizer'), found {found}.")
+        raise ConfigError(f"{path} is not a Dassl checkpoint: expected a dict with 'state_dict' "
+                          f"(and 'epoch', 'optimizer'), found {found}.")
     return content
 
 
@@ -54,11 +56,12 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
                           "--overwrite replaces only a "
                           "checkpoint folder: choose a new folder for --out.")
     if not overwrite:
-        raise ConfigError(f"--out {out} already holds a checkpoint: pass --overwrite to replace it, or choose another --out.")
+        raise ConfigError(f"--out {out} already holds a checkpoint: pass --overwrite to replace it, "
+                          "or choose another --out.")
 
 
-def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str = "openai", options: Optional[dict] = None,
-            overwrite: bool = False) -> tuple[Path, list[str]]:
+def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str = "openai",
+            options: Optional[dict] = None, overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write our checkpoint folder for a released Dassl checkpoint; returns the folder and the released
     keys left out (class-name buffers, frozen CLIP weights). An existing checkpoint folder ``out`` is
     replaced only with ``overwrite``; any other existing ``out`` is refused."""
@@ -68,18 +71,22 @@ def convert(method: str, backbone: str, source: Path, out: Path, pretrained: str
 
     known = methods_with_released_checkpoints()
     if method not in known:
-        raise ConfigError(f"--method '{method}' has no released checkpoints to convert; choose one of {', '.join(sorted(known))}.")
+        raise ConfigError(f"--method '{method}' has no released checkpoints to convert; "
+                          f"choose one of {', '.join(sorted(known))}.")
     check_out_folder(Path(out), overwrite)
     content = read_dassl_file(source)
     backbone = normalize_model_name(backbone)
     clip = load_clip(backbone, pretrained=None)  # only the architecture matters: no weights are read or written
     mapping, ignored = split_state(method, get_method(method).released, released_state(content), clip.embed_dim, source)
     given = dict(options or {})
-    clashes = {key: (given[key], value) for key, value in mapping.options.items() if key in given and given[key] != value}
+    clashes = {key: (given[key], value) for key, value in mapping.options.items()
+               if key in given and given[key] != value}
     if clashes:
-        raise ConfigError(f"--option values contradict the tensor shapes in {source}: " + ", ".join(f"{k}={a} (file: {b})" for k, (a, b) in clashes.items()))
+        raise ConfigError(f"--option values contradict the tensor shapes in {source}: "
+                          + ", ".join(f"{k}={a} (file: {b})" for k, (a, b) in clashes.items()))
     cfg = load_config(f"methods/{method}")
-    method_options = resolve_options(method, {**{k: v for k, v in cfg["method"].items() if k != "name"}, **given, **mapping.options}, "convert --option")
+    method_options = resolve_options(method, {**{k: v for k, v in cfg["method"].items() if k != "name"},
+                                              **given, **mapping.options}, "convert --option")
     torch.manual_seed(0)
     # Checkpoints hold no class names; a class-specific CoOp context needs one name per class row.
     count = mapping.tensors["ctx"].shape[0] if method == "coop" and mapping.options.get("class_specific") else 2

@@ -177,7 +177,8 @@ class RunFolder:
             shutil.rmtree(self.output, ignore_errors=True)  # still holding the lock: no one can have moved in
             self.close()
             if interrupted:
-                raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.", exit_code) from None
+                raise RunInterrupted(f"interrupted before the run started; {self.output} was removed.",
+                                     exit_code) from None
             return
         # A stop signal's interrupt says how it stopped (e.g. "stopped by SIGTERM after step 3"); Ctrl-C says nothing.
         what = (str(err) or "interrupted") if interrupted else f"failed: {type(err).__name__}: {err}"
@@ -272,12 +273,14 @@ def method_options(cfg: dict, semantic: SemanticContext) -> dict:
 
 
 def configure_text_path(clip, bucketing: bool, memory_mb) -> None:
-    """Apply ``model.text_bucketing`` and ``train.text_memory_mb`` (their values checked by the schema) to the backbone."""
+    """Apply ``model.text_bucketing`` and ``train.text_memory_mb`` (their values checked by the schema) to the
+    backbone."""
     clip.text_bucketing = bool(bucketing)
     clip.text_memory_mb = None if memory_mb in (None, "auto") else float(memory_mb)
 
 
-def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext, dataset_name: Optional[str] = None):
+def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, semantic: SemanticContext,
+                    dataset_name: Optional[str] = None):
     model_cfg = cfg["model"]
     clip = load_clip(
         model_cfg["backbone"], pretrained=model_cfg["pretrained"], device=device, attention=model_cfg["attention"],
@@ -286,6 +289,6 @@ def build_run_model(cfg: dict, classnames: Sequence[str], device: torch.device, 
     configure_text_path(clip, model_cfg["text_bucketing"], cfg["train"]["text_memory_mb"])
     semantic.clip = clip
     return create_model(
-        cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"], kernels=model_cfg["kernels"],
-        dataset=dataset_name, **method_options(cfg, semantic),
+        cfg["method"]["name"], classnames, backbone=clip, attention=model_cfg["attention"],
+        kernels=model_cfg["kernels"], dataset=dataset_name, **method_options(cfg, semantic),
     )

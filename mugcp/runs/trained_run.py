@@ -84,7 +84,8 @@ def run_classnames(checkpoint: Path) -> tuple[Optional[list[str]], Optional[list
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         train = list(data["train"]["classnames"])
-        everything = list(dict.fromkeys(train + [n for subset in data.get("eval", {}).values() for n in subset["classnames"]]))
+        everything = list(dict.fromkeys(train + [n for subset in data.get("eval", {}).values()
+                                                 for n in subset["classnames"]]))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(f"{path}: not a splits file written by mugcp ({type(err).__name__}: {err}).") from None
     return train, everything

@@ -44,7 +44,8 @@ class SemanticCache:
         manifest = read_manifest(self.path)
         if manifest is None:
             raise CacheError(
-                f"{self.path} has no {MANIFEST_FILE}, so it is not a semantic cache. Create it with `{hint(self.path)}`."
+                f"{self.path} has no {MANIFEST_FILE}, so it is not a semantic cache. "
+                f"Create it with `{hint(self.path)}`."
             )
         index_file = self.path / INDEX_FILE
         if not index_file.is_file():
@@ -133,4 +134,5 @@ class SemanticCache:
         return self._texts[key]
 
     def __repr__(self) -> str:
-        return f"SemanticCache({str(self.path)!r}, entries={len(self)}, dim={self.dim}, mllm={self.manifest.get('mllm')!r})"
+        return (f"SemanticCache({str(self.path)!r}, entries={len(self)}, dim={self.dim}, "
+                f"mllm={self.manifest.get('mllm')!r})")

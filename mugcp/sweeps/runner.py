@@ -44,7 +44,8 @@ def _interrupted_message(job: Job) -> str:
 
 def _last_error(log_path: Path) -> str:
     try:
-        lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip()]
     except OSError:
         return ""
     errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":")[0]]
@@ -229,7 +230,8 @@ class SweepRunner:
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
         if len(self.signals_seen) == 1:
-            _write_now(f"{name}: no new jobs; the running ones save their checkpoint and stop (send it again to kill them).")
+            _write_now(f"{name}: no new jobs; the running ones save their checkpoint and stop "
+                       "(send it again to kill them).")
             stop(signal.SIGINT)
         else:
             _write_now(f"{name} again: killing the running jobs.")
@@ -240,7 +242,8 @@ UNFINISHED = ("failed", "interrupted", "blocked", "changed", "elsewhere")
 
 
 def _claim(job: Job, root: Path) -> Optional[RunLock]:
-    """This sweep's hold on ``job`` (another sweep on the same root skips it), or None with the job marked ``elsewhere``."""
+    """This sweep's hold on ``job`` (another sweep on the same root skips it), or None with the job marked
+    ``elsewhere``."""
     claim = RunLock(root / SWEEP_CLAIMS_DIR, sweep_claim_file(job.name))
     try:
         return claim.acquire()

@@ -16,8 +16,8 @@ log = logging.getLogger("mugcp")
 
 
 @torch.no_grad()
-def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precision: str, semantic=None, progress: bool = True,
-             desc: str = "eval", recorder=None) -> dict:
+def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precision: str, semantic=None,
+             progress: bool = True, desc: str = "eval", recorder=None) -> dict:
     """Top-1 accuracy (percent) of ``model`` on ``items`` labelled over ``classnames``.
 
     ``recorder`` (a ``mugcp.analysis.predictions.PredictionRecorder``) receives every batch's keys, labels and logits.
@@ -26,8 +26,10 @@ def evaluate(model, items, classnames, dataset, data_cfg: dict, device, precisio
     model.eval()
     image_size = data_cfg["image_size"] or model.clip.image_size
     features = semantic.features_for(items) if semantic is not None else None
-    eval_set = ImageDataset(items, dataset, build_transform(image_size, train=False), on_bad_image=data_cfg["on_bad_image"], semantic=features)
-    loader = build_loader(eval_set, data_cfg["eval_batch_size"], train=False, seed=0, num_workers=data_cfg["num_workers"])
+    eval_set = ImageDataset(items, dataset, build_transform(image_size, train=False),
+                            on_bad_image=data_cfg["on_bad_image"], semantic=features)
+    loader = build_loader(eval_set, data_cfg["eval_batch_size"], train=False, seed=0,
+                          num_workers=data_cfg["num_workers"])
     correct = total = skipped = 0
     started = time.perf_counter()  # loading and decoding the images counts: it is part of what evaluation costs
     per_class_correct = torch.zeros(len(classnames), dtype=torch.long)
@@ -79,9 +81,11 @@ def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=
 
     metrics: dict = {}
     for name, (items, classnames) in splits.eval.items():
-        problem = learned_classes_problem(splits.train_classnames, classnames) if is_class_specific_model(model) else None
+        problem = (learned_classes_problem(splits.train_classnames, classnames) if is_class_specific_model(model)
+                   else None)
         if problem:
-            reason = f"class-specific prompts (method.class_specific=true) cannot score these classes: {problem}; {RETRAIN_HINT}"
+            reason = (f"class-specific prompts (method.class_specific=true) cannot score these classes: {problem}; "
+                      f"{RETRAIN_HINT}")
             log.info("%s: not evaluated: %s", name, reason)
             metrics.setdefault("not_evaluated", {})[name] = reason
             continue
@@ -89,14 +93,18 @@ def evaluate_subsets(model, splits, cfg: dict, device, precision: str, semantic=
         result = evaluate(model, items, classnames, splits.dataset, cfg["data"], device, precision, semantic,
                           progress=cfg["train"]["progress"], desc=f"eval {name}", recorder=recorder)
         metrics[name] = result
-        log.info("%s: accuracy %.2f%% (%d/%d images, %d classes)", name, result["accuracy"], result["correct"], result["total"], result["classes"])
+        log.info("%s: accuracy %.2f%% (%d/%d images, %d classes)", name, result["accuracy"], result["correct"],
+                 result["total"], result["classes"])
         if writer is not None:
             writer.add_scalar(f"eval/{name}_accuracy", result["accuracy"])
         if output is not None:
             zero_shot = None
             if cfg["data"].get("compare_zeroshot"):
-                zero_shot = zero_shot_predictions(model, items, classnames, splits.dataset, cfg, device, precision, name)
-                result["zeroshot_accuracy"] = round(100.0 * float((zero_shot.predicted == zero_shot.labels).float().mean()), 4)
+                zero_shot = zero_shot_predictions(model, items, classnames, splits.dataset, cfg, device,
+                                                  precision, name)
+                result["zeroshot_accuracy"] = round(
+                    100.0 * float((zero_shot.predicted == zero_shot.labels).float().mean()), 4
+                )
             write_subset_outputs(output, name, recorder.result(), zero_shot)
     if "base" in metrics and "new" in metrics:
         metrics["hm"] = round(harmonic_mean(metrics["base"]["accuracy"], metrics["new"]["accuracy"]), 4)
@@ -126,7 +134,8 @@ def zero_shot_predictions(model, items, classnames, dataset, cfg: dict, device, 
     from mugcp.analysis.predictions import PredictionRecorder
     from mugcp.methods import create_model
 
-    zero_shot = create_model("zsclip", classnames, backbone=model.clip, attention=model.clip.attention_backend, dataset=dataset.name)
+    zero_shot = create_model("zsclip", classnames, backbone=model.clip, attention=model.clip.attention_backend,
+                             dataset=dataset.name)
     recorder = PredictionRecorder(classnames)
     evaluate(zero_shot, items, classnames, dataset, cfg["data"], device, precision, progress=cfg["train"]["progress"],
              desc=f"zero-shot {name}", recorder=recorder)

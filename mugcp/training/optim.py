@@ -49,7 +49,8 @@ def build_optimizer(params, optim_cfg: dict) -> torch.optim.Optimizer:
         raise ValueError("this method has no trainable parameters; evaluate it with python -m mugcp.evaluate instead.")
     name = optim_cfg["name"].lower()
     if name == "sgd":
-        return torch.optim.SGD(params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"])
+        return torch.optim.SGD(params, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
+                               weight_decay=optim_cfg["weight_decay"])
     # adam: weight decay added to the gradient (L2, Dassl's "adam", TCP's released optimiser); adamw: decoupled.
     adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
     if adam is not None:
