@@ -30,7 +30,8 @@ with redirect_stdout(printed):
         status = 0
     except SystemExit as stop:
         status = stop.code
-heavy = sorted(name for name in ("torch", "torchvision", "open_clip", "transformers", "safetensors") if name in sys.modules)
+heavy = sorted(name for name in ("torch", "torchvision", "open_clip", "transformers", "safetensors")
+               if name in sys.modules)
 print(json.dumps({"status": status, "heavy": heavy, "help": printed.getvalue()}))
 """
 
