@@ -10,7 +10,8 @@ step (zsclip has nothing to train: forward only). Time: median of ``--steps`` st
 warm-up. Memory, in a fresh process per method so one method's allocations never count for
 another: the resident set size right after building the model and its peak during the steps
 (sampled every 2 ms), and the peak of tensor allocations within one step (torch profiler, as in
-``benchmarks/conftest.py``; allocator caching aside, the step's own working memory). Trainable parameters are counted on ``--params-backbone`` (ViT-B-16, random
+``benchmarks/conftest.py``; allocator caching aside, the step's own working memory). Trainable parameters are
+counted on ``--params-backbone`` (ViT-B-16, random
 weights: the published setting). The CPU load average is printed because other processes on a
 shared machine slow every number down.
 """
@@ -59,7 +60,8 @@ class PeakRss:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_mb())
             if self.limit_mb is not None and self.peak > self.limit_mb:
-                print(f"resident memory {self.peak:.0f} MB passed the limit of {self.limit_mb:.0f} MB: stopped", file=sys.stderr, flush=True)
+                print(f"resident memory {self.peak:.0f} MB passed the limit of {self.limit_mb:.0f} MB: stopped",
+                      file=sys.stderr, flush=True)
                 os._exit(RSS_LIMIT_EXIT)
             time.sleep(self.interval_s)
 
@@ -163,7 +165,8 @@ def count_parameters(methods: list[str], backbone: str) -> dict[str, int]:
     from mugcp.methods import create_model
 
     clip = load_clip(backbone, pretrained=None)
-    return {name: create_model(name, CLASSNAMES, backbone=clip, **method_options(name)).num_trainable_parameters() for name in methods}
+    return {name: create_model(name, CLASSNAMES, backbone=clip, **method_options(name)).num_trainable_parameters()
+            for name in methods}
 
 
 def main(argv=None) -> int:
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--params-backbone", default="ViT-B-16", help="backbone for the parameter counts ('none' to skip)")
+    parser.add_argument("--params-backbone", default="ViT-B-16",
+                        help="backbone for the parameter counts ('none' to skip)")
     parser.add_argument("--json", help="write all numbers to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
     args = parser.parse_args(argv)
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     results = []
     for name in args.methods:
-        command = [sys.executable, __file__, "--one", name, "--backbone", args.backbone, "--batch", str(args.batch), "--steps", str(args.steps)]
+        command = [sys.executable, __file__, "--one", name, "--backbone", args.backbone, "--batch", str(args.batch),
+                   "--steps", str(args.steps)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             print(done.stderr, file=sys.stderr)
@@ -194,19 +199,23 @@ def main(argv=None) -> int:
     counts = count_parameters(args.methods, args.params_backbone) if args.params_backbone.lower() != "none" else {}
     load_end = os.getloadavg()
 
-    print(f"\n{args.backbone} (random weights), fp32, B={args.batch}, {len(CLASSNAMES)} classes, median of {args.steps} steps; "
+    print(f"\n{args.backbone} (random weights), fp32, B={args.batch}, {len(CLASSNAMES)} classes, "
+          f"median of {args.steps} steps; "
           f"{describe_cpu()}; load average {load_start[0]:.1f} -> {load_end[0]:.1f}\n")
     params_header = f" trainable params ({args.params_backbone}) |" if counts else ""
-    print(f"| method | step | median s/step | RSS after build (MB) | peak RSS in steps (MB) | step allocation peak (MB) |{params_header}")
+    print("| method | step | median s/step | RSS after build (MB) | peak RSS in steps (MB) | "
+          f"step allocation peak (MB) |{params_header}")
     print("|---|---|---|---|---|---|" + ("---|" if counts else ""))
     for r in results:
         params = f" {counts[r['method']]:,} |" if counts else ""
-        print(f"| {r['method']} | {r['step']} | {r['median_step_s']:.2f} | {r['rss_after_build_mb']:.0f} | {r['peak_rss_mb']:.0f} "
+        print(f"| {r['method']} | {r['step']} | {r['median_step_s']:.2f} | {r['rss_after_build_mb']:.0f} "
+              f"| {r['peak_rss_mb']:.0f} "
               f"| {r['step_allocated_peak_mb']:.0f} |{params}")
     if args.json:
         from mugcp.utils import atomic_write_json
 
-        atomic_write_json(args.json, {"results": results, "trainable_parameters": counts, "params_backbone": args.params_backbone,
+        atomic_write_json(args.json, {"results": results, "trainable_parameters": counts,
+                                      "params_backbone": args.params_backbone,
                                       "load_average": [load_start, load_end], "cpu": describe_cpu()})
     return 0
 

@@ -41,7 +41,8 @@ def clip(device):
 
 
 def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False))
 
 
 @pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "full77"])
@@ -71,15 +72,17 @@ def test_text_encoder_over_bxc_sequences(run_benchmark, clip, device, backend, t
                 return clip.encode_text(tokens, embeddings=embeddings)
 
     try:
-        run_benchmark(run, rounds=5, work={"sequences": BATCH * CLASSES}, backbone=BACKBONE, batch=BATCH, classes=CLASSES,
-                      attention=backend, truncated=truncate, length=int(tokens.argmax(-1).max()) + 1 if truncate else 77)
+        run_benchmark(run, rounds=5, work={"sequences": BATCH * CLASSES}, backbone=BACKBONE, batch=BATCH,
+                      classes=CLASSES, attention=backend, truncated=truncate,
+                      length=int(tokens.argmax(-1).max()) + 1 if truncate else 77)
     finally:
         clip.attention_backend = "sdpa"
         clip.text_bucketing = True
 
 
 def kernel_backends():
-    marks = [] if ON_CUDA else [pytest.mark.skip(reason="Triton kernels are benchmarked on CUDA only (the CPU interpreter is not a speed path)")]
+    marks = [] if ON_CUDA else [pytest.mark.skip(reason="Triton kernels are benchmarked on CUDA only "
+                                                        "(the CPU interpreter is not a speed path)")]
     return ["reference", pytest.param("triton", marks=marks)]
 
 
@@ -87,7 +90,8 @@ def kernel_backends():
 @pytest.mark.parametrize("attention", attention_backends())
 def test_mugcp_training_step(run_benchmark, clip, device, attention, kernels):
     clip.attention_backend = attention
-    model = create_model("mugcp", CLASSNAMES, backbone=clip, attention=attention, kernels=kernels, semantic_source="none")
+    model = create_model("mugcp", CLASSNAMES, backbone=clip, attention=attention, kernels=kernels,
+                         semantic_source="none")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = {"images": torch.randn(BATCH if ON_CUDA else 2, 3, clip.image_size, clip.image_size, device=device),
              "labels": torch.arange(BATCH if ON_CUDA else 2, device=device) % CLASSES}

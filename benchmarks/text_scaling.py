@@ -143,16 +143,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 def ratio_table(rows: list[dict], reference: str) -> str:
     """Each measured row's step time and peak RSS over ``reference``'s at the same C and path (one run)."""
-    index = {(r["method"], r["classes"], r["path"]): r for r in rows if r.get("median_step_s") and not r.get("extrapolated")}
-    lines = [f"| method | C | path | s/step | peak RSS (GB) | time ÷ {reference} | RSS ÷ {reference} |", "|---|---:|---|---:|---:|---:|---:|"]
+    index = {(r["method"], r["classes"], r["path"]): r for r in rows
+             if r.get("median_step_s") and not r.get("extrapolated")}
+    lines = [f"| method | C | path | s/step | peak RSS (GB) | time ÷ {reference} | RSS ÷ {reference} |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         base = index.get((reference, r["classes"], r["path"]))
         if (r["method"], r["classes"], r["path"]) not in index or base is None:
             stopped = r.get("stopped", "not measured")
             lines.append(f"| {r['method']} | {r['classes']} | {r['path']} | {stopped} | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['classes']} | {r['path']} | {r['median_step_s']:.2f} | {r['peak_rss_mb'] / 1024:.2f} "
-                     f"| {r['median_step_s'] / base['median_step_s']:.2f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+        lines.append(f"| {r['method']} | {r['classes']} | {r['path']} | {r['median_step_s']:.2f} "
+                     f"| {r['peak_rss_mb'] / 1024:.2f} "
+                     f"| {r['median_step_s'] / base['median_step_s']:.2f} "
+                     f"| {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
     return "\n".join(lines)
 
 

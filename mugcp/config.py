@@ -81,7 +81,8 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "augment": True,
         "on_bad_image": "error",
-        # Images with more pixels are unreadable (a guard against decompression bombs); null: PIL's Image.MAX_IMAGE_PIXELS.
+        # Images with more pixels are unreadable (a guard against decompression bombs); null: PIL's
+        # Image.MAX_IMAGE_PIXELS.
         "max_image_pixels": None,
         "image_size": None,
         # Datasets without a val split (imagefolder, manifest, fashion_mnist) carve one from train,
@@ -263,7 +264,8 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 def variant_name(method: str, options: Mapping) -> str:
     """The name a run of ``method`` with ``options`` is reported under: ``coop+dept`` when ``dept`` is on."""
-    return method + "".join(f"{VARIANT_SEPARATOR}{suffix}" for suffix, option in METHOD_VARIANTS.items() if options.get(option))
+    return method + "".join(f"{VARIANT_SEPARATOR}{suffix}" for suffix, option in METHOD_VARIANTS.items()
+                            if options.get(option))
 
 
 def parse_overrides(items: Iterable[str]) -> dict:

@@ -108,17 +108,20 @@ def recipe_path(method: str, protocol: str) -> Path:
     if protocol not in RECIPE_PROTOCOLS:
         close = difflib.get_close_matches(str(protocol), RECIPE_PROTOCOLS, n=2, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"no released recipes for protocol '{protocol}'.{hint} Recipes exist for: {', '.join(RECIPE_PROTOCOLS)} "
+        raise ConfigError(f"no released recipes for protocol '{protocol}'.{hint} "
+                          f"Recipes exist for: {', '.join(RECIPE_PROTOCOLS)} "
                           "(a 'grid' sweep takes its settings from its own config and overrides).")
     methods = recipe_methods()
     if method not in methods:
         close = difflib.get_close_matches(str(method), methods, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"no recipes for method '{method}' under {RECIPE_DIR}.{hint} Methods with recipes: {', '.join(methods) or 'none'}.")
+        raise ConfigError(f"no recipes for method '{method}' under {RECIPE_DIR}.{hint} "
+                          f"Methods with recipes: {', '.join(methods) or 'none'}.")
     path = RECIPE_DIR / method / f"{protocol}.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: missing. Every method with recipes has one file per protocol "
-                          f"({', '.join(RECIPE_PROTOCOLS)}); add it, with released: false and a note if the authors released none.")
+                          f"({', '.join(RECIPE_PROTOCOLS)}); add it, with released: false and a note if the authors "
+                          "released none.")
     return path
 
 
@@ -164,11 +167,13 @@ def read_recipe_file(method: str, protocol: str) -> dict:
         if name in data and not isinstance(data[name], bool):
             raise ConfigError(f"{path}: '{name}' needs true or false, got {data[name]!r}.")
     eval_epoch = data.get("eval_epoch")
-    if eval_epoch is not None and eval_epoch != "last" and not (isinstance(eval_epoch, int) and not isinstance(eval_epoch, bool) and eval_epoch >= 1):
+    if eval_epoch is not None and eval_epoch != "last" and not (
+            isinstance(eval_epoch, int) and not isinstance(eval_epoch, bool) and eval_epoch >= 1):
         raise ConfigError(f"{path}: 'eval_epoch' needs a positive integer or 'last', got {eval_epoch!r}.")
     data["config"] = _check_overrides(data.get("config"), f"{path}: config")
     per_shots = data.get("per_shots") or {}
-    if not isinstance(per_shots, Mapping) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in per_shots):
+    if not isinstance(per_shots, Mapping) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                                     for k in per_shots):
         raise ConfigError(f"{path}: 'per_shots' needs a mapping from K (a positive integer) to overrides.")
     data["per_shots"] = {k: _check_overrides(v, f"{path}: per_shots.{k}") for k, v in per_shots.items()}
     per_dataset = data.get("per_dataset") or {}
@@ -176,7 +181,8 @@ def read_recipe_file(method: str, protocol: str) -> dict:
         raise ConfigError(f"{path}: 'per_dataset' needs a mapping from dataset name to overrides.")
     data["per_dataset"] = {str(k): _check_overrides(v, f"{path}: per_dataset.{k}") for k, v in per_dataset.items()}
     data["datasets"] = data.get("datasets")
-    if data["datasets"] is not None and not (isinstance(data["datasets"], list) and all(isinstance(d, str) for d in data["datasets"])):
+    if data["datasets"] is not None and not (isinstance(data["datasets"], list)
+                                             and all(isinstance(d, str) for d in data["datasets"])):
         raise ConfigError(f"{path}: 'datasets' needs a list of dataset names, got {data['datasets']!r}.")
     data["shots"] = _int_list(data.get("shots"), f"{path}: shots")
     data["path"] = path
@@ -190,7 +196,8 @@ def _resolved_file(method: str, protocol: str, seen: tuple = ()) -> dict:
     if not followed:
         return data
     if followed in (method, *seen):
-        raise ConfigError(f"{data['path']}: 'follows: {followed}' makes a cycle ({' -> '.join((*seen, method, followed))}).")
+        raise ConfigError(f"{data['path']}: 'follows: {followed}' makes a cycle "
+                          f"({' -> '.join((*seen, method, followed))}).")
     base = _resolved_file(followed, protocol, (*seen, method))
     out = dict(base)
     for key in ("released", "trains", "eval_epoch", "datasets", "shots", "note"):
@@ -231,15 +238,18 @@ def recipe_for(method: str, protocol: str, dataset: Optional[str] = None, shots:
     notes += [data["note"].strip()] if data.get("note") else []
     if released and dataset is not None and data["datasets"] is not None and dataset not in data["datasets"]:
         released = False
-        notes.append(f"the released scripts train on {', '.join(data['datasets'])} only; the same settings are used for {dataset}.")
+        notes.append(f"the released scripts train on {', '.join(data['datasets'])} only; "
+                     f"the same settings are used for {dataset}.")
     if released and shots is not None and data["shots"] is not None and shots not in data["shots"]:
         released = False
-        notes.append(f"the released scripts run K = {', '.join(map(str, data['shots']))} only; the same settings are used for K = {shots}.")
+        notes.append(f"the released scripts run K = {', '.join(map(str, data['shots']))} only; "
+                     f"the same settings are used for K = {shots}.")
     trains = bool(data.get("trains", True))
     return Recipe(
         method=method, protocol=protocol, dataset=dataset, shots=shots, overrides=overrides,
         sources=tuple(data.get("sources", ())), released=released, trains=trains,
-        eval_epoch=_eval_epoch(data, overrides, trains), path=data["path"], follows=data.get("follows"), note=" ".join(notes),
+        eval_epoch=_eval_epoch(data, overrides, trains), path=data["path"], follows=data.get("follows"),
+        note=" ".join(notes),
     )
 
 

@@ -82,13 +82,15 @@ def test_dataset_names_in_recipes_are_ours(method, protocol):
 def test_spot_values_from_the_released_scripts():
     maple = recipe_for("maple", "base2new", "dtd", 16)
     flat = maple.dotted()
-    assert (flat["optim.lr"], flat["optim.epochs"], flat["data.batch_size"], flat["method.depth"], flat["method.n_ctx"]) == (0.0035, 5, 4, 9, 2)
+    assert (flat["optim.lr"], flat["optim.epochs"], flat["data.batch_size"], flat["method.depth"],
+            flat["method.n_ctx"]) == (0.0035, 5, 4, 9, 2)
     assert maple.eval_epoch == 5 and maple.released
     xd = recipe_for("maple", "cross_dataset", "imagenet", 16).dotted()
     assert (xd["optim.lr"], xd["optim.epochs"], xd["method.depth"]) == (0.0026, 2, 3)
 
     cocoop = recipe_for("cocoop", "base2new", "eurosat", 16)
-    assert (cocoop.dotted()["optim.epochs"], cocoop.dotted()["data.batch_size"], cocoop.dotted()["method.n_ctx"], cocoop.eval_epoch) == (10, 1, 4, 10)
+    assert (cocoop.dotted()["optim.epochs"], cocoop.dotted()["data.batch_size"], cocoop.dotted()["method.n_ctx"],
+            cocoop.eval_epoch) == (10, 1, 4, 10)
 
     # CoOp few-shot: 50 epochs at 1 shot, 100 at 2 and 4, 200 at 8 and 16; ImageNet 50 at every K.
     for shots, epochs in {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}.items():
@@ -109,7 +111,8 @@ def test_spot_values_from_the_released_scripts():
     assert recipe_for("promptsrc", "fewshot", "dtd", 4).overrides["method"]["gpa_mean"] == 45.0
     assert recipe_for("promptsrc", "fewshot", "dtd", 4).overrides["method"]["gpa_std"] == 5.0
     src_xd = recipe_for("promptsrc", "cross_dataset", "imagenet", 16).dotted()
-    assert (src_xd["method.text_depth"], src_xd["method.gpa_mean"], src_xd["method.gpa_std"], src_xd["optim.epochs"]) == (3, 6.0, 10.0, 20)
+    assert (src_xd["method.text_depth"], src_xd["method.gpa_mean"], src_xd["method.gpa_std"],
+            src_xd["optim.epochs"]) == (3, 6.0, 10.0, 20)
 
     ivlp_xd = recipe_for("ivlp", "cross_dataset", "imagenet", 16).dotted()
     assert (ivlp_xd["method.n_ctx_text"], ivlp_xd["method.vision_depth"], ivlp_xd["optim.lr"]) == (2, 12, 0.0035)
@@ -125,7 +128,8 @@ def test_dept_variants_restate_the_released_elp_configs():
         for protocol in ("base2new", "cross_dataset", "domain_generalization"):
             recipe = recipe_for(method, protocol, "imagenet", 16)
             flat = recipe.dotted()
-            assert (flat["optim.lr"], flat["data.batch_size"], flat["optim.epochs"], recipe.eval_epoch) == (lr, batch, 10, 10)
+            assert (flat["optim.lr"], flat["data.batch_size"], flat["optim.epochs"],
+                    recipe.eval_epoch) == (lr, batch, 10, 10)
             assert (flat["method.n_ctx"], flat["method.ctx_init"]) == (n_ctx, ctx_init)
             assert (flat["method.dept"], flat["method.dept_weight"], flat["method.dept_lr_scale"]) == (True, 0.7, 6.5)
             assert recipe.released and "Koorye/DePT:configs.py" in recipe.sources
@@ -157,14 +161,16 @@ def test_mugcp_follows_maple(protocol):
 @pytest.mark.parametrize("method", list_methods() + list_variants())
 def test_domain_generalization_trains_the_cross_dataset_model(method):
     # Every released repository evaluates one ImageNet model on both transfer protocols.
-    xd, dg = recipe_for(method, "cross_dataset", "imagenet", 16), recipe_for(method, "domain_generalization", "imagenet", 16)
+    xd, dg = (recipe_for(method, "cross_dataset", "imagenet", 16),
+              recipe_for(method, "domain_generalization", "imagenet", 16))
     assert (xd.overrides, xd.eval_epoch, xd.released) == (dg.overrides, dg.eval_epoch, dg.released)
 
 
 def test_settings_the_authors_did_not_run_are_flagged():
     assert recipe_for("kgcoop", "fewshot", "dtd", 4).released
     off = recipe_for("kgcoop", "fewshot", "dtd", 16)
-    assert not off.released and "K = 4 only" in off.note and off.overrides == recipe_for("kgcoop", "fewshot", "dtd", 4).overrides
+    assert (not off.released and "K = 4 only" in off.note
+            and off.overrides == recipe_for("kgcoop", "fewshot", "dtd", 4).overrides)
     other_source = recipe_for("cocoop", "cross_dataset", "dtd", 16)
     assert not other_source.released and "train on imagenet only" in other_source.note
     unreleased = recipe_for("maple", "fewshot", "dtd", 16)
@@ -214,7 +220,8 @@ def test_follows_merges_over_the_followed_recipe_and_refuses_cycles(tmp_path, mo
     for method in ("coop", "kgcoop"):
         (tmp_path / method).mkdir()
     (tmp_path / "coop" / "base2new.yaml").write_text(GOOD + "per_shots: {1: {optim: {lr: 0.5}}}\n")
-    (tmp_path / "kgcoop" / "base2new.yaml").write_text("method: kgcoop\nprotocol: base2new\nfollows: coop\nconfig: {method: {kg_weight: 2.0}}\n")
+    (tmp_path / "kgcoop" / "base2new.yaml").write_text("method: kgcoop\nprotocol: base2new\nfollows: coop\n"
+                                                       "config: {method: {kg_weight: 2.0}}\n")
     recipe = recipe_for("kgcoop", "base2new", "dtd", 1)
     assert recipe.overrides == {"optim": {"epochs": 3, "lr": 0.5}, "method": {"kg_weight": 2.0}}
     assert recipe.sources == ("x/y:a.yaml",) and recipe.follows == "coop" and recipe.eval_epoch == 3
@@ -248,7 +255,8 @@ def test_docs_table_states_each_recipes_key_values():
                 assert re.search(r"(?<![\d.])" + re.escape(text) + r"(?![\d])", line), (method, protocol, text)
             assert ("not released" in line) == (not read_recipe_file(method, protocol).get("released", True))
         paths = [source.partition(":")[2] for source in recipe.sources]
-        named = [path for path in paths if path.startswith(("configs/trainers/", "KgCoOp/configs/trainers/"))] or paths[:1]
+        named = [path for path in paths
+                 if path.startswith(("configs/trainers/", "KgCoOp/configs/trainers/"))] or paths[:1]
         for path in named:
             assert Path(path).stem in line, (method, protocol, path)
 

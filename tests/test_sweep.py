@@ -21,8 +21,9 @@ from mugcp.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red_fox", "blue_whale", "snow_owl", "sand_cat"]
-TINY = {"model.pretrained": "none", "model.backbone": "ViT-B-32", "data.batch_size": 2, "data.eval_batch_size": 8, "data.max_eval_per_class": 1,
-        "optim.epochs": 2, "optim.warmup_epochs": 0, "train.progress": False, "train.tensorboard": False}
+TINY = {"model.pretrained": "none", "model.backbone": "ViT-B-32", "data.batch_size": 2, "data.eval_batch_size": 8,
+        "data.max_eval_per_class": 1, "optim.epochs": 2, "optim.warmup_epochs": 0, "train.progress": False,
+        "train.tensorboard": False}
 
 
 @pytest.fixture
@@ -64,7 +65,8 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     # 1. EuroSAT is not there yet: its 4 runs fail, named, and the others still run.
     assert sweep_main(argv, launcher=in_process) == 1
     out, err = capsys.readouterr()
-    assert re.search(r"\[5/8\] failed zsclip_eurosat_k1_s1 in [\d.]+s — exit 2: error: dataset 'eurosat': .*not found", out)
+    assert re.search(r"\[5/8\] failed zsclip_eurosat_k1_s1 in [\d.]+s — exit 2: "
+                     r"error: dataset 'eurosat': .*not found", out)
     assert "sweep done: 4 ok, 4 failed" in out and "4 job(s) did not finish" in err
     assert sorted(p.parent.name for p in root.glob("*/metrics.json")) == [
         "coop_dtd_k1_s1", "coop_dtd_k1_s2", "zsclip_dtd_k1_s1", "zsclip_dtd_k1_s2"]
@@ -84,7 +86,8 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     assert sweep_main(argv, launcher=in_process) == 130
     out, err = capsys.readouterr()
     assert ("[7/8] interrupted coop_eurosat_k1_s1 in" in out
-            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k1_s1' / 'checkpoint'}; a rerun resumes from it" in out)
+            and f"its last epoch checkpoint is in {root / 'coop_eurosat_k1_s1' / 'checkpoint'}; "
+                "a rerun resumes from it" in out)
     assert "4 skipped" in err and "1 not started" in err
     assert "rerun the same command to continue" in err
     interrupted = root / "coop_eurosat_k1_s1"
@@ -96,7 +99,8 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     assert sweep_main([*argv, "--dry-run"], launcher=in_process) == 0
     listing = capsys.readouterr().out
     assert listing.count(" done ") == 6
-    assert re.search(r"\[7/8\] resume\s+coop_eurosat_k1_s1\n\s+python -m mugcp.train --config methods/coop --resume --output "
+    assert re.search(r"\[7/8\] resume\s+coop_eurosat_k1_s1\n\s+"
+                     r"python -m mugcp.train --config methods/coop --resume --output "
                      + re.escape(str(interrupted)), listing)
     assert re.search(r"\[8/8\] new\s+coop_eurosat_k1_s2", listing)
     assert sweep_main(argv, launcher=in_process) == 0
@@ -105,7 +109,8 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
     assert metrics_of(root, "coop_eurosat_k1_s1")["steps"] == metrics_of(root, "coop_eurosat_k1_s2")["steps"] == 2
     assert "resumed from" in (interrupted / "log.txt").read_text()
 
-    # 4. The table: per dataset and method, base / new mean ± std over the two seeds, the HM of those means, and the average.
+    # 4. The table: per dataset and method, base / new mean ± std over the two seeds, the HM of those means, and the
+    # average.
     table = (root / "report" / "results.md").read_text()
     assert (root / "report" / "results.png").read_bytes()[:4] == b"\x89PNG"
     for dataset in ("dtd", "eurosat"):
@@ -128,8 +133,10 @@ def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, 
 def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, shared_clip, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     make_coop_dataset(tmp_path, "eurosat", CLASSES[:3])
-    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"], seeds=[1],
-                        methods=["coop"], shots=[1], overrides={"data.root": str(data), "method.n_ctx": 2, "method.ctx_init": "", **TINY, "optim.epochs": 1})
+    sweep = write_sweep(tmp_path / "transfer.yaml", protocol="cross_dataset", source="dtd", targets=["eurosat"],
+                        seeds=[1], methods=["coop"], shots=[1],
+                        overrides={"data.root": str(data), "method.n_ctx": 2, "method.ctx_init": "", **TINY,
+                                   "optim.epochs": 1})
     root = tmp_path / "runs"
     assert sweep_main([str(sweep), "--root", str(root), "--no-progress"], launcher=in_process) == 0
     source = metrics_of(root, "coop_dtd_k1_s1")
@@ -137,7 +144,8 @@ def test_cross_dataset_sweep_evaluates_each_target_and_tabulates_them(tmp_path, 
     assert source["protocol"] == "all" and target["dataset"] == "eurosat" and target["all"]["classes"] == 3
     table = (root / "report" / "results.md").read_text()
     assert "| method | source: dtd | eurosat | Average |" in table
-    assert (f"| coop (random weights) | {source['all']['accuracy']:.2f} ± 0.00 | {target['all']['accuracy']:.2f} ± 0.00 | "
+    assert (f"| coop (random weights) | {source['all']['accuracy']:.2f} ± 0.00 "
+            f"| {target['all']['accuracy']:.2f} ± 0.00 | "
             f"{target['all']['accuracy']:.2f} |") in table
 
 
@@ -145,16 +153,18 @@ def test_a_method_variant_sweeps_and_reports_under_its_own_name(tmp_path, shared
     # coop+dept: CoOp's config and DePT's recipe, the switch recorded in config.yaml, a row of its own in the report.
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     short = {"method.n_ctx": 2, "method.ctx_init": ""}
-    sweep = write_sweep(tmp_path / "dept.yaml", protocol="base2new", datasets=["dtd"], seeds=[1], methods=["coop", "coop+dept"],
-                        shots=[1], overrides={"data.root": str(data), **TINY, "optim.epochs": 1},
+    sweep = write_sweep(tmp_path / "dept.yaml", protocol="base2new", datasets=["dtd"], seeds=[1],
+                        methods=["coop", "coop+dept"], shots=[1],
+                        overrides={"data.root": str(data), **TINY, "optim.epochs": 1},
                         method_overrides={"coop": short, "coop+dept": short})
     jobs = plan(load_sweep(sweep), tmp_path / "runs")
     dept = jobs[1]
     assert (dept.name, dept.fields["method"], dept.args[:5]) == (
-        "coop+dept_dtd_k1_s1", "coop+dept", ["--config", "methods/coop", "--output", str(tmp_path / "runs" / "coop+dept_dtd_k1_s1"),
-                                             "method=coop+dept"])
+        "coop+dept_dtd_k1_s1", "coop+dept", ["--config", "methods/coop", "--output",
+                                             str(tmp_path / "runs" / "coop+dept_dtd_k1_s1"), "method=coop+dept"])
     assert dept.recipe.path.parent.name == "coop+dept" and dept.config["optim"]["lr"] == 0.0035
-    assert (dept.config["method"]["name"], dept.config["method"]["dept"], jobs[0].config["method"]["dept"]) == ("coop", True, False)
+    assert (dept.config["method"]["name"], dept.config["method"]["dept"],
+            jobs[0].config["method"]["dept"]) == ("coop", True, False)
     assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=in_process) == 0
     assert metrics_of(tmp_path / "runs", "coop+dept_dtd_k1_s1")["method"] == "coop+dept"
     assert metrics_of(tmp_path / "runs", "coop_dtd_k1_s1")["method"] == "coop"
@@ -168,7 +178,8 @@ def test_a_method_variant_sweeps_and_reports_under_its_own_name(tmp_path, shared
 
 def test_an_unknown_variant_names_the_known_ones(tmp_path):
     path = write_sweep(tmp_path / "bad.yaml", datasets=["dtd"], seeds=[1], methods=["ivlp+dept"], shots=[1])
-    with pytest.raises(ConfigError, match=r"unknown method 'ivlp\+dept'\. Did you mean: .*variants \(a method with a plug-in on\): "
+    with pytest.raises(ConfigError, match=r"unknown method 'ivlp\+dept'\. Did you mean: .*"
+                                          r"variants \(a method with a plug-in on\): "
                                           r"cocoop\+dept, coop\+dept, kgcoop\+dept, maple\+dept"):
         load_sweep(path)
 
@@ -178,7 +189,8 @@ def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2], methods=["zsclip"], shots=[1],
                         overrides={"data.root": str(data), "data.protocol": "all", **TINY})
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(tmp_path / "runs"), "--jobs", "2"],
+    result = subprocess.run([sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(tmp_path / "runs"),
+                             "--jobs", "2"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     for seed in (1, 2):
@@ -189,17 +201,21 @@ def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     assert "sweep done: 2 ok" in result.stdout
     accuracies = [metrics_of(tmp_path / "runs", f"zsclip_dtd_k1_s{seed}")["all"]["accuracy"] for seed in (1, 2)]
     cell = f"{statistics.fmean(accuracies):.2f} ± {statistics.stdev(accuracies):.2f}"
-    assert f"| dtd | zsclip (random weights) | all | 1 | ViT-B-32 | 1,2 | {cell} |" in (tmp_path / "runs" / "report" / "results.md").read_text()
+    assert (f"| dtd | zsclip (random weights) | all | 1 | ViT-B-32 | 1,2 | {cell} |"
+            in (tmp_path / "runs" / "report" / "results.md").read_text())
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"protocol": "base2novel", "methods": ["coop"]}, "protocol 'base2novel' is not one of base2new, fewshot, cross_dataset"),
+    ({"protocol": "base2novel", "methods": ["coop"]},
+     "protocol 'base2novel' is not one of base2new, fewshot, cross_dataset"),
     ({"datasets": ["dtd"], "methods": ["coop"], "seed": [1]}, "unknown sweep key(s) seed; allowed:"),
     ({"datasets": ["dtdd"], "methods": ["coop"]}, "unknown dataset 'dtdd'; known: imagenet,"),
     ({"datasets": ["dtd"], "methods": ["coopp"]}, "unknown method 'coopp'. Did you mean: coop, "),
     ({"datasets": ["dtd"]}, "'methods' is missing"),
-    ({"datasets": ["dtd"], "methods": ["coop"], "seeds": [1, 1]}, "'seeds' must be a non-empty list without repeats, got [1, 1]"),
-    ({"protocol": "cross_dataset", "datasets": ["dtd"], "methods": ["coop"]}, "protocol cross_dataset trains on 'source'"),
+    ({"datasets": ["dtd"], "methods": ["coop"], "seeds": [1, 1]},
+     "'seeds' must be a non-empty list without repeats, got [1, 1]"),
+    ({"protocol": "cross_dataset", "datasets": ["dtd"], "methods": ["coop"]},
+     "protocol cross_dataset trains on 'source'"),
     ({"datasets": ["dtd"], "methods": ["coop"], "overrides": {"data.root": "$MUGCP_UNSET_VAR/x"}},
      "uses $MUGCP_UNSET_VAR, which is not set; export MUGCP_UNSET_VAR=... before the sweep"),
     ({"datasets": ["dtd"], "methods": ["coop"], "config": "nowhere.yaml"}, "config 'nowhere.yaml' not found"),
@@ -217,13 +233,15 @@ def test_sweep_file_errors_name_the_key_and_what_is_allowed(tmp_path, fields, me
 
 def test_one_config_for_every_method_switches_method_on_the_command_line(tmp_path):
     (tmp_path / "base.yaml").write_text("optim:\n  epochs: 3\n")
-    path = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[4], methods=["coop", "maple"], shots=[8], config="base.yaml",
-                       overrides={"data.protocol": "fewshot", "method.n_ctx": 4, "semantic.cache": "caches/{dataset}-{method}-{seed}-{shots}"})
+    path = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[4], methods=["coop", "maple"], shots=[8],
+                       config="base.yaml",
+                       overrides={"data.protocol": "fewshot", "method.n_ctx": 4,
+                                  "semantic.cache": "caches/{dataset}-{method}-{seed}-{shots}"})
     jobs = plan(load_sweep(path), tmp_path / "runs")
     assert [job.command() for job in jobs][1] == [
-        "python", "-m", "mugcp.train", "--config", str(tmp_path / "base.yaml"), "--output", str(tmp_path / "runs" / "maple_dtd_k8_s4"),
-        "method=maple", "data.dataset=dtd", "data.shots=8", "train.seed=4", "data.protocol=fewshot", "method.n_ctx=4",
-        "semantic.cache=caches/dtd-maple-4-8"]
+        "python", "-m", "mugcp.train", "--config", str(tmp_path / "base.yaml"), "--output",
+        str(tmp_path / "runs" / "maple_dtd_k8_s4"), "method=maple", "data.dataset=dtd", "data.shots=8", "train.seed=4",
+        "data.protocol=fewshot", "method.n_ctx=4", "semantic.cache=caches/dtd-maple-4-8"]
     (tmp_path / "runs" / "coop_dtd_k8_s4" / "checkpoint").mkdir(parents=True)  # a checkpoint without trainer state
     assert [job.mode for job in plan(load_sweep(path), tmp_path / "runs")] == ["overwrite", "new"]
 
@@ -237,13 +255,16 @@ def test_published_protocols_plan_the_papers_runs(tmp_path, monkeypatch, name, r
     monkeypatch.setenv("DATA", str(tmp_path / "datasets"))
     sweep = load_sweep(name)
     jobs = plan(sweep, tmp_path / "runs")
-    assert sum(j.module == "mugcp.train" for j in jobs) == runs and sum(j.module == "mugcp.evaluate" for j in jobs) == evaluations
+    assert (sum(j.module == "mugcp.train" for j in jobs) == runs
+            and sum(j.module == "mugcp.evaluate" for j in jobs) == evaluations)
     assert len({j.folder for j in jobs}) == len(jobs)  # every run its own folder
-    assert sweep.seeds == [1, 2, 3] and all(f"data.root={tmp_path / 'datasets'}" in j.args for j in jobs if j.module == "mugcp.train")
+    assert sweep.seeds == [1, 2, 3] and all(f"data.root={tmp_path / 'datasets'}" in j.args for j in jobs
+                                            if j.module == "mugcp.train")
     mugcp = next(j for j in jobs if j.name.startswith("mugcp_") and j.module == "mugcp.train")
     assert f"semantic.cache=caches/{mugcp.name.split('_')[1]}" in mugcp.args
     if evaluations:
-        targets = {a.split("=")[1] for j in jobs if j.module == "mugcp.evaluate" for a in j.args if a.startswith("data.dataset=")}
+        targets = {a.split("=")[1] for j in jobs if j.module == "mugcp.evaluate" for a in j.args
+                   if a.startswith("data.dataset=")}
         assert targets == set(sweep.targets) and "imagenet" not in targets
 
 
@@ -254,13 +275,14 @@ def test_the_fewshot_sweep_runs_zero_shot_clip_once_per_dataset_and_seed(monkeyp
     jobs = [j for j in plan(load_sweep("fewshot"), tmp_path) if j.fields["method"] == "zsclip"]
     assert len(jobs) == 11 * 3 and {j.fields["shots"] for j in jobs} == {None}
     dtd = next(j for j in jobs if j.name == "zsclip_dtd_s1")
-    assert "data.shots=null" in dtd.args and dtd.config["data"]["shots"] is None and dtd.folder == tmp_path / "zsclip_dtd_s1"
+    assert ("data.shots=null" in dtd.args and dtd.config["data"]["shots"] is None
+            and dtd.folder == tmp_path / "zsclip_dtd_s1")
 
 
 def test_a_fewshot_sweeps_zero_shot_run_is_shown_at_every_k(tmp_path, shared_clip, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
-    sweep = write_sweep(tmp_path / "few.yaml", protocol="fewshot", datasets=["dtd"], seeds=[1], methods=["zsclip"], shots=[1, 2],
-                        overrides={"data.root": str(data), **TINY})
+    sweep = write_sweep(tmp_path / "few.yaml", protocol="fewshot", datasets=["dtd"], seeds=[1], methods=["zsclip"],
+                        shots=[1, 2], overrides={"data.root": str(data), **TINY})
     assert sweep_main([str(sweep), "--root", str(tmp_path / "runs"), "--no-progress"], launcher=in_process) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("zsclip")) == ["zsclip_dtd_s1"]
     metrics = metrics_of(tmp_path / "runs", "zsclip_dtd_s1")
@@ -273,7 +295,8 @@ def test_a_fewshot_sweeps_zero_shot_run_is_shown_at_every_k(tmp_path, shared_cli
     from mugcp.report import main as report_main
 
     capsys.readouterr()
-    assert report_main([str(tmp_path / "runs"), str(tmp_path / "coop"), "--out", str(tmp_path / "report"), "--layout", "fewshot"]) == 0
+    assert report_main([str(tmp_path / "runs"), str(tmp_path / "coop"), "--out", str(tmp_path / "report"),
+                        "--layout", "fewshot"]) == 0
     table = (tmp_path / "report" / "results.md").read_text()
     zero_shot = f"{metrics['all']['accuracy']:.2f}"
     assert "| method | K=1 | K=2 |" in table
@@ -294,8 +317,8 @@ def test_ctrl_c_stops_a_subprocess_sweep_and_the_same_command_continues_it(tmp_p
     command = [sys.executable, "-m", "mugcp.sweep", str(sweep), "--root", str(root), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     # Its own session, so the signal reaches the sweep and its runs like a terminal's Ctrl-C, and nothing else.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                               start_new_session=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=tmp_path, start_new_session=True)
     deadline = time.time() + 300
     while not (root / "logs" / "zsclip_dtd_k1_s2.txt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.1)
@@ -305,7 +328,8 @@ def test_ctrl_c_stops_a_subprocess_sweep_and_the_same_command_continues_it(tmp_p
     assert process.returncode == 130, out + err
     assert "[1/3] ok zsclip_dtd_k1_s1" in out and "[2/3] interrupted zsclip_dtd_k1_s2" in out
     assert "rerun the same command to continue" in err and "1 ok" in err and "1 not started" in err
-    assert "[2/3] interrupted zsclip_dtd_k1_s2 in" in out and "nothing to resume from yet; a rerun starts it again" in out
+    assert ("[2/3] interrupted zsclip_dtd_k1_s2 in" in out
+            and "nothing to resume from yet; a rerun starts it again" in out)
     assert not (root / "zsclip_dtd_k1_s2" / "metrics.json").exists()
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

@@ -28,7 +28,8 @@ class PromptLearner(nn.Module):
     #: batch entries (besides images) that ``forward`` accepts, e.g. ("semantic", "semantic_mask")
     batch_inputs: tuple[str, ...] = ()
 
-    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], options: dict, kernels: str = "reference", dataset: Optional[str] = None):
+    def __init__(self, clip: ClipBackbone, classnames: Sequence[str], options: dict, kernels: str = "reference",
+                 dataset: Optional[str] = None):
         super().__init__()
         self.clip = clip
         self.options = dict(options)
@@ -145,7 +146,8 @@ class PromptLearner(nn.Module):
                     )
                     if part
                 )
-                + ". Was it trained with other method options (n_ctx, depth...)? Use the checkpoint's adapter_config.json."
+                + ". Was it trained with other method options (n_ctx, depth...)? "
+                "Use the checkpoint's adapter_config.json."
             )
         with torch.no_grad():
             for name in given:

@@ -28,7 +28,8 @@ class MethodSpec:
     paper: str = ""
     conditions_on: str = ""
     config: str = ""  # file under configs/methods/ with the published defaults (a test keeps it equal to ``options``)
-    # How the released code's checkpoints name this method's tensors (methods/released.py); None: no released checkpoints.
+    # How the released code's checkpoints name this method's tensors (methods/released.py); None: no released
+    # checkpoints.
     released: Any = None
     # Checks options together (e.g. n_ctx against ctx_init); raises ConfigError in one line. None: no such rule.
     check: Optional[Callable[[dict], None]] = None
@@ -54,7 +55,8 @@ def register_method(name: str, options: Mapping[str, Option], paper: str = "", c
 
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
+            raise ValueError(f"method '{name}' is registered twice "
+                             f"({_REGISTRY[name].cls.__module__} and {cls.__module__}).")
         spec = MethodSpec(name, cls, dict(options), paper, conditions_on, config, released, check)
         cls.method_name = name
         cls.default_options = spec.defaults
@@ -110,7 +112,8 @@ def resolve_options(name: str, overrides: Mapping, source: str = "method options
             close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(
-                f"{source}: method '{name}' has no option '{key}'.{hint} Its options: {', '.join(sorted(options)) or 'none'}."
+                f"{source}: method '{name}' has no option '{key}'.{hint} "
+                f"Its options: {', '.join(sorted(options)) or 'none'}."
             )
         check_option(spec, key, value)
         options[key] = copy.deepcopy(value)

@@ -82,7 +82,8 @@ def _fill(value, fields: dict, where: str):
         raise ConfigError(f"{where}: '{value}': {err}.") from None
     unknown = names - set(fields)
     if unknown:
-        raise ConfigError(f"{where}: '{value}' uses {{{sorted(unknown)[0]}}}; placeholders are {', '.join('{' + p + '}' for p in PLACEHOLDERS)}.")
+        raise ConfigError(f"{where}: '{value}' uses {{{sorted(unknown)[0]}}}; "
+                          f"placeholders are {', '.join('{' + p + '}' for p in PLACEHOLDERS)}.")
     return expanded.format(**fields) if names else expanded
 
 
@@ -115,7 +116,8 @@ def shots_of(sweep: Sweep, method: str, dataset: str) -> list:
 
 
 def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
-    """Every job of the sweep in a stable order, each marked new / resume / overwrite / done / changed from what ``root`` holds.
+    """Every job of the sweep in a stable order, each marked new / resume / overwrite / done / changed from what
+    ``root`` holds.
 
     Each run's config merges, in order: the method's config (or the sweep's ``config``), the
     released recipe of its method, protocol, dataset and K, the sweep's ``overrides``, then its
@@ -134,7 +136,8 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
                 for seed in sweep.seeds:
                     fields = {"dataset": dataset, "method": method, "seed": seed, "shots": shots}
                     name = run_name(method, dataset, shots, seed)
-                    variant = VARIANT_SEPARATOR in method  # coop+dept: CoOp's config, then method=coop+dept sets the switch
+                    # coop+dept: CoOp's config, then method=coop+dept sets the switch
+                    variant = VARIANT_SEPARATOR in method
                     config = sweep.config or f"methods/{split_variant(method)[0]}"
                     overrides = [f"method={method}"] if sweep.config or variant else []
                     overrides += [f"data.dataset={dataset}", f"data.shots={_render(shots)}", f"train.seed={seed}"]
@@ -148,15 +151,17 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
                     overrides += _override_args(sweep.overrides, fields, f"{sweep.path}: overrides")
                     method_overrides = sweep.method_overrides.get(method, {})
                     overrides += _override_args(method_overrides, fields, f"{sweep.path}: method_overrides.{method}")
-                    origins = [("the sweep's grid", {"method": method, "data.dataset": dataset, "data.shots": shots, "train.seed": seed,
-                                                     "data.protocol": sweep.train_protocol}),
-                               (f"recipe {recipe.path}" if recipe else "recipe", recipe_overrides), ("overrides", sweep.overrides),
+                    origins = [("the sweep's grid", {"method": method, "data.dataset": dataset, "data.shots": shots,
+                                                     "train.seed": seed, "data.protocol": sweep.train_protocol}),
+                               (f"recipe {recipe.path}" if recipe else "recipe", recipe_overrides),
+                               ("overrides", sweep.overrides),
                                (f"method_overrides.{method}", method_overrides)]
                     resolved = resolve_run(config, overrides, origins, sweep.path)
                     folder, mode, changes, supersedes = _place(root, name, resolved, rerun_changed)
                     # --config comes first: command() puts --resume / --overwrite right after it.
-                    train_job = Job(name, folder, "mugcp.train", ["--config", config, "--output", str(folder), *overrides], mode=mode,
-                                    fields=fields, config=resolved, recipe=recipe, changes=changes, supersedes=supersedes)
+                    train_job = Job(name, folder, "mugcp.train",
+                                    ["--config", config, "--output", str(folder), *overrides], mode=mode, fields=fields,
+                                    config=resolved, recipe=recipe, changes=changes, supersedes=supersedes)
                     jobs.append(train_job)
                     for target in sweep.targets:
                         jobs.append(_evaluation(sweep, train_job, method, target, fields))
@@ -166,14 +171,16 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
 def _evaluation(sweep: Sweep, train_job: Job, method: str, target: str, fields: dict) -> Job:
     eval_folder = train_job.folder / f"{EVALUATION_DIR_PREFIX}{target}"
     eval_fields = dict(fields, dataset=target)
-    eval_args = ["--checkpoint", str(train_job.folder), "--output", str(eval_folder), f"data.dataset={target}", "data.protocol=all"]
+    eval_args = ["--checkpoint", str(train_job.folder), "--output", str(eval_folder), f"data.dataset={target}",
+                 "data.protocol=all"]
     eval_args += _override_args(sweep.eval_overrides, eval_fields, f"{sweep.path}: eval_overrides")
-    eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields, f"{sweep.path}: method_eval_overrides.{method}")
+    eval_args += _override_args(sweep.method_eval_overrides.get(method, {}), eval_fields,
+                                f"{sweep.path}: method_eval_overrides.{method}")
     finished = (eval_folder / FINAL_METRICS_FILE).is_file()
     # A finished evaluation of a run that trains again is stale: evaluate replaces it only when told (--overwrite).
     mode = ("done" if train_job.mode == "done" else "overwrite") if finished else "new"
-    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args, depends_on=train_job,
-               mode=mode, fields=eval_fields)
+    return Job(f"{train_job.name}/{EVALUATION_DIR_PREFIX}{target}", eval_folder, "mugcp.evaluate", eval_args,
+               depends_on=train_job, mode=mode, fields=eval_fields)
 
 
 def _place(root: Path, name: str, resolved: dict, rerun_changed: bool) -> tuple[Path, str, dict, Optional[Path]]:
@@ -227,13 +234,17 @@ def recipe_notes(jobs: list[Job], protocol: str) -> list[str]:
         if not base.released:
             notes.append(f"{method} ({protocol}): {base.note}")
             continue
-        datasets = sorted({job.fields["dataset"] for job in runs if not recipe_for(method, protocol, job.fields["dataset"]).released})
-        shots = sorted({job.fields["shots"] for job in runs if not recipe_for(method, protocol, None, job.fields["shots"]).released})
+        datasets = sorted({job.fields["dataset"] for job in runs
+                           if not recipe_for(method, protocol, job.fields["dataset"]).released})
+        shots = sorted({job.fields["shots"] for job in runs
+                        if not recipe_for(method, protocol, None, job.fields["shots"]).released})
         parts = []
         if datasets:
-            parts.append(f"The released scripts do not train on {', '.join(datasets)}; the same settings are used there.")
+            parts.append(f"The released scripts do not train on {', '.join(datasets)}; "
+                         "the same settings are used there.")
         if shots:
-            parts.append(f"The released scripts do not run K = {', '.join(map(str, shots))}; the same settings are used.")
+            parts.append(f"The released scripts do not run K = {', '.join(map(str, shots))}; "
+                         "the same settings are used.")
         notes.append(f"{method} ({protocol}): {' '.join(parts)}")
     return notes
 

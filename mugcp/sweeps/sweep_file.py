@@ -20,13 +20,15 @@ from mugcp.data.registry import IMAGENET_VARIANTS, STANDARD_DATASETS
 PROTOCOLS: dict[str, dict] = {
     "base2new": {"datasets": list(STANDARD_DATASETS), "shots": [16], "train_protocol": "base2new"},
     "fewshot": {"datasets": list(STANDARD_DATASETS), "shots": [1, 2, 4, 8, 16], "train_protocol": "all"},
-    "cross_dataset": {"source": "imagenet", "targets": list(STANDARD_DATASETS[1:]), "shots": [16], "train_protocol": "all"},
-    "domain_generalization": {"source": "imagenet", "targets": list(IMAGENET_VARIANTS), "shots": [16], "train_protocol": "all"},
+    "cross_dataset": {"source": "imagenet", "targets": list(STANDARD_DATASETS[1:]), "shots": [16],
+                      "train_protocol": "all"},
+    "domain_generalization": {"source": "imagenet", "targets": list(IMAGENET_VARIANTS), "shots": [16],
+                              "train_protocol": "all"},
     "grid": {"shots": [16], "train_protocol": None},  # data.protocol from the config / overrides
 }
 TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
-SWEEP_KEYS = {"protocol", "datasets", "source", "targets", "seeds", "methods", "shots", "config", "overrides", "method_overrides",
-              "eval_overrides", "method_eval_overrides", "recipes", "slurm"}
+SWEEP_KEYS = {"protocol", "datasets", "source", "targets", "seeds", "methods", "shots", "config", "overrides",
+              "method_overrides", "eval_overrides", "method_eval_overrides", "recipes", "slurm"}
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Sweep:
     method_eval_overrides: dict
     train_protocol: Optional[str] = None
     recipes: bool = True  # each run starts from its method's released recipe for the protocol (mugcp.recipes)
-    slurm: Optional[dict] = None  # the `slurm:` section as written; checked by --launcher slurm (experiments.slurm_sweep)
+    # the `slurm:` section as written; checked by --launcher slurm (experiments.slurm_sweep)
+    slurm: Optional[dict] = None
 
 
 def _as_list(value, key: str, where: str, kind=str) -> list:
@@ -66,7 +69,8 @@ def _as_overrides(value, key: str, where: str) -> dict:
         return {str(k): v for k, v in value.items()}
     if isinstance(value, list) and all(isinstance(item, str) and "=" in item for item in value):
         return {item.split("=", 1)[0]: parse_value(item.split("=", 1)[1]) for item in value}
-    raise ConfigError(f"{where}: '{key}' must map dotted keys to values (e.g. optim.lr: 0.01) or list key=value strings; got {value!r}.")
+    raise ConfigError(f"{where}: '{key}' must map dotted keys to values (e.g. optim.lr: 0.01) or list key=value "
+                      f"strings; got {value!r}.")
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
@@ -76,7 +80,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     where = str(path)
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown sweep key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SWEEP_KEYS))}.")
+        raise ConfigError(f"{where}: unknown sweep key(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(SWEEP_KEYS))}.")
     protocol = data.get("protocol", "grid")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"{where}: protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}.")
@@ -99,16 +104,17 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for key in ("method_overrides", "method_eval_overrides"):
         given = data.get(key) or {}
         if not isinstance(given, dict) or set(given) - set(methods):
-            raise ConfigError(f"{where}: '{key}' maps methods of this sweep ({', '.join(methods)}) to overrides; got {given!r}.")
+            raise ConfigError(f"{where}: '{key}' maps methods of this sweep ({', '.join(methods)}) to overrides; "
+                              f"got {given!r}.")
         per_method[key] = {m: _as_overrides(v, f"{key}.{m}", where) for m, v in given.items()}
     if not transfer and (data.get("eval_overrides") or data.get("method_eval_overrides")):
-        raise ConfigError(f"{where}: eval_overrides apply to the evaluations of the cross_dataset / domain_generalization "
-                          f"protocols; protocol {protocol} has none.")
+        raise ConfigError(f"{where}: eval_overrides apply to the evaluations of the cross_dataset / "
+                          f"domain_generalization protocols; protocol {protocol} has none.")
     config = _base_config(data.get("config"), path)
     recipes = data.get("recipes", True)
     if not isinstance(recipes, bool):
-        raise ConfigError(f"{where}: 'recipes' must be true (every run gets its method's released recipe for the protocol) "
-                          f"or false (the method configs as they are); got {recipes!r}.")
+        raise ConfigError(f"{where}: 'recipes' must be true (every run gets its method's released recipe for the "
+                          f"protocol) or false (the method configs as they are); got {recipes!r}.")
     return Sweep(
         path=path, protocol=protocol, datasets=datasets, targets=targets, seeds=seeds, methods=methods, shots=shots,
         config=config, overrides=_as_overrides(data.get("overrides"), "overrides", where),

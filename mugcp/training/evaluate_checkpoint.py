@@ -59,10 +59,13 @@ def evaluation_config(run_config: dict, config_path, overrides, method_options: 
     for key, value in flatten(update).items():
         spec = SCHEMA.get(key)
         training_only = spec is not None and spec.training_only
-        if (training_only or (key.startswith("method.") and key != "method.name")) and key in trained and value != trained[key]:
-            why = "it only affects training" if training_only else "the prompts were trained with the checkpoint's value"
+        if ((training_only or (key.startswith("method.") and key != "method.name")) and key in trained
+                and value != trained[key]):
+            why = ("it only affects training" if training_only
+                   else "the prompts were trained with the checkpoint's value")
             raise ConfigError(
-                f"evaluate cannot apply {key}={show_value(value)}: {why} (the checkpoint has {key}={show_value(trained[key])}). "
+                f"evaluate cannot apply {key}={show_value(value)}: {why} "
+                f"(the checkpoint has {key}={show_value(trained[key])}). "
                 f"Drop it, or train a new run with it."
             )
     return merge(base, update, "evaluation config", strict=False)
@@ -119,7 +122,8 @@ def _remove_earlier_evaluation(output: Path) -> None:
 def default_output(checkpoint_path: Path, cfg: dict) -> Path:
     """Beside the training's files, in a folder of its own: ``<run>/eval_<dataset>_<time>`` (``_2``... when
     another evaluation started in the same second)."""
-    folder = checkpoint_path.parent / f"{EVALUATION_DIR_PREFIX}{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = (checkpoint_path.parent
+              / f"{EVALUATION_DIR_PREFIX}{cfg['data']['dataset']}_{time.strftime('%Y%m%d-%H%M%S')}")
     taken = [folder] + [folder.with_name(f"{folder.name}_{n}") for n in range(2, 100)]
     return next((candidate for candidate in taken if not candidate.exists()), taken[-1])
 
@@ -148,7 +152,8 @@ def evaluate_checkpoint(checkpoint, config_path=None, overrides=(), output=None,
         precision = resolve_precision(cfg["train"]["precision"], device)
         splits = build_protocol(cfg["data"], int(cfg["train"]["seed"]))
         # Before the model is built: prompts learned per class are refused for other classes, not mis-scored.
-        check_checkpoint_classes(ckpt_path, ckpt_config, tensors, run_classnames(ckpt_path)[0], splits.eval, splits.dataset.name)
+        check_checkpoint_classes(ckpt_path, ckpt_config, tensors, run_classnames(ckpt_path)[0], splits.eval,
+                                 splits.dataset.name)
         semantic = resolve_semantics(cfg, splits.dataset)
         first_classes = next(iter(splits.eval.values()))[1]
         model = build_run_model(cfg, first_classes, device, semantic, dataset_name=splits.dataset.name)

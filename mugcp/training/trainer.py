@@ -80,7 +80,8 @@ def train(cfg: dict, output: str | Path, resume: bool = False, overwrite: bool =
         check_resume_folder(output)
     distributed = Distributed.from_env(resolve_device(cfg["train"]["device"]))
     try:
-        with RunFolder(output, resume, overwrite, main=distributed.is_main, note=lambda: _resume_note(output), replace=overwrite) as folder:
+        with RunFolder(output, resume, overwrite, main=distributed.is_main, note=lambda: _resume_note(output),
+                       replace=overwrite) as folder:
             return _train(cfg, output, resume, started, distributed, folder, stop or NeverStop())
     finally:
         distributed.close()
@@ -97,12 +98,13 @@ def _resume_note(output: Path) -> str:
     if state is None:
         return f"No checkpoint was saved yet, so nothing can be resumed; {resume} starts the training over."
     if state.get("batch"):
-        return (f"The checkpoint of step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']}) is kept in "
-                f"{checkpoint_dir}; continue with {resume}.")
+        return (f"The checkpoint of step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']}) "
+                f"is kept in {checkpoint_dir}; continue with {resume}.")
     return f"The checkpoint of epoch {state['epoch']} is kept in {checkpoint_dir}; continue with {resume}."
 
 
-def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder, stop) -> dict:
+def _train(cfg: dict, output: Path, resume: bool, started: float, distributed: Distributed, folder: RunFolder,
+           stop) -> dict:
     """Setup → epochs → steps → checkpoint → final metrics (rank 0 writes them; other ranks return ``{}``)."""
     setup = _set_up(cfg, output, distributed, folder)
     loop = TrainingLoop(setup, output, distributed, stop, resume)
@@ -148,7 +150,8 @@ def _set_up(cfg: dict, output: Path, distributed: Distributed, folder: RunFolder
     splits = build_protocol(data_cfg, seed)
     if main:
         save_splits(splits, output / SPLITS_FILE)
-    log.info("data: %s; train %d images of %d classes", splits.dataset.summary(), len(splits.train), len(splits.train_classnames))
+    log.info("data: %s; train %d images of %d classes", splits.dataset.summary(), len(splits.train),
+             len(splits.train_classnames))
 
     semantic = resolve_semantics(cfg, splits.dataset)
     model = build_run_model(cfg, splits.train_classnames, device, semantic, dataset_name=splits.dataset.name)
@@ -158,7 +161,8 @@ def _set_up(cfg: dict, output: Path, distributed: Distributed, folder: RunFolder
     folder.started = True
     log.info(
         "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
-        model.variant_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision,
+        model.variant_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(),
+        device, precision,
     )
     image_size = data_cfg["image_size"] or model.clip.image_size
     train_set = ImageDataset(
@@ -227,8 +231,8 @@ class TrainingLoop:
         loader = distributed.shard(loader)
         self.model.train()
         shown = progress_wanted(setup.cfg["train"]["progress"]) and distributed.is_main
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs_run}", total=min(len(loader), self.total_steps - self.step),
-                   unit="batch", disable=not shown, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs_run}",
+                   total=min(len(loader), self.total_steps - self.step), unit="batch", disable=not shown, leave=False)
         for batch_index, batch in enumerate(bar, start=start_batch):
             if self.step >= self.total_steps:
                 break
@@ -363,7 +367,8 @@ def _stop_signal(stop) -> signal.Signals:
     return signal.Signals(stop.received or signal.SIGTERM)
 
 
-def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path, steps_per_epoch: int) -> tuple[int, int, list | None]:
+def _restore(model, optimizer, scheduler, scaler, checkpoint_dir: Path,
+             steps_per_epoch: int) -> tuple[int, int, list | None]:
     state = read_trainer_state(checkpoint_dir)
     if state is None:
         raise FileNotFoundError(f"--resume: {checkpoint_dir} holds no {TRAINER_STATE_FILE} to resume from.")
