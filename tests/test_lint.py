@@ -1,5 +1,5 @@
-"""ruff's rules hold over the repository, and the list of files still allowed lines over 120 characters
-(ruff.toml's per-file ignores, written when ruff was configured) only shrinks."""
+"""ruff's rules hold over the whole repository with no file exempted: lines fit in 120 characters everywhere
+(the per-file allowance written when ruff was configured, 134 files, is gone)."""
 from __future__ import annotations
 
 import shutil
@@ -15,25 +15,17 @@ pytestmark = pytest.mark.skipif(RUFF is None, reason="ruff is not installed (pip
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 
-def long_line_files() -> dict[str, list[str]]:
-    return tomllib.loads((ROOT / "ruff.toml").read_text(encoding="utf-8"))["lint"]["per-file-ignores"]
-
-
 def test_ruff_passes_on_the_repository():
     done = subprocess.run([RUFF, "check", "--no-cache", "--output-format", "concise", "."], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_long_line_allowance_names_only_files_that_still_need_it():
-    """A file whose lines all fit leaves the list (so it stays checked); only E501 is ever waived."""
-    allowed = long_line_files()
-    assert allowed and all(rules == ["E501"] for rules in allowed.values())
-    fitting = [name for name in allowed
-               if all(len(line) <= 120 for line in (ROOT / name).read_text(encoding="utf-8").splitlines())]
-    assert fitting == [], f"wrapped already: remove from ruff.toml's per-file-ignores: {fitting}"
-
-
-def test_no_new_file_joins_the_long_line_allowance():
-    """The allowance was written once (2026-12-05, 134 files); it may shrink, never grow."""
-    assert len(long_line_files()) <= 134
+def test_no_file_is_exempt_and_lines_fit_in_120_characters():
+    lint = tomllib.loads((ROOT / "ruff.toml").read_text(encoding="utf-8"))["lint"]
+    assert "per-file-ignores" not in lint and "E501" not in lint.get("ignore", [])
+    assert tomllib.loads((ROOT / "ruff.toml").read_text(encoding="utf-8"))["line-length"] == 120
+    done = subprocess.run([RUFF, "check", "--no-cache", "--isolated", "--select", "E501", "--line-length", "120",
+                           "--exclude", ".venv,build", "--output-format", "concise", "."],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
