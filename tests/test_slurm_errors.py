@@ -67,7 +67,7 @@ def test_a_bad_slurm_section_fails_dry_run_in_one_line(tmp_path, capsys, section
 
 
 @needs_slurm_commands
-@pytest.mark.parametrize("conf", [None, "dead"])
+@pytest.mark.parametrize("conf", [None, pytest.param("dead", marks=pytest.mark.slow)])  # dead: ~9 s of sbatch retries
 def test_without_a_reachable_controller_sbatch_is_said_once_with_the_fix_and_nothing_is_left(tmp_path, capsys,
                                                                                              monkeypatch, conf):
     if conf is None:

@@ -54,6 +54,7 @@ def metrics_of(root, name):
     return json.loads((root / name / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # ~12 s: eight tiny runs, one interrupted and resumed
 def test_tiny_base2new_sweep_fails_is_interrupted_resumes_and_reports(tmp_path, shared_clip, monkeypatch, capsys):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "tiny.yaml", protocol="base2new", datasets=["dtd", "eurosat"], seeds=[1, 2],
@@ -184,6 +185,7 @@ def test_an_unknown_variant_names_the_known_ones(tmp_path):
         load_sweep(path)
 
 
+@pytest.mark.slow  # ~14 s: two sweep subprocesses, each loading torch and a CLIP
 def test_parallel_jobs_run_as_subprocesses_with_progress_lines(tmp_path):
     data = make_coop_dataset(tmp_path, "dtd", CLASSES)
     sweep = write_sweep(tmp_path / "grid.yaml", datasets=["dtd"], seeds=[1, 2], methods=["zsclip"], shots=[1],

@@ -305,6 +305,7 @@ def test_config_keys_reach_the_backbone_and_bad_values_are_named(vit_b32):
             check_values(cfg)
 
 
+@pytest.mark.slow  # ~11 s: memory-profiled passes of both text paths
 def test_memory_of_the_bxc_text_pass_follows_the_budget_in_training_and_evaluation(vit_b32):
     from benchmarks.conftest import peak_memory_bytes  # the profiler's allocation peak, as the benchmarks measure it
 
