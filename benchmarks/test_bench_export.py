@@ -9,7 +9,7 @@ classes. Each test exports the model once, then times onnxruntime (the benchmark
 on the same batch in the same process, alternating within each round (the benchmark's own time is
 the round), and records both images/s at the median time, their ratio, and the peak memory of one
 more call of each. Both use the
-same number of threads (torch's). The default batches (1 and 8) keep the suite to a few minutes on
+same number of threads (torch's). The default batch (1) keeps the suite to a few minutes on
 a small CI machine; batch 32 is the environment variable above.
 
 Peak memory is the peak resident set (``VmHWM``) of a fresh process per runtime that loads the
