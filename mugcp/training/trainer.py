@@ -159,11 +159,8 @@ def _set_up(cfg: dict, output: Path, distributed: Distributed, folder: RunFolder
     if main:
         dump_config(cfg, output / CONFIG_FILE)
     folder.started = True
-    log.info(
-        "method %s on %s (%s weights): %d trainable parameters; device %s, precision %s",
-        model.variant_name, model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(),
-        device, precision,
-    )
+    log.info("method %s on %s (%s weights): %d trainable parameters; device %s, precision %s", model.variant_name,
+             model.clip.name, model.clip.pretrained or "RANDOM", model.num_trainable_parameters(), device, precision)
     image_size = data_cfg["image_size"] or model.clip.image_size
     train_set = ImageDataset(
         splits.train, splits.dataset, build_transform(image_size, train=True, augment=data_cfg["augment"]),
