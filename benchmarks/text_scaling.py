@@ -176,7 +176,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                             key=lambda r: r["classes"])
             if not points:
                 continue
-            colour = f"C{METHODS.index(method) % 10}"
+            colour = plt.get_cmap("tab20")(METHODS.index(method) % 20)  # 12 methods: more than the 10 C0..C9
             for axis, key, scale in ((axes[0], "median_step_s", 1), (axes[1], "peak_rss_mb", 1024)):
                 xs, ys = [r["classes"] for r in points], [r[key] / scale for r in points]
                 axis.plot(xs, ys, style, color=colour, marker="o", label=f"{method} {path_name}")
