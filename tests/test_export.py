@@ -46,6 +46,7 @@ METHOD_OPTIONS = {
     "promptsrc": ["method.text_depth=2", "method.vision_depth=2", "method.zs_templates=a photo of a {}."],
     "cocoop": [],
     "mugcp": TINY_MUGCP,
+    "coop+dept": ["method.n_ctx=2"],  # exported with its trained classes by its own test
 }
 
 
@@ -115,7 +116,7 @@ def command(main, argv, capsys=None):
     return stop.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+@pytest.mark.parametrize("method", [name for name in METHOD_OPTIONS if not name.endswith("+dept")])
 def test_onnxruntime_logits_equal_the_pytorch_run(method, runs, exports):
     from mugcp.inference import load_run
 
@@ -232,6 +233,30 @@ def test_export_for_other_classes(tmp_path, runs):
     out = tmp_path / "two.onnx"
     assert command(export_main, [runs("coop"), "--out", out, "--classes", "cat,dog"])[0] == 0
     assert OnnxClassifier(out).classnames == ["cat", "dog"]
+
+
+def test_a_dept_runs_head_is_in_the_graph_on_the_classes_it_was_trained_on(tmp_path, runs):
+    # DePT fuses its head's logits into those of its trained (base) classes; on others CLIP's logits stand alone.
+    from mugcp.inference import load_run
+
+    base = ["blue whale", "red fox"]  # the base half the run trained on (sorted names, first half)
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(3, 3, 32, 32, generator=generator)
+    for classes, fused in ((base, True), (CLASSES, False)):
+        out = tmp_path / f"{len(classes)}.onnx"
+        assert command(export_main, [runs("coop+dept"), "--out", out, "--classes", ",".join(classes)])[0] == 0
+        assert OnnxClassifier(out).metadata.method == "coop+dept"
+        model, _ = load_run(runs("coop+dept"), classnames=classes)
+        assert (model.learner.dept.rows is not None) == fused
+        expected = model(images).numpy()
+        np.testing.assert_allclose(OnnxClassifier(out).logits(images.numpy()), expected, rtol=0, atol=FP32_TOLERANCE)
+        learner = model.learner
+        with torch.no_grad():
+            features = learner.encode_images(images)
+            clip_only = learner.logits(features, learner.text_features()).numpy()
+        assert np.abs(expected - clip_only).max() > (1e-2 if fused else -1), "the head changed nothing"
+        if not fused:
+            np.testing.assert_allclose(expected, clip_only, rtol=0, atol=1e-6)
 
 
 def edited_run(source: Path, tmp_path: Path, **changes) -> Path:

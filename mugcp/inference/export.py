@@ -94,7 +94,11 @@ class BakedClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         encode = getattr(self.learner, "encode_images", self.learner.clip.encode_image)
-        return F.normalize(encode(images).float(), dim=-1) @ self.class_weights
+        features = encode(images).float()
+        logits = F.normalize(features, dim=-1) @ self.class_weights
+        # A DePT head fuses its logits into those of the classes it was trained on (and changes nothing elsewhere).
+        fuse = getattr(self.learner, "dept_logits", None)
+        return logits if fuse is None else fuse(features, logits)
 
 
 class ConditionalClassifier(nn.Module):
@@ -118,7 +122,7 @@ def export_metadata(learner, trained, image_size: int, dtype: str) -> ExportMeta
     model_cfg = trained.cfg["model"]
     return ExportMetadata(
         classnames=list(learner.classnames),
-        method=trained.method,
+        method=learner.variant_name,  # coop+dept for a DePT run: what reports call it
         backbone=str(model_cfg["backbone"]),
         pretrained=str(model_cfg["pretrained"]),
         image_size=image_size,
