@@ -96,9 +96,7 @@ class BakedClassifier(nn.Module):
         encode = getattr(self.learner, "encode_images", self.learner.clip.encode_image)
         features = encode(images).float()
         logits = F.normalize(features, dim=-1) @ self.class_weights
-        # A DePT head fuses its logits into those of the classes it was trained on (and changes nothing elsewhere).
-        fuse = getattr(self.learner, "dept_logits", None)
-        return logits if fuse is None else fuse(features, logits)
+        return self.learner.fused_logits(features, logits)  # a DePT head's share, as evaluation adds it
 
 
 class ConditionalClassifier(nn.Module):

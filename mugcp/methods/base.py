@@ -43,6 +43,11 @@ class PromptLearner(nn.Module):
         """The name its results are reported under: the method, or its variant (``coop+dept``) when a plug-in is on."""
         return variant_name(self.method_name, self.options)
 
+    def fused_logits(self, image_features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits from the raw image features ``(B, E)`` and the cosine logits: these unchanged, unless a
+        plug-in head adds its own (DePT, ``methods/dept.py``). Exports call it after their baked class weights."""
+        return logits
+
     # ----------------------------------------------------------------- class names
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Point the model at a new label set (e.g. the new classes of base-to-novel); see ``validate_classnames``.

@@ -113,5 +113,5 @@ class CoCoOp(DecoupledPromptLearner):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         raw, _, logits = self.training_features(images)
-        return self.dept_logits(raw, logits)
+        return self.fused_logits(raw, logits)
 

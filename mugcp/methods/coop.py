@@ -80,7 +80,7 @@ class CoOp(DecoupledPromptLearner):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = self.encode_images(images)
-        return self.dept_logits(image_features, self.logits(image_features, self.text_features()))
+        return self.fused_logits(image_features, self.logits(image_features, self.text_features()))
 
     def training_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw image features ``(B, E)``, raw class text features ``(C, E)`` and the logits."""

@@ -110,7 +110,7 @@ class TransferHead(nn.Module):
 class DecoupledPromptLearner(PromptLearner):
     """A prompt learner that can carry the DePT head (``method.dept``); see the module docstring.
 
-    Subclasses call ``init_dept`` before their first ``set_classnames``, return ``self.dept_logits(image
+    Subclasses call ``init_dept`` before their first ``set_classnames``, return ``self.fused_logits(image
     features, logits)`` from ``forward`` and give ``training_features``; ``training_step`` then trains the head."""
 
     def __init__(self, clip, classnames, options, **kwargs):
@@ -131,7 +131,7 @@ class DecoupledPromptLearner(PromptLearner):
         if self.dept is not None:
             self.dept.select(self.clip.tokenize(self.classnames))
 
-    def dept_logits(self, image_features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def fused_logits(self, image_features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Evaluation logits: fused with the head on trained classes (``dept_fusion``; else the head's alone),
         the CLIP logits elsewhere and whenever the model is training."""
         if self.dept is None or self.training or self.dept.rows is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mugcp.config import VARIANT_SEPARATOR, ConfigError, parse_value, split_variant
+from mugcp.config import ConfigError, parse_value, split_variant
 from mugcp.runs.layout import (
     CHECKPOINT_DIR,
     EVALUATION_DIR_PREFIX,
@@ -137,9 +137,9 @@ def plan(sweep: Sweep, root: Path, rerun_changed: bool = False) -> list[Job]:
                     fields = {"dataset": dataset, "method": method, "seed": seed, "shots": shots}
                     name = run_name(method, dataset, shots, seed)
                     # coop+dept: CoOp's config, then method=coop+dept sets the switch
-                    variant = VARIANT_SEPARATOR in method
-                    config = sweep.config or f"methods/{split_variant(method)[0]}"
-                    overrides = [f"method={method}"] if sweep.config or variant else []
+                    base, switches = split_variant(method)
+                    config = sweep.config or f"methods/{base}"
+                    overrides = [f"method={method}"] if sweep.config or switches else []
                     overrides += [f"data.dataset={dataset}", f"data.shots={_render(shots)}", f"train.seed={seed}"]
                     if sweep.train_protocol:
                         overrides.append(f"data.protocol={sweep.train_protocol}")
